@@ -1,0 +1,1 @@
+"""Speed benchmarks (run on the accelerator; see benchmarks/README.md)."""

@@ -1,0 +1,105 @@
+"""One layer's self-attention over the memory: sink + (NAM-updated) bank + rolling window + this forward's frames.
+
+:func:`make_attend_fn` returns the ``attend_fn(q, k, v, layer)`` that ``nn.dit.chunk_forward`` calls inside its
+layer scan. It works on arrays (post-RoPE q/k, v, the layer's cache slices, the layer's text query), so any causal
+model with a KV cache can use it. Reference semantics (MemFlow release):
+
+* the forward's frames are placed in a copy of the cache (only cache-updating forwards persist it);
+* keys = ``[sink (S frames), bank[:min(pointer, K)], window]`` — or, with SMA, ``[per-head top-k of sink+bank,
+  window]``;
+* at ``q_bank`` forwards the pending prototype enters the bank (NAM once the bank is full) before attention.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax.numpy as jnp
+from jax import lax
+
+from memflow_jax.config import MemoryConfig
+from memflow_jax.memory import nam as nam_lib
+from memflow_jax.memory import sma as sma_lib
+from memflow_jax.memory.cache import CacheSpec, ForwardPlan, effective_slots, place_frames, slot_valid
+from memflow_jax.nn.attention import attention
+
+
+@flax.struct.dataclass
+class LayerMemory:
+    """Per-layer slices handed to ``attend_fn`` through the layer scan (leading [L] axis when stacked)."""
+
+    k: jnp.ndarray  # [B, W, N, H, D]
+    v: jnp.ndarray
+    bank_k: jnp.ndarray  # [B, K, N, H, D]
+    bank_v: jnp.ndarray
+    bank_frame: jnp.ndarray  # [B, K]
+    proto_k: jnp.ndarray  # [B, N, H, D]
+    proto_v: jnp.ndarray
+    text_query: jnp.ndarray  # [B, T, H, D] NAM query (the layer's cross-attention K of the prompt)
+
+
+def make_attend_fn(spec: CacheSpec, mem: MemoryConfig, plan: ForwardPlan, n: int, *, slot_frame: jnp.ndarray,
+                   bank_pointer: jnp.ndarray, proto_frame: jnp.ndarray, update_cache: bool,
+                   attention_impl: str = "auto", precision: lax.Precision | None = None,
+                   debug: bool = False) -> Callable[..., tuple[jnp.ndarray, dict[str, Any]]]:
+    """Build the per-layer attention for a forward over ``n`` frames (static) described by ``plan``.
+
+    The returned function maps ``(q, k, v, layer: LayerMemory)`` with q/k/v ``[B, n*N, H, D]`` to
+    ``(out [B, n*N, H, D], outputs)``; ``outputs`` holds the updated bank (always), the placed cache ``k``/``v``
+    and the prototype candidate (first frame) when ``update_cache``, and NAM/SMA traces when ``debug``.
+    """
+    S, K, N = spec.sink, spec.bank, spec.tokens_per_frame
+    src, has, new_slot_frame = effective_slots(slot_frame, plan, n, spec)
+    valid = slot_valid(new_slot_frame, plan.start + n, spec)  # [W]
+    bank_valid = jnp.arange(K) < jnp.minimum(bank_pointer, K)  # [K]
+
+    def attend(q, k, v, layer: LayerMemory):
+        b, _, h, d = k.shape
+        kf = k.reshape(b, n, N, h, d)
+        vf = v.reshape(b, n, N, h, d)
+        outs: dict[str, Any] = {}
+        bank_k, bank_v, bank_frame = layer.bank_k, layer.bank_v, layer.bank_frame
+        if K > 0:
+            tq = jnp.where(plan.zero_text_query, jnp.zeros_like(layer.text_query), layer.text_query)
+            nk, nv, nf, scores, kept = nam_lib.bank_update(
+                bank_k, bank_v, bank_frame, layer.proto_k, layer.proto_v, proto_frame, bank_pointer, tq,
+                mem.nam_aggregate)
+            bank_k = jnp.where(plan.q_bank, nk, bank_k)
+            bank_v = jnp.where(plan.q_bank, nv, bank_v)
+            bank_frame = jnp.where(plan.q_bank, nf, bank_frame)
+            outs["bank"] = (bank_k, bank_v, bank_frame)
+            if debug:
+                outs["nam_scores"], outs["nam_kept"] = scores, kept
+        eff_k = place_frames(layer.k, kf, src, has)  # [B, W, N, H, D]
+        eff_v = place_frames(layer.v, vf, src, has)
+        if update_cache:
+            outs["kv"] = (eff_k, eff_v)
+            outs["first_frame"] = (kf[:, 0], vf[:, 0])
+
+        def flat(x):
+            return x.reshape(b, -1, h, d)
+
+        def tok(mask_frames):  # [..., M] -> [..., M*N]
+            return jnp.repeat(mask_frames, N, axis=-1)
+
+        if mem.sma and S + K > 0:
+            cand_k = jnp.concatenate([eff_k[:, :S], bank_k], axis=1)
+            cand_v = jnp.concatenate([eff_v[:, :S], bank_v], axis=1)
+            cand_valid = jnp.concatenate([valid[:S], bank_valid])
+            idx, sel_valid, sma_scores = sma_lib.sma_select(q, cand_k, cand_valid, mem.sma_top_k)
+            keys = jnp.concatenate([sma_lib.gather_frames(cand_k, idx), flat(eff_k[:, S:])], axis=1)
+            vals = jnp.concatenate([sma_lib.gather_frames(cand_v, idx), flat(eff_v[:, S:])], axis=1)
+            mask = jnp.concatenate([tok(sel_valid), jnp.broadcast_to(tok(valid[S:]), (b, h, (spec.window - S) * N))],
+                                   axis=-1)  # [B, H, Lk]
+            if debug:
+                outs["sma_idx"], outs["sma_scores"] = idx, sma_scores
+        else:
+            keys = jnp.concatenate([flat(eff_k[:, :S]), flat(bank_k), flat(eff_k[:, S:])], axis=1)
+            vals = jnp.concatenate([flat(eff_v[:, :S]), flat(bank_v), flat(eff_v[:, S:])], axis=1)
+            mask = jnp.broadcast_to(tok(jnp.concatenate([valid[:S], bank_valid, valid[S:]])), (b, keys.shape[1]))
+        out = attention(q, keys.astype(q.dtype), vals.astype(q.dtype), kv_mask=mask, impl=attention_impl,
+                        precision=precision)
+        return out, outs
+
+    attend.new_slot_frame = new_slot_frame  # type: ignore[attr-defined]
+    return attend

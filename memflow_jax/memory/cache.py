@@ -1,0 +1,165 @@
+"""Fixed-size KV cache pytree: frame sink | rolling local window | memory bank | pending prototype | cursors.
+
+Layout (sizes in latent frames, N = tokens per frame, all derived from config + resolution):
+* ``k, v``: ``[L, B, W, N, H, D]`` — ``W = local_attn_size`` slots; slots ``[0, S)`` are the sink (frames
+  ``0..S-1``), slots ``[S, W)`` a ring buffer for the rolling window: frame ``f >= S`` lives in slot
+  ``S + (f - S) mod (W - S)``, so the window rolls without moving data (the reference shifts its buffer left;
+  attention is order-invariant, and :func:`reference_slot_order` maps our slots to the reference's order).
+* ``bank_k, bank_v``: ``[L, B, K, N, H, D]`` memory bank (``K = bank_size``); ``bank_frame [L, B, K]`` the source
+  frame of each slot (-1 empty; bookkeeping for tests and debugging).
+* ``proto_k, proto_v``: ``[L, B, N, H, D]`` the pending prototype (first frame of the latest recorded chunk),
+  inserted lazily at the next ``q_bank`` forward; ``proto_frame`` its source frame (-1: none yet).
+* cursors (int32 arrays, shared over layers and batch): ``slot_frame [W]`` (frame held by each slot, -1 empty),
+  ``end_frame`` (frames written so far), ``bank_pointer`` (number of recorded chunks; the bank holds
+  ``min(bank_pointer, K)`` frames).
+
+Shapes never change during a video: one compiled chunk step serves chunk 1 and chunk 10 000.
+Memory modes: ``none`` (S = 0, K = 0), ``sink`` (S > 0, K = 0), ``nam`` (S > 0, K > 0).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from memflow_jax.config import MemoryConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    """Static sizes of a cache (hashable; derived from config + resolution)."""
+
+    num_layers: int
+    batch: int
+    window: int  # W: local_attn_size slots, sink included
+    sink: int  # S
+    bank: int  # K
+    tokens_per_frame: int  # N
+    num_heads: int
+    head_dim: int
+    chunk_frames: int
+    record_interval: int
+
+    @property
+    def ring(self) -> int:
+        return self.window - self.sink
+
+    @staticmethod
+    def from_config(mem: MemoryConfig, *, num_layers: int, batch: int, tokens_per_frame: int, num_heads: int,
+                    head_dim: int, chunk_frames: int) -> "CacheSpec":
+        sink = 0 if mem.mode == "none" else mem.sink_size
+        bank = mem.bank_size if mem.mode == "nam" else 0
+        if mem.local_attn_size - sink < chunk_frames:
+            raise ValueError(
+                f"memory.local_attn_size={mem.local_attn_size} leaves {mem.local_attn_size - sink} window frames "
+                f"after the sink ({sink}); a chunk of {chunk_frames} frames must fit: raise local_attn_size")
+        return CacheSpec(num_layers, batch, mem.local_attn_size, sink, bank, tokens_per_frame, num_heads,
+                         head_dim, chunk_frames, mem.record_interval)
+
+
+@flax.struct.dataclass
+class KVCache:
+    k: jnp.ndarray  # [L, B, W, N, H, D]
+    v: jnp.ndarray  # [L, B, W, N, H, D]
+    bank_k: jnp.ndarray  # [L, B, K, N, H, D]
+    bank_v: jnp.ndarray  # [L, B, K, N, H, D]
+    bank_frame: jnp.ndarray  # [L, B, K] int32
+    proto_k: jnp.ndarray  # [L, B, N, H, D]
+    proto_v: jnp.ndarray  # [L, B, N, H, D]
+    proto_frame: jnp.ndarray  # [] int32
+    slot_frame: jnp.ndarray  # [W] int32
+    end_frame: jnp.ndarray  # [] int32
+    bank_pointer: jnp.ndarray  # [] int32
+
+
+def init_cache(spec: CacheSpec, dtype=jnp.float32) -> KVCache:
+    s = spec
+    kv = (s.num_layers, s.batch, s.window, s.tokens_per_frame, s.num_heads, s.head_dim)
+    bank = (s.num_layers, s.batch, s.bank, s.tokens_per_frame, s.num_heads, s.head_dim)
+    proto = (s.num_layers, s.batch, s.tokens_per_frame, s.num_heads, s.head_dim)
+    return KVCache(
+        k=jnp.zeros(kv, dtype), v=jnp.zeros(kv, dtype),
+        bank_k=jnp.zeros(bank, dtype), bank_v=jnp.zeros(bank, dtype),
+        bank_frame=jnp.full((s.num_layers, s.batch, s.bank), -1, jnp.int32),
+        proto_k=jnp.zeros(proto, dtype), proto_v=jnp.zeros(proto, dtype),
+        proto_frame=jnp.array(-1, jnp.int32),
+        slot_frame=jnp.full((s.window,), -1, jnp.int32),
+        end_frame=jnp.array(0, jnp.int32), bank_pointer=jnp.array(0, jnp.int32))
+
+
+def abstract_cache(spec: CacheSpec, dtype=jnp.float32) -> KVCache:
+    return jax.eval_shape(lambda: init_cache(spec, dtype))
+
+
+def slot_of(frame: jnp.ndarray, spec: CacheSpec) -> jnp.ndarray:
+    """Cache slot of an absolute frame index: sink slots for f < S, else the ring position."""
+    s = spec.sink
+    return jnp.where(frame < s, frame, s + jnp.mod(frame - s, spec.ring))
+
+
+@flax.struct.dataclass
+class ForwardPlan:
+    """Dynamic description of one forward over ``n`` frames starting at frame ``start``.
+
+    ``q_bank``: insert / NAM-compress the pending prototype before attention (step 0 and recache forwards).
+    ``recompute``: re-encoding already cached frames with ``start > 0`` (sink slots protected).
+    ``zero_text_query``: NAM scores with an all-zero text query (release behaviour right after a switch).
+    """
+
+    start: jnp.ndarray  # [] int32
+    q_bank: jnp.ndarray  # [] bool
+    recompute: jnp.ndarray  # [] bool
+    zero_text_query: jnp.ndarray  # [] bool
+
+
+def chunk_placement(plan: ForwardPlan, n: int, spec: CacheSpec) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Target slot and write flag of each of the forward's ``n`` frames: ([n] int32, [n] bool).
+
+    A frame is written when it lands in the window (the last W - S frames up to the forward's end) or, unless
+    recomputing, in the sink. Frames older than the window (first frames of a long recache) are not written.
+    """
+    frames = plan.start + jnp.arange(n, dtype=jnp.int32)
+    end = plan.start + n
+    lo = jnp.maximum(spec.sink, end - spec.ring)
+    in_window = frames >= lo
+    in_sink = (frames < spec.sink) & jnp.logical_not(plan.recompute)
+    return slot_of(frames, spec), in_window | in_sink
+
+
+def effective_slots(slot_frame: jnp.ndarray, plan: ForwardPlan, n: int, spec: CacheSpec
+                    ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """Which slots take a frame of this forward, and the slot->frame map after the writes.
+
+    Returns (src [W] int32 index into the forward's frames, has [W] bool, new_slot_frame [W] int32).
+    """
+    target, write = chunk_placement(plan, n, spec)
+    match = (target[None, :] == jnp.arange(spec.window, dtype=jnp.int32)[:, None]) & write[None, :]  # [W, n]
+    has = jnp.any(match, axis=1)
+    src = jnp.argmax(match, axis=1).astype(jnp.int32)
+    frames = plan.start + jnp.arange(n, dtype=jnp.int32)
+    new_slot_frame = jnp.where(has, frames[src], slot_frame)
+    return src, has, new_slot_frame
+
+
+def slot_valid(slot_frame: jnp.ndarray, end: jnp.ndarray, spec: CacheSpec) -> jnp.ndarray:
+    """[W] bool: slot holds a frame of the sink or of the window ending at ``end`` (exclusive)."""
+    lo = jnp.maximum(spec.sink, end - spec.ring)
+    idx = jnp.arange(spec.window)
+    sink_ok = (idx < spec.sink) & (slot_frame >= 0) & (slot_frame < end)
+    ring_ok = (idx >= spec.sink) & (slot_frame >= lo) & (slot_frame < end)
+    return sink_ok | ring_ok
+
+
+def place_frames(cache_kv: jnp.ndarray, new_kv: jnp.ndarray, src: jnp.ndarray, has: jnp.ndarray) -> jnp.ndarray:
+    """Copy of one layer's cache [B, W, N, H, D] with the forward's frames [B, n, N, H, D] placed in their slots."""
+    return jnp.where(has[None, :, None, None, None], jnp.take(new_kv, src, axis=1), cache_kv)
+
+
+def reference_slot_order(slot_frame: jnp.ndarray, spec: CacheSpec) -> jnp.ndarray:
+    """Permutation of our slots into the reference's buffer order (sink, then window frames oldest first;
+    empty slots last)."""
+    key = jnp.where(slot_frame < 0, jnp.iinfo(jnp.int32).max, slot_frame)
+    key = jnp.where(jnp.arange(spec.window) < spec.sink, jnp.arange(spec.window) - spec.window, key)
+    return jnp.argsort(key)

@@ -1,0 +1,265 @@
+"""Streaming multi-prompt sampler: one jitted chunk step (denoising loop + clean-context pass inside), prompt
+switches with re-cache, and the Python generator loop around them.
+
+Per chunk (reference semantics): ``x = noise``; for each warped timestep ``t_s``: ``x0 = x - σ(t_s)·G(x, t_s)``
+(cache read-only; step 0 also inserts the pending prototype into the bank / runs NAM), then re-noise
+``x = (1-σ_{s+1})·x0 + σ_{s+1}·ε``; finally the ctx pass ``G(x0, context_noise)`` writes the chunk's K/V.
+Latents use the pipeline layout ``[B, F, C, H, W]`` (the DiT takes ``[B, C, F, H, W]``).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Iterator, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from memflow_jax.config import Config, MemoryConfig, ModelConfig, SamplerConfig
+from memflow_jax.diffusion import scheduler as sch
+from memflow_jax.memory.attend import LayerMemory, make_attend_fn
+from memflow_jax.memory.cache import CacheSpec, ForwardPlan, KVCache, init_cache
+from memflow_jax.nn import dit
+
+
+@flax.struct.dataclass
+class StreamState:
+    cache: KVCache
+    history: jnp.ndarray  # [B, W, C, h, w] last W output latent frames, slot = frame mod W (for re-cache)
+    frame: jnp.ndarray  # [] int32, first frame of the next chunk
+    zero_query_next: jnp.ndarray  # [] bool, NAM of the next step 0 uses an all-zero text query
+
+
+@flax.struct.dataclass
+class PromptKV:
+    k: jnp.ndarray  # [L, B, T, H, D] per-layer cross-attention keys (also NAM's text query)
+    v: jnp.ndarray
+
+
+def _to_model(x: jnp.ndarray) -> jnp.ndarray:  # [B, F, C, H, W] -> [B, C, F, H, W]
+    return x.transpose(0, 2, 1, 3, 4)
+
+
+def _from_model(x: jnp.ndarray) -> jnp.ndarray:
+    return x.transpose(0, 2, 1, 3, 4)
+
+
+class StreamingSampler:
+    """Chunk-by-chunk generation with a fixed-size cache; everything shape-static and jitted once."""
+
+    def __init__(self, params: dit.Params, model_cfg: ModelConfig, mem_cfg: MemoryConfig,
+                 sampler_cfg: SamplerConfig, batch_size: int = 1, latent_hw: tuple[int, int] | None = None,
+                 debug: bool = False):
+        self.params = params
+        self.mcfg, self.mem, self.scfg = model_cfg, mem_cfg, sampler_cfg
+        self.batch = batch_size
+        self.latent_hw = latent_hw or sampler_cfg.latent_hw
+        self.debug = debug
+        h, w = self.latent_hw
+        self.tokens_per_frame = dit.tokens_per_frame(model_cfg, h, w)
+        self.spec = CacheSpec.from_config(
+            mem_cfg, num_layers=model_cfg.num_layers, batch=batch_size, tokens_per_frame=self.tokens_per_frame,
+            num_heads=model_cfg.num_heads, head_dim=model_cfg.head_dim, chunk_frames=sampler_cfg.chunk_frames)
+        self.schedule = sch.make_schedule(sampler_cfg.timestep_shift,
+                                          num_train_timesteps=sampler_cfg.num_train_timesteps)
+        self.timesteps = np.asarray(sch.warp_denoising_steps(sampler_cfg.denoising_step_list, self.schedule)
+                                    if sampler_cfg.warp_denoising_step
+                                    else np.asarray(sampler_cfg.denoising_step_list, np.float32), np.float32)
+        self.cache_dtype = jnp.dtype(model_cfg.dtype)
+        self._chunk = jax.jit(self._chunk_impl, donate_argnums=(1,))
+        self._recache: dict[int, Callable] = {}
+        self._prompt_kv = jax.jit(lambda p, c: PromptKV(*dit.text_kv(p, self.mcfg, c)))
+        self.trace_count = 0  # number of times the chunk step was traced (compiles)
+
+    # ------------------------------------------------------------------ state
+    def init_state(self) -> StreamState:
+        h, w = self.latent_hw
+        hist = jnp.zeros((self.batch, self.spec.window, self.mcfg.in_dim, h, w), jnp.float32)
+        return StreamState(init_cache(self.spec, self.cache_dtype), hist, jnp.array(0, jnp.int32),
+                           jnp.array(False))
+
+    def prompt_kv(self, context: jnp.ndarray) -> PromptKV:
+        """Per-layer cross-attention K/V of prompt embeddings [B, T, text_dim], computed once per prompt."""
+        context = jnp.asarray(context)
+        want = (self.batch, self.mcfg.text_len, self.mcfg.text_dim)
+        if context.shape != want:
+            raise ValueError(f"prompt embeddings have shape {tuple(context.shape)}, expected {want} "
+                             "(batch, model.text_len, model.text_dim): check the text encoder / model config")
+        return self._prompt_kv(self.params, context)
+
+    # ------------------------------------------------------------------ one forward
+    def _forward(self, params, cache: KVCache, x: jnp.ndarray, t: float | jnp.ndarray, plan: ForwardPlan,
+                 text: PromptKV, update_cache: bool, bank=None):
+        """One DiT forward over x [B, n, C, h, w] with the memory; returns (x0-or-flow, outputs)."""
+        n = x.shape[1]
+        bank_k, bank_v, bank_frame = bank if bank is not None else (cache.bank_k, cache.bank_v, cache.bank_frame)
+        attend = make_attend_fn(
+            self.spec, self.mem, plan, n, slot_frame=cache.slot_frame, bank_pointer=cache.bank_pointer,
+            proto_frame=cache.proto_frame, update_cache=update_cache, attention_impl=self.mcfg.attention_impl,
+            precision=dit._precision(self.mcfg), debug=self.debug)
+        layers = LayerMemory(cache.k, cache.v, bank_k, bank_v, bank_frame, cache.proto_k, cache.proto_v,
+                             text.k.astype(cache.k.dtype))
+        tt = jnp.full((x.shape[0], n), t, jnp.float32)
+        flow, outs = dit.chunk_forward(params, self.mcfg, _to_model(x), tt, plan.start, text.k, text.v, attend,
+                                       layers)
+        return _from_model(flow), tt, outs, attend.new_slot_frame
+
+    def _commit(self, cache: KVCache, outs: dict, new_slot_frame: jnp.ndarray, end: jnp.ndarray) -> KVCache:
+        k, v = outs["kv"]
+        cache = cache.replace(k=k.astype(cache.k.dtype), v=v.astype(cache.v.dtype), slot_frame=new_slot_frame,
+                              end_frame=jnp.maximum(cache.end_frame, end))
+        if "bank" in outs:
+            bk, bv, bf = outs["bank"]
+            cache = cache.replace(bank_k=bk, bank_v=bv, bank_frame=bf)
+        return cache
+
+    # ------------------------------------------------------------------ chunk step (jitted)
+    def _chunk_impl(self, params, state: StreamState, text: PromptKV, noise: jnp.ndarray,
+                    step_noise: jnp.ndarray, ctx_noise: jnp.ndarray):
+        """noise: [B, F, C, h, w]; step_noise: [S-1, B, F, C, h, w]; ctx_noise: like noise (used iff
+        context_noise > 0). Returns (new state, x0 [B, F, C, h, w], debug dict)."""
+        self.trace_count += 1
+        cache = state.cache
+        cs = state.frame
+        nsteps = len(self.timesteps)
+        ts = jnp.asarray(self.timesteps)
+        f = noise.shape[1]
+        bank0 = (cache.bank_k, cache.bank_v, cache.bank_frame)
+
+        def body(carry, s):
+            x, bank = carry
+            plan = ForwardPlan(start=cs, q_bank=s == 0, recompute=jnp.array(False),
+                               zero_text_query=state.zero_query_next)
+            flow, tt, outs, _ = self._forward(params, cache, x, ts[s], plan, text, False, bank)
+            x0 = sch.flow_to_x0(self.schedule, flow, x, tt)
+            nxt = jnp.minimum(s + 1, nsteps - 1)
+            renoised = sch.add_noise(self.schedule, x0, step_noise[jnp.minimum(s, nsteps - 2)],
+                                     jnp.full_like(tt, ts[nxt]))
+            x = jnp.where(s < nsteps - 1, renoised, x)
+            if "bank" in outs:
+                bank = outs["bank"]
+            dbg = {k: v for k, v in outs.items() if k.startswith(("nam_", "sma_"))}
+            return (x, bank), (x0, dbg)
+
+        (_, bank), (x0s, dbg_steps) = jax.lax.scan(body, (noise, bank0), jnp.arange(nsteps))
+        x0 = x0s[-1]
+        cache = cache.replace(bank_k=bank[0], bank_v=bank[1], bank_frame=bank[2])
+        # clean-context pass: writes the chunk's K/V (and records the bank prototype)
+        x_ctx = x0
+        if self.scfg.context_noise > 0:
+            tctx = jnp.full((x0.shape[0], f), self.scfg.context_noise, jnp.float32)
+            x_ctx = sch.add_noise(self.schedule, x0, ctx_noise, tctx)
+        plan = ForwardPlan(start=cs, q_bank=jnp.array(False), recompute=jnp.array(False),
+                           zero_text_query=jnp.array(False))
+        _, _, outs, new_slots = self._forward(params, cache, x_ctx, self.scfg.context_noise, plan, text, True)
+        cache = self._commit(cache, outs, new_slots, cs + f)
+        if self.spec.bank > 0:
+            chunk_idx = cs // self.spec.chunk_frames
+            record = jnp.mod(chunk_idx, self.spec.record_interval) == 0
+            update_proto = record if self.mem.bank_record_rule == "interactive" else jnp.array(True)
+            pk, pv = outs["first_frame"]
+            cache = cache.replace(
+                bank_pointer=cache.bank_pointer + record.astype(jnp.int32),
+                proto_k=jnp.where(update_proto, pk.astype(cache.proto_k.dtype), cache.proto_k),
+                proto_v=jnp.where(update_proto, pv.astype(cache.proto_v.dtype), cache.proto_v),
+                proto_frame=jnp.where(update_proto, cs, cache.proto_frame))
+        hist_slots = jnp.mod(cs + jnp.arange(f), self.spec.window)
+        history = state.history.at[:, hist_slots].set(x0.astype(state.history.dtype))
+        dbg = {"x0_steps": x0s, "steps": dbg_steps,
+               "ctx": {k: v for k, v in outs.items() if k.startswith(("nam_", "sma_"))}}
+        new_state = StreamState(cache, history, cs + f, jnp.array(False))
+        return new_state, x0, dbg
+
+    # ------------------------------------------------------------------ re-cache at a prompt switch
+    def _recache_impl(self, n: int, params, state: StreamState, text: PromptKV):
+        cache = state.cache
+        csf = state.frame
+        start = csf - n
+        frames = jnp.take(state.history, jnp.mod(start + jnp.arange(n), self.spec.window), axis=1)
+        zero = self.mem.nam_switch_query == "zeroed"
+        plan = ForwardPlan(start=start, q_bank=jnp.array(True), recompute=start > 0,
+                           zero_text_query=jnp.array(zero))
+        _, _, outs, new_slots = self._forward(params, cache, frames, self.scfg.context_noise, plan, text, True)
+        cache = self._commit(cache, outs, new_slots, csf)
+        dbg = {k: v for k, v in outs.items() if k.startswith(("nam_", "sma_"))}
+        return StreamState(cache, state.history, csf, jnp.array(zero)), dbg
+
+    def recache(self, state: StreamState, text: PromptKV) -> tuple[StreamState, dict]:
+        """Re-encode the last min(W, frame) output frames with the new prompt (one forward)."""
+        n = int(min(self.spec.window, int(state.frame)))
+        if n not in self._recache:
+            self._recache[n] = jax.jit(functools.partial(self._recache_impl, n), donate_argnums=(1,))
+        return self._recache[n](self.params, state, text)
+
+    def chunk(self, state: StreamState, text: PromptKV, noise: jnp.ndarray, step_noise: jnp.ndarray,
+              ctx_noise: jnp.ndarray | None = None) -> tuple[StreamState, jnp.ndarray, dict]:
+        if ctx_noise is None:
+            ctx_noise = jnp.zeros_like(noise)
+        return self._chunk(self.params, state, text, noise, step_noise, ctx_noise)
+
+    # ------------------------------------------------------------------ the generator loop
+    def stream(self, contexts: Sequence[jnp.ndarray], switch_frames: Sequence[int], num_frames: int, *,
+               rng: jax.Array | None = None, init_noise: np.ndarray | None = None,
+               step_noise: np.ndarray | None = None) -> Iterator[tuple[int, jnp.ndarray, dict]]:
+        """Yield ``(chunk_index, x0 [B, F, C, h, w], debug)`` chunk by chunk.
+
+        contexts: one prompt-embedding array [B, T, text_dim] per segment; switch_frames: the latent frames where
+        segments 2.. start (len = len(contexts) - 1, multiples of the chunk size). Noise comes from ``rng`` or from
+        explicit arrays (``init_noise [B, num_frames, C, h, w]``, ``step_noise [chunks, S-1, B, F, C, h, w]``)
+        to replay another implementation's draws.
+        """
+        c = self.scfg.chunk_frames
+        validate_schedule(switch_frames, len(contexts), num_frames, c)
+        h, w = self.latent_hw
+        nsteps = len(self.timesteps)
+        if init_noise is None and rng is None:
+            raise ValueError("give rng or explicit init_noise/step_noise")
+        texts = [self.prompt_kv(ctx) for ctx in contexts]
+        state = self.init_state()
+        seg = 0
+        for ci in range(num_frames // c):
+            f0 = ci * c
+            if seg + 1 < len(contexts) and f0 >= switch_frames[seg]:
+                seg += 1
+                state, rdbg = self.recache(state, texts[seg])
+                self.current_state = state
+                if self.debug:
+                    yield -1, None, {"recache": rdbg, "chunk": ci}
+            if init_noise is not None:
+                noise = jnp.asarray(init_noise[:, f0:f0 + c], jnp.float32)
+                sn = jnp.asarray(step_noise[ci], jnp.float32)
+                cn = jnp.zeros_like(noise)
+            else:
+                rng, k1, k2, k3 = jax.random.split(rng, 4)
+                shape = (self.batch, c, self.mcfg.in_dim, h, w)
+                noise = jax.random.normal(k1, shape)
+                sn = jax.random.normal(k2, (nsteps - 1,) + shape)
+                cn = jax.random.normal(k3, shape)
+            state, x0, dbg = self.chunk(state, texts[seg], noise, sn, cn)
+            self.current_state = state
+            yield ci, x0, dbg
+
+
+def validate_schedule(switch_frames: Sequence[int], num_segments: int, num_frames: int, chunk: int) -> None:
+    """Clear errors for a frame count or switch points that do not fit the chunking."""
+    if num_segments < 1:
+        raise ValueError("at least one prompt is needed")
+    if num_frames <= 0 or num_frames % chunk:
+        raise ValueError(f"num_frames={num_frames} is not a positive multiple of the chunk size {chunk} "
+                         "latent frames; use a multiple")
+    if len(switch_frames) != num_segments - 1:
+        raise ValueError(f"{num_segments} prompts need {num_segments - 1} switch frames, got {list(switch_frames)}")
+    prev = 0
+    for f in switch_frames:
+        if f % chunk:
+            raise ValueError(f"switch frame {f} is not on a chunk boundary (multiple of {chunk}); round it")
+        if f <= prev or f >= num_frames:
+            raise ValueError(f"switch frames {list(switch_frames)} must increase strictly inside (0, {num_frames})")
+        prev = f
+
+
+def sampler_from_config(params: dit.Params, cfg: Config, batch_size: int | None = None,
+                        debug: bool = False) -> StreamingSampler:
+    return StreamingSampler(params, cfg.model, cfg.memory, cfg.sampler,
+                            batch_size=batch_size or cfg.sampler.batch_size, debug=debug)

@@ -1,0 +1,526 @@
+"""Self-Forcing backward simulation with the generator's cached causal forward, as pure jittable functions.
+
+Per chunk of ``chunk_frames`` latent frames (reference ``SelfForcingTrainingPipeline`` /
+``StreamingSwitchTrainingPipeline``), with the memory semantics of :mod:`memflow_jax.sampling.streaming`:
+
+1. an exit step ``e`` is drawn among the ``S`` denoising steps (one ``randint`` per chunk from a key shared by
+   all processes; ``same_step_across_blocks`` uses the first draw for every chunk of the window,
+   ``last_step_only`` always ``S - 1``);
+2. steps ``0 .. e-1`` run the generator on ``stop_gradient`` params and re-noise ``x0`` to the next warped
+   timestep (a ``while`` loop of dynamic length; NAM prototype insertion at step 0);
+3. step ``e`` runs with live params: its ``x0`` is the chunk's output and the only place gradients enter;
+4. the clean-context pass ``G(add_noise(sg(x0), ε, context_noise), context_noise)`` on ``stop_gradient``
+   params writes the chunk's K/V into the cache (and records the bank prototype).
+
+The cache, bank and history are carried detached (``stop_gradient``) from chunk to chunk and window to window.
+Prompt switches re-encode the last ``min(window, frame)`` generated frames with the new prompt (one forward)
+before the first chunk at or after the switch frame.
+
+Reference quirks matched (training pipelines, which differ from inference):
+* the context pass always calls ``add_noise`` at ``t = context_noise`` — also for 0, where σ is the table's
+  smallest entry (~0.005), not 0 (``ctx_noise_always``);
+* the context pass repeats the exit step's ``q_bank`` flag, so when the exit step is 0 the prototype insertion /
+  NAM compression runs a second time on the already-updated bank (``ctx_qbank_quirk``);
+* the switch pipeline's ``global_sink`` attribute is read from a tuple and is always False: the self-attention
+  cache K/V are zeroed before the re-cache, so after a switch at a frame > 0 the (write-protected) sink slots
+  hold zeros (``reset_cache_at_switch``);
+* frames before the switch inside the switching window get no gradient through their exit step
+  (``start_gradient_frame_index = switch index``) although the loss mask keeps them;
+* the streaming window's first frame is the VAE re-encoding of the last decoded pixel frame of the frames before
+  the window (``_process_first_frame_encoding``); supplied by the caller as ``reencode_fn``.
+
+Latent layout is the pipeline's ``[B, F, C, H, W]`` (the DiT takes ``[B, C, F, H, W]``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from memflow_jax.config import Config, MemoryConfig, ModelConfig
+from memflow_jax.diffusion import scheduler as sch
+from memflow_jax.memory.attend import LayerMemory, make_attend_fn
+from memflow_jax.memory.cache import CacheSpec, ForwardPlan, KVCache, init_cache
+from memflow_jax.nn import dit
+from memflow_jax.sampling.streaming import PromptKV, StreamState
+
+NO_SWITCH = 1 << 30  # switch_frame of a sequence without a prompt switch
+ReencodeFn = Callable[[jnp.ndarray], jnp.ndarray]  # latents [B, n, C, h, w] -> first-frame latent [B, 1, C, h, w]
+
+sg = lax.stop_gradient
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """Static description of a training rollout (hashable: usable as a ``jit`` static argument)."""
+
+    model: ModelConfig
+    memory: MemoryConfig
+    chunk_frames: int
+    timesteps: tuple[float, ...]  # warped denoising timesteps (the generator is conditioned on these)
+    timestep_shift: float  # generator table shift (reference model_kwargs.timestep_shift)
+    num_train_timesteps: int
+    context_noise: float
+    latent_shape: tuple[int, int, int]  # (C, h, w)
+    batch: int  # global batch
+    same_step_across_blocks: bool = True
+    last_step_only: bool = False
+    ctx_noise_always: bool = True
+    ctx_qbank_quirk: bool = True
+    reset_cache_at_switch: bool = True
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def spec(self) -> CacheSpec:
+        _, h, w = self.latent_shape
+        return CacheSpec.from_config(
+            self.memory, num_layers=self.model.num_layers, batch=self.batch,
+            tokens_per_frame=dit.tokens_per_frame(self.model, h, w), num_heads=self.model.num_heads,
+            head_dim=self.model.head_dim, chunk_frames=self.chunk_frames)
+
+    @property
+    def cache_dtype(self) -> Any:
+        return jnp.dtype(self.model.dtype)
+
+    def schedule(self) -> sch.FlowMatchSchedule:
+        return sch.make_schedule(self.timestep_shift, num_train_timesteps=self.num_train_timesteps)
+
+
+def rollout_config(cfg: Config, batch: int, *, model: ModelConfig | None = None,
+                   bank_record_rule: str | None = None, **overrides: Any) -> RolloutConfig:
+    """:class:`RolloutConfig` from the ``model`` / ``memory`` / ``sampler`` / ``train`` sections.
+
+    ``bank_record_rule`` overrides ``memory.bank_record_rule`` (the reference's non-streaming training pipeline
+    updates the pending prototype every chunk — ``single`` —, the streaming one only on record chunks —
+    ``interactive``). ``overrides`` set any other field.
+    """
+    s = cfg.sampler
+    model = model or cfg.model
+    schedule = sch.make_schedule(s.timestep_shift, num_train_timesteps=s.num_train_timesteps)
+    steps = list(s.denoising_step_list)
+    if steps and steps[-1] == 0:  # reference: the trailing 0 of an inference step list is dropped
+        steps = steps[:-1]
+    ts = (sch.warp_denoising_steps(steps, schedule) if s.warp_denoising_step
+          else np.asarray(steps, np.float32))
+    mem = cfg.memory if bank_record_rule is None else dataclasses.replace(cfg.memory,
+                                                                          bank_record_rule=bank_record_rule)
+    train = getattr(cfg, "train", None)
+    kw: dict[str, Any] = {}
+    if train is not None:
+        kw.update(same_step_across_blocks=train.same_step_across_blocks, last_step_only=train.last_step_only)
+        if train.independent_first_frame:
+            raise ValueError("train.independent_first_frame=true is not supported (MemFlow trains without it)")
+    h, w = s.latent_hw
+    kw.update(overrides)
+    return RolloutConfig(model=model, memory=mem, chunk_frames=s.chunk_frames,
+                         timesteps=tuple(float(t) for t in ts), timestep_shift=float(s.timestep_shift),
+                         num_train_timesteps=int(s.num_train_timesteps), context_noise=float(s.context_noise),
+                         latent_shape=(model.in_dim, h, w), batch=batch, **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# State
+# --------------------------------------------------------------------------------------------------
+
+
+def init_state(rc: RolloutConfig) -> StreamState:
+    """Empty cache, zero history, frame 0 (a fresh video)."""
+    spec = rc.spec
+    c, h, w = rc.latent_shape
+    hist = jnp.zeros((rc.batch, spec.window, c, h, w), jnp.float32)
+    return StreamState(init_cache(spec, rc.cache_dtype), hist, jnp.array(0, jnp.int32), jnp.array(False))
+
+
+def prompt_kv(params: dit.Params, rc: RolloutConfig, context: jnp.ndarray) -> PromptKV:
+    """Per-layer cross-attention K/V of prompt embeddings [B, T, text_dim] (differentiable w.r.t. params)."""
+    want = (rc.batch, rc.model.text_len, rc.model.text_dim)
+    if tuple(context.shape) != want:
+        raise ValueError(f"prompt embeddings have shape {tuple(context.shape)}, expected {want} "
+                         "(global batch, model.text_len, model.text_dim)")
+    return PromptKV(*dit.text_kv(params, rc.model, context))
+
+
+def _to_model(x: jnp.ndarray) -> jnp.ndarray:  # [B, F, C, H, W] <-> [B, C, F, H, W]
+    return x.transpose(0, 2, 1, 3, 4)
+
+
+def _precision(m: ModelConfig) -> lax.Precision | None:
+    return lax.Precision.HIGHEST if m.dtype == "float32" else None
+
+
+def _forward(params: dit.Params, rc: RolloutConfig, cache: KVCache, x: jnp.ndarray, t: Any, plan: ForwardPlan,
+             text: PromptKV, update_cache: bool, bank: tuple | None = None):
+    """One causal forward over x [B, n, C, h, w] against the memory: (flow, t [B, n], outputs, new slot map)."""
+    n = x.shape[1]
+    bank_k, bank_v, bank_frame = bank if bank is not None else (cache.bank_k, cache.bank_v, cache.bank_frame)
+    attend = make_attend_fn(
+        rc.spec, rc.memory, plan, n, slot_frame=cache.slot_frame, bank_pointer=cache.bank_pointer,
+        proto_frame=cache.proto_frame, update_cache=update_cache, attention_impl=rc.model.attention_impl,
+        precision=_precision(rc.model))
+    layers = LayerMemory(cache.k, cache.v, bank_k, bank_v, bank_frame, cache.proto_k, cache.proto_v,
+                         text.k.astype(cache.k.dtype))
+    tt = jnp.full((x.shape[0], n), t, jnp.float32)
+    flow, outs = dit.chunk_forward(params, rc.model, _to_model(x), tt, plan.start, text.k, text.v, attend, layers)
+    return _to_model(flow), tt, outs, attend.new_slot_frame
+
+
+def _commit(cache: KVCache, outs: dict, new_slot_frame: jnp.ndarray, end: jnp.ndarray) -> KVCache:
+    k, v = outs["kv"]
+    cache = cache.replace(k=k.astype(cache.k.dtype), v=v.astype(cache.v.dtype), slot_frame=new_slot_frame,
+                          end_frame=jnp.maximum(cache.end_frame, end))
+    if "bank" in outs:
+        bk, bv, bf = outs["bank"]
+        cache = cache.replace(bank_k=bk.astype(cache.bank_k.dtype), bank_v=bv.astype(cache.bank_v.dtype),
+                              bank_frame=bf)
+    return cache
+
+
+def _record(rc: RolloutConfig, cache: KVCache, outs: dict, frame: jnp.ndarray) -> KVCache:
+    """Bank bookkeeping after a chunk's context pass (reference: record every ``record_interval`` chunks)."""
+    spec = rc.spec
+    if spec.bank == 0:
+        return cache
+    record = jnp.mod(frame // rc.chunk_frames, spec.record_interval) == 0
+    update_proto = record if rc.memory.bank_record_rule == "interactive" else jnp.array(True)
+    pk, pv = outs["first_frame"]
+    return cache.replace(
+        bank_pointer=cache.bank_pointer + record.astype(jnp.int32),
+        proto_k=jnp.where(update_proto, pk.astype(cache.proto_k.dtype), cache.proto_k),
+        proto_v=jnp.where(update_proto, pv.astype(cache.proto_v.dtype), cache.proto_v),
+        proto_frame=jnp.where(update_proto, frame, cache.proto_frame))
+
+
+def recache(params: dit.Params, rc: RolloutConfig, state: StreamState, text: PromptKV, n: int) -> StreamState:
+    """Prompt switch at ``state.frame``: re-encode the last ``n`` (static, ``min(window, frame)``) generated
+    frames with the new prompt in one forward (no gradient). Zeroes the self-attention K/V first when
+    ``reset_cache_at_switch`` (reference training quirk)."""
+    spec = rc.spec
+    cache = state.cache
+    params, text = sg(params), sg(text)
+    if rc.reset_cache_at_switch:
+        cache = cache.replace(k=jnp.zeros_like(cache.k), v=jnp.zeros_like(cache.v))
+    zero = rc.memory.nam_switch_query == "zeroed"
+    if n > 0:
+        csf = state.frame
+        start = csf - n
+        frames = jnp.take(state.history, jnp.mod(start + jnp.arange(n), spec.window), axis=1)
+        plan = ForwardPlan(start=start, q_bank=jnp.array(True), recompute=start > 0,
+                           zero_text_query=jnp.array(zero))
+        _, _, outs, new_slots = _forward(params, rc, cache, frames, rc.context_noise, plan, text, True)
+        cache = _commit(cache, outs, new_slots, csf)
+    return StreamState(sg(cache), state.history, state.frame, jnp.array(zero))
+
+
+def draw_exit_steps(rng: jax.Array, rc: RolloutConfig, num_chunks: int) -> jnp.ndarray:
+    """[num_chunks] int32 exit steps in ``[0, S)`` (reference ``generate_and_sync_list``; one key for all
+    processes, so every process draws the same steps)."""
+    s = rc.num_steps
+    steps = jax.random.randint(rng, (num_chunks,), 0, s, dtype=jnp.int32)
+    if rc.last_step_only:
+        steps = jnp.full_like(steps, s - 1)
+    if rc.same_step_across_blocks:
+        steps = jnp.full_like(steps, steps[0])
+    return steps
+
+
+def chunk_noise(rng: jax.Array, rc: RolloutConfig, chunk: jnp.ndarray | int
+                ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """The draws of chunk ``chunk`` of a window: (initial noise [B, c, C, h, w], re-noise draws
+    [S-1, B, c, C, h, w], context-pass noise [B, c, C, h, w]) — the arrays ``StreamingSampler.chunk`` takes."""
+    k0, k1, k2 = jax.random.split(jax.random.fold_in(rng, chunk), 3)
+    shape = (rc.batch, rc.chunk_frames) + tuple(rc.latent_shape)
+    return (jax.random.normal(k0, shape, jnp.float32),
+            jax.random.normal(k1, (max(rc.num_steps - 1, 1),) + shape, jnp.float32),
+            jax.random.normal(k2, shape, jnp.float32))
+
+
+def _select_text(second: jnp.ndarray, t1: PromptKV, t2: PromptKV) -> PromptKV:
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(second, b, a), t1, t2)
+
+
+def denoised_timestep_range(rc: RolloutConfig, exit_step: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Reference ``denoised_timestep_from / to`` of an exit step (integer table positions counted from the
+    end: ``T - argmin|table - t|``; ``to`` is 0 at the last step). Used by ``ts_schedule``."""
+    schedule = rc.schedule()
+    ts = jnp.asarray(rc.timesteps, jnp.float32)
+    n = rc.num_train_timesteps
+    s = rc.num_steps
+    frm = n - sch.timestep_index(schedule, ts[exit_step])
+    nxt = jnp.minimum(exit_step + 1, s - 1)
+    to = jnp.where(exit_step == s - 1, 0, n - sch.timestep_index(schedule, ts[nxt]))
+    return frm.astype(jnp.int32), to.astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------------------------------
+# One window of chunks
+# --------------------------------------------------------------------------------------------------
+
+
+def generate_window(params: dit.Params, rc: RolloutConfig, state: StreamState, text: PromptKV,
+                    rng: jax.Array, *, num_frames: int, text2: PromptKV | None = None,
+                    switch_frame: jnp.ndarray | int = NO_SWITCH, n_recache: int = 0,
+                    grad_from_frame: jnp.ndarray | int = 0) -> tuple[jnp.ndarray, StreamState, dict]:
+    """Generate ``num_frames`` (static, whole chunks) frames after ``state.frame`` with backward simulation.
+
+    Args:
+      params: generator params (merged LoRA included); gradients flow only through each chunk's exit step.
+      state: carried memory (treated as constant: never differentiated).
+      text / text2: prompt K/V before / from ``switch_frame`` (absolute, chunk-aligned; ``NO_SWITCH``: none).
+      n_recache: frames re-encoded at the switch (static; ``min(window, switch_frame)``).
+      grad_from_frame: chunks starting before this absolute frame return ``stop_gradient`` outputs.
+    Returns: (x0 [B, num_frames, C, h, w] float32, new state (detached), aux with ``exit_steps`` [chunks],
+      ``denoised_timestep_from`` / ``_to`` (of the first chunk's exit step)).
+    """
+    c = rc.chunk_frames
+    if num_frames <= 0 or num_frames % c:
+        raise ValueError(f"num_frames={num_frames} is not a positive multiple of the chunk size {c}")
+    nc = num_frames // c
+    nsteps = rc.num_steps
+    schedule = rc.schedule()
+    ts = jnp.asarray(rc.timesteps, jnp.float32)
+    text2 = text if text2 is None else text2
+    switch_frame = jnp.asarray(switch_frame, jnp.int32)
+    grad_from_frame = jnp.asarray(grad_from_frame, jnp.int32)
+    k_exit, k_noise = jax.random.split(rng)
+    exit_steps = draw_exit_steps(k_exit, rc, nc)
+    params_ng = sg(params)
+    state = sg(state)
+
+    def body(state: StreamState, i):
+        frame = state.frame
+        is_switch = (frame >= switch_frame) & (frame - c < switch_frame)
+        state = lax.cond(is_switch, lambda s: recache(params_ng, rc, s, text2, n_recache), lambda s: s, state)
+        second = frame >= switch_frame
+        text_live = _select_text(second, text, text2)
+        text_ng = sg(text_live)
+        noise, step_noise, ctx_noise = chunk_noise(k_noise, rc, i)
+        exit_step = exit_steps[i]
+        cache = state.cache
+        bank0 = (cache.bank_k, cache.bank_v, cache.bank_frame)
+
+        def no_grad_step(s, carry):
+            x, bank = carry
+            plan = ForwardPlan(start=frame, q_bank=s == 0, recompute=jnp.array(False),
+                               zero_text_query=state.zero_query_next)
+            flow, tt, outs, _ = _forward(params_ng, rc, cache, x, ts[s], plan, text_ng, False, bank)
+            x0 = sch.flow_to_x0(schedule, flow, x, tt)
+            nxt = jnp.minimum(s + 1, nsteps - 1)
+            x = sch.add_noise(schedule, x0, step_noise[jnp.minimum(s, nsteps - 2)], jnp.full_like(tt, ts[nxt]))
+            if "bank" in outs:
+                bank = tuple(b.astype(b0.dtype) for b, b0 in zip(outs["bank"], bank0))
+            return x, bank
+
+        x, bank = lax.fori_loop(0, exit_step, no_grad_step, (noise, bank0))
+        x, bank = sg(x), sg(bank)
+        # the exit step: live params, the only differentiable forward of the chunk
+        plan = ForwardPlan(start=frame, q_bank=exit_step == 0, recompute=jnp.array(False),
+                           zero_text_query=state.zero_query_next)
+        flow, tt, outs, _ = _forward(params, rc, cache, x, ts[exit_step], plan, text_live, False, bank)
+        x0 = sch.flow_to_x0(schedule, flow, x, tt)
+        x0 = jnp.where(frame >= grad_from_frame, x0, sg(x0))
+        if "bank" in outs:
+            bank = tuple(sg(b).astype(b0.dtype) for b, b0 in zip(outs["bank"], bank0))
+        cache = cache.replace(bank_k=bank[0], bank_v=bank[1], bank_frame=bank[2])
+        # clean-context pass: writes the chunk's K/V (no gradient)
+        x_ctx = sg(x0)
+        if rc.ctx_noise_always or rc.context_noise > 0:
+            x_ctx = sch.add_noise(schedule, x_ctx, ctx_noise, jnp.full_like(tt, rc.context_noise))
+        q_bank = (exit_step == 0) if rc.ctx_qbank_quirk else jnp.array(False)
+        plan = ForwardPlan(start=frame, q_bank=q_bank, recompute=jnp.array(False),
+                           zero_text_query=jnp.array(False))
+        _, _, outs, new_slots = _forward(params_ng, rc, cache, x_ctx, rc.context_noise, plan, text_ng, True)
+        cache = _commit(cache, outs, new_slots, frame + c)
+        cache = _record(rc, cache, outs, frame)
+        slots = jnp.mod(frame + jnp.arange(c), rc.spec.window)
+        history = state.history.at[:, slots].set(sg(x0).astype(state.history.dtype))
+        new_state = StreamState(sg(cache), history, frame + c, jnp.array(False))
+        return new_state, x0
+
+    state, x0s = lax.scan(body, state, jnp.arange(nc))  # x0s [nc, B, c, C, h, w]
+    x = jnp.moveaxis(x0s, 0, 1).reshape((rc.batch, num_frames) + tuple(rc.latent_shape))
+    frm, to = denoised_timestep_range(rc, exit_steps[0])
+    return x, state, {"exit_steps": exit_steps, "denoised_timestep_from": frm, "denoised_timestep_to": to}
+
+
+def _contexts(contexts: Any) -> list[jnp.ndarray]:
+    if isinstance(contexts, (list, tuple)):
+        if not 1 <= len(contexts) <= 2:
+            raise ValueError(f"give one or two prompt embeddings (before / after the switch), got {len(contexts)}")
+        return list(contexts)
+    return [contexts]
+
+
+def rollout(params: dit.Params, rc: RolloutConfig, rng: jax.Array, contexts: jnp.ndarray | Sequence[jnp.ndarray],
+            *, num_frames: int, switch_frame: int | None = None, state: StreamState | None = None,
+            grad_from_frame: int = 0) -> tuple[jnp.ndarray, jnp.ndarray, dict]:
+    """Backward simulation of ``num_frames`` frames from a fresh (or given) memory state.
+
+    Args:
+      contexts: prompt embeddings [B, T, text_dim], or ``(first, second)`` with ``switch_frame`` (static int,
+        chunk-aligned; the re-cache covers ``min(window, switch_frame)`` frames).
+    Returns: (latents [B, F, C, h, w] float32, gradient mask [B, F, 1, 1, 1] bool (frames whose exit step
+      carries a gradient), aux: ``state`` (the detached memory after the last chunk), ``exit_steps``,
+      ``denoised_timestep_from`` / ``_to``).
+    """
+    ctx = _contexts(contexts)
+    if len(ctx) == 2 and switch_frame is None:
+        raise ValueError("two prompts need switch_frame (the latent frame where the second one starts)")
+    if switch_frame is not None and switch_frame % rc.chunk_frames:
+        raise ValueError(f"switch_frame={switch_frame} is not a multiple of the chunk size {rc.chunk_frames}")
+    state = init_state(rc) if state is None else state
+    t1 = prompt_kv(params, rc, ctx[0])
+    t2 = prompt_kv(params, rc, ctx[-1]) if len(ctx) == 2 else None
+    sw = NO_SWITCH if switch_frame is None else int(switch_frame)
+    n_re = 0 if switch_frame is None else min(rc.spec.window, int(switch_frame))
+    x, state, aux = generate_window(params, rc, state, t1, rng, num_frames=num_frames, text2=t2, switch_frame=sw,
+                                    n_recache=n_re, grad_from_frame=grad_from_frame)
+    frames = state.frame - num_frames + jnp.arange(num_frames)
+    mask = jnp.broadcast_to((frames >= grad_from_frame)[None, :, None, None, None], (rc.batch, num_frames, 1, 1, 1))
+    aux["state"] = state
+    return x, mask, aux
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming long tuning: window by window, detached memory carried across windows
+# --------------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class StreamCarry:
+    """Device state of one long streaming sequence (checkpointed for exact resume)."""
+
+    state: StreamState
+    prev: jnp.ndarray  # [B, Wc, C, h, w] the last window's frames (detached): overlap + first-frame re-encode
+    cond: jnp.ndarray  # [B, T, text_dim] first prompt
+    cond2: jnp.ndarray  # [B, T, text_dim] prompt after the switch (= cond without a switch)
+    switch_frame: jnp.ndarray  # [] int32 (NO_SWITCH: none)
+
+
+def start_stream(rc: RolloutConfig, window: int, cond: jnp.ndarray, cond2: jnp.ndarray | None = None,
+                 switch_frame: int | jnp.ndarray = NO_SWITCH) -> StreamCarry:
+    """A fresh sequence: empty memory, prompts, switch frame."""
+    c, h, w = rc.latent_shape
+    cond2 = cond if cond2 is None else cond2
+    return StreamCarry(init_state(rc), jnp.zeros((rc.batch, window, c, h, w), jnp.float32),
+                       jnp.asarray(cond), jnp.asarray(cond2), jnp.asarray(switch_frame, jnp.int32))
+
+
+def abstract_stream(rc: RolloutConfig, window: int, cond_dtype: Any = jnp.float32) -> StreamCarry:
+    def make():
+        cond = jnp.zeros((rc.batch, rc.model.text_len, rc.model.text_dim), cond_dtype)
+        return start_stream(rc, window, cond, cond)
+    return jax.eval_shape(make)
+
+
+def streaming_window(params: dit.Params, rc: RolloutConfig, carry: StreamCarry, rng: jax.Array, *,
+                     window: int, n_new: int, has_prev: bool, n_recache: int,
+                     reencode_fn: ReencodeFn | None = None) -> tuple[jnp.ndarray, jnp.ndarray, StreamCarry, dict]:
+    """Extend the sequence by ``n_new`` frames and return the ``window``-frame training window
+    (reference ``StreamingTrainingModel.generate_next_chunk``).
+
+    First window (``has_prev=False``): ``n_new == window`` new frames, all in the loss. Later windows:
+    ``[re-encoded first frame | window - n_new - 1 previous frames | n_new new frames]``, the mask selecting the
+    new frames; without ``reencode_fn`` the first frame is the plain previous latent.
+    ``n_new`` / ``window`` / ``has_prev`` / ``n_recache`` are static.
+
+    Returns: (window latents [B, window, C, h, w], mask [B, window, 1, 1, 1] bool, new carry, aux with
+      ``use_second`` (the loss uses the second prompt: the switch frame lies before the window's end),
+      ``start_frame``, ``exit_steps``, ``denoised_timestep_from`` / ``_to``).
+    """
+    if not has_prev and n_new != window:
+        raise ValueError(f"the first window generates window={window} frames, got n_new={n_new}")
+    if n_new > window:
+        raise ValueError(f"n_new={n_new} > window={window}")
+    start = carry.state.frame
+    t1 = prompt_kv(params, rc, carry.cond)
+    t2 = prompt_kv(params, rc, carry.cond2)
+    sw = carry.switch_frame
+    in_window = (sw >= start) & (sw < start + n_new)
+    grad_from = jnp.where(in_window, sw, start)  # reference: start_gradient_frame_index = switch index
+    x_new, state, aux = generate_window(params, rc, carry.state, t1, rng, num_frames=n_new, text2=t2,
+                                        switch_frame=sw, n_recache=n_recache, grad_from_frame=grad_from)
+    if has_prev:
+        full = jnp.concatenate([sg(carry.prev), x_new], axis=1)  # [B, window + n_new, ...]
+        save = sg(full[:, -window:])
+        if reencode_fn is not None and window > 1:
+            first = reencode_fn(sg(full[:, :-(window - 1)]))  # [B, 1, C, h, w]
+            win = jnp.concatenate([first.astype(full.dtype), full[:, -(window - 1):]], axis=1)
+        else:
+            win = full[:, -window:]
+        overlap = window - n_new
+    else:
+        win, save, overlap = x_new, sg(x_new), 0
+    mask = jnp.broadcast_to((jnp.arange(window) >= overlap)[None, :, None, None, None], (rc.batch, window, 1, 1, 1))
+    new_carry = carry.replace(state=state, prev=save)
+    aux.update(use_second=sw < start + n_new, start_frame=start)
+    return win, mask, new_carry, aux
+
+
+@dataclasses.dataclass
+class StreamHost:
+    """Host bookkeeping of the streaming sequence (JSON in the checkpoint metadata)."""
+
+    active: bool = False
+    length: int = 0  # frames generated so far (reference current_length)
+    max_length: int = 0  # this sequence's length (reference temp_max_length)
+    switch_frame: int = NO_SWITCH
+
+    def can_generate_more(self, min_new_frame: int) -> bool:
+        return self.active and self.length < self.max_length and self.length + min_new_frame <= self.max_length
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def new_frame_choices(host: StreamHost, window: int, min_new_frame: int, chunk: int) -> list[int]:
+    """Candidate frame counts of the next window (reference ``possible_new_frames``); the first window always
+    generates ``window`` frames. An empty range (``min_new_frame`` >= ``window``) falls back to ``window``
+    (the reference would crash)."""
+    if host.length == 0:
+        return [window]
+    hi = min(host.max_length - host.length + 1, window)
+    return list(range(min_new_frame, hi, chunk)) or [window]
+
+
+def choose_switch_frame(train: Any, max_length: int, chunk: int, rng: np.random.Generator) -> int:
+    """The reference ``_get_switch_frame_index`` (modes random_choice | fixed | random), host-side."""
+    mode = train.switch_mode
+    if mode == "fixed":
+        sw = int(train.fixed_switch_index)
+        if not sw < max_length:
+            raise ValueError(f"train.fixed_switch_index={sw} must be < the sequence length {max_length}")
+    elif mode == "random_choice":
+        choices = [int(c) for c in train.switch_choices if c < max_length]
+        if not choices:
+            raise ValueError(f"no train.switch_choices {list(train.switch_choices)} below the length {max_length}")
+        sw = choices[int(rng.integers(len(choices)))]
+    elif mode == "random":
+        lo, hi = int(train.min_switch_frame_index), int(train.max_switch_frame_index)
+        if lo == hi:
+            sw = lo
+        else:
+            choices = [c for c in range(lo, hi, chunk) if c < max_length]
+            if not choices:
+                raise ValueError(f"no switch frame in range({lo}, {hi}, {chunk}) below the length {max_length}")
+            sw = choices[int(rng.integers(len(choices)))]
+    else:
+        raise ValueError(f"unknown train.switch_mode {mode!r}")
+    if sw % chunk:
+        raise ValueError(f"switch frame {sw} is not a multiple of sampler.chunk_frames={chunk}; use chunk-aligned "
+                         "train.switch_choices / fixed_switch_index / min_switch_frame_index")
+    return sw
+
+
+__all__ = [
+    "NO_SWITCH", "RolloutConfig", "StreamCarry", "StreamHost", "abstract_stream", "choose_switch_frame",
+    "chunk_noise", "denoised_timestep_range", "draw_exit_steps", "generate_window", "init_state",
+    "new_frame_choices", "prompt_kv", "recache", "rollout", "rollout_config", "start_stream", "streaming_window",
+]

@@ -1,0 +1,1010 @@
+"""Train states, jitted steps and the training loop of the four recipes.
+
+Recipes (``train.recipe``):
+
+* ``teacher``  — flow matching of a bidirectional DiT on data latents (:func:`losses.flow_matching_loss`).
+* ``ode_init`` — causal ODE regression of the generator on teacher trajectories (:func:`losses.ode_regression_loss`),
+  block-causal attention over the whole clip.
+* ``dmd``      — Self-Forcing DMD (reference ``train_init.yaml``): per step a generator update (every
+  ``dfake_gen_update_ratio`` steps) and a critic update, each on its own backward-simulated rollout.
+* ``dmd_long`` — streaming long tuning with prompt switches (reference ``train_long.yaml``): the rollout goes on
+  window by window across steps, the generator and the critic each consume the next window.
+
+Every step is ONE ``jax.jit`` with explicit ``in_shardings`` / ``out_shardings`` on a ``(data, fsdp)`` mesh: params
+(generator, critic, frozen teacher, LoRA, EMA, optimizer moments) sharded by :mod:`training.sharding`'s rules
+table, batches and the streaming memory over the batch axes, train states donated. Master params are float32,
+compute runs in ``model.dtype`` (``train.mixed_precision`` -> bfloat16). Randomness: one device key per step
+(``fold_in(key(seed), step)``) and a host generator seeded with ``(seed, step)`` for the streaming bookkeeping, so
+every process draws the same values and a resumed run replays an uninterrupted one exactly.
+
+Extra config sections registered here: ``run`` (:class:`RunConfig`: checkpoints of the frozen models, synthetic
+data, the reference-quirk switches, logging) and ``teacher_model`` (the real score's architecture, a
+``ModelConfig``; reference ``real_name`` Wan2.1-T2V-14B).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+import zlib
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from memflow_jax import config as cfg_lib
+from memflow_jax.config import Config, ConfigError, ModelConfig
+from memflow_jax.diffusion import scheduler as sch
+from memflow_jax.nn import attention as attn_lib
+from memflow_jax.nn import dit
+from memflow_jax.training import config as train_config  # noqa: F401  (registers the ``train`` section)
+from memflow_jax.training import lora as lora_lib
+from memflow_jax.training import losses
+from memflow_jax.training import optim
+from memflow_jax.training import rollout as ro
+from memflow_jax.training import sharding as sh
+
+Params = Any
+sg = jax.lax.stop_gradient
+
+
+# --------------------------------------------------------------------------------------------------
+# Config sections owned by the trainer
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Trainer knobs that the ``train`` section does not cover."""
+
+    teacher_ckpt: str = ""  # real score weights (Wan folder | converted dir | .pt); "" only with synthetic_data
+    critic_ckpt: str = ""  # fake score init; "" -> a copy of the generator's initial weights
+    vae_ckpt: str = ""  # Wan2.1_VAE.pth (first-frame re-encoding of streaming windows)
+    reencode_first_frame: bool = True  # reference _process_first_frame_encoding (needs a VAE)
+    score_timestep_shift: float = 8.0  # table of the score nets (reference WanDiffusionWrapper default)
+    teacher_training_weight: bool = True  # teacher recipe: weight the flow loss by the table's training weights
+    # reference quirks (training pipelines) — see memflow_jax.training.rollout
+    ctx_noise_always: bool = True
+    ctx_qbank_quirk: bool = True
+    reset_cache_at_switch: bool = True
+    critic_reconvert_quirk: bool = True
+    # synthetic data (no downloads): prompts "synthetic prompt i", seeded random text-embedding stand-in,
+    # random latents / trajectories, random-init frozen models
+    synthetic_data: bool = False
+    synthetic_size: int = 64
+    # logging
+    tensorboard: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.score_timestep_shift <= 0:
+            raise ConfigError("run.score_timestep_shift must be > 0")
+        if self.synthetic_size < 1:
+            raise ConfigError("run.synthetic_size must be >= 1")
+
+
+cfg_lib.register_section("run", RunConfig)
+cfg_lib.register_section("teacher_model", ModelConfig)
+
+
+def with_numerics(m: ModelConfig, train: Any) -> ModelConfig:
+    """Apply ``train.mixed_precision`` (bfloat16 compute, float32 masters) and ``gradient_checkpointing``."""
+    kw: dict[str, Any] = {"param_dtype": "float32"}
+    if train.mixed_precision:
+        kw["dtype"] = "bfloat16"
+    if train.gradient_checkpointing and m.remat == "none":
+        kw["remat"] = "full"
+    return dataclasses.replace(m, **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# States
+# --------------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Trainable params (full model or LoRA tree) and their optimizer state."""
+
+    params: Params
+    opt_state: Any
+
+
+def _tree_shardings_like(tree: Any, sharding: Any) -> Any:
+    return jax.tree_util.tree_map(lambda _: sharding, tree)
+
+
+def stream_shardings(carry: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Shardings of a :class:`rollout.StreamCarry`: batch axis over the data-parallel mesh axes."""
+    bspec = sh.batch_sharding(mesh).spec[0]
+    cache_batch = NamedSharding(mesh, P(None, bspec))
+    lead_batch = NamedSharding(mesh, P(bspec))
+    rep = NamedSharding(mesh, P())
+
+    def one(path, x):
+        name = sh.path_str(path)
+        if np.ndim(x) == 0:
+            return rep
+        if name.startswith("state/cache/") and name.split("/")[-1] in ("k", "v", "bank_k", "bank_v", "bank_frame",
+                                                                        "proto_k", "proto_v"):
+            return cache_batch
+        if name in ("state/history", "prev", "cond", "cond2"):
+            return lead_batch
+        return rep
+
+    return jax.tree_util.tree_map_with_path(one, carry)
+
+
+# --------------------------------------------------------------------------------------------------
+# Synthetic data (no downloads) and data sources
+# --------------------------------------------------------------------------------------------------
+
+
+class SyntheticEmbedder:
+    """Seeded stand-in for UMT5: prompt -> ``[text_len, dim]`` (rows past a prompt-dependent length are zero,
+    like the encoder's padding). Identical across processes and runs."""
+
+    def __init__(self, text_len: int, dim: int, seed: int = 0):
+        self.text_len, self.dim, self.seed = text_len, dim, seed
+
+    def __getitem__(self, prompt: str) -> np.ndarray:
+        h = zlib.crc32(prompt.encode("utf-8"))
+        rng = np.random.default_rng([self.seed, h])
+        n = 1 + h % self.text_len
+        out = np.zeros((self.text_len, self.dim), np.float32)
+        out[:n] = rng.standard_normal((n, self.dim)).astype(np.float32)
+        return out
+
+    def __contains__(self, prompt: str) -> bool:
+        return True
+
+
+class EmbeddingSource:
+    """Adds ``prompt_embeds`` / ``switch_prompt_embeds`` ([text_len, dim] float32) to a prompt source's records
+    from ``embedder[prompt]`` (a :class:`data.TextEmbeddingCache` or :class:`SyntheticEmbedder`)."""
+
+    FIELDS = {"prompts": "prompt_embeds", "switch_prompts": "switch_prompt_embeds"}
+
+    def __init__(self, source: Any, embedder: Any):
+        self.source, self.embedder = source, embedder
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        rec = dict(self.source[i])
+        for field, out in self.FIELDS.items():
+            if field in rec:
+                rec[out] = np.asarray(self.embedder[str(rec[field])], np.float32)
+        return rec
+
+
+class SyntheticPromptSource:
+    """``{"prompts", "switch_prompts", "idx"}`` records of generated prompt strings."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"prompts": f"synthetic prompt {i}", "switch_prompts": f"synthetic switch prompt {i}",
+                "idx": np.int64(i)}
+
+
+def synthetic_latent(i: int, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """A smooth random latent clip ``[F, C, h, w]`` (low-frequency in time and space, so it is learnable)."""
+    f, c, h, w = shape
+    rng = np.random.default_rng([seed, 1729, i])
+    coef = rng.standard_normal((c, 3)).astype(np.float32)
+    tt = np.linspace(-1, 1, f, dtype=np.float32)[:, None, None, None]
+    yy = np.linspace(-1, 1, h, dtype=np.float32)[None, None, :, None]
+    xx = np.linspace(-1, 1, w, dtype=np.float32)[None, None, None, :]
+    base = coef[None, :, 0, None, None] * np.cos(np.pi * (yy + 0.5 * tt)) + coef[None, :, 1, None, None] * \
+        np.sin(np.pi * (xx - 0.5 * tt)) + coef[None, :, 2, None, None]
+    return base.astype(np.float32)
+
+
+class SyntheticLatentSource:
+    """Teacher data: ``{"latents": [F, C, h, w], "prompts", "idx"}``."""
+
+    def __init__(self, n: int, shape: tuple[int, ...], seed: int = 0):
+        self.n, self.shape, self.seed = n, tuple(shape), seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"latents": synthetic_latent(i, self.shape, self.seed), "prompts": f"synthetic video {i}",
+                "idx": np.int64(i)}
+
+
+class SyntheticOdeSource:
+    """ODE-init data: ``{"ode_latent": [S+1, F, C, h, w], ...}`` — a clean synthetic clip and its straight-line
+    flow trajectory ``(1-σ) x0 + σ ε`` at the generator's denoising timesteps."""
+
+    def __init__(self, n: int, shape: tuple[int, ...], sigmas: np.ndarray, seed: int = 0):
+        self.n, self.shape, self.sigmas, self.seed = n, tuple(shape), np.asarray(sigmas, np.float32), seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        x0 = synthetic_latent(i, self.shape, self.seed)
+        eps = np.random.default_rng([self.seed, 31, i]).standard_normal(x0.shape).astype(np.float32)
+        states = [(1 - s) * x0 + s * eps for s in self.sigmas] + [x0]
+        return {"ode_latent": np.stack(states).astype(np.float32), "prompts": f"synthetic video {i}",
+                "idx": np.int64(i)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights
+# --------------------------------------------------------------------------------------------------
+
+
+def load_dit_host(path: str, mcfg: ModelConfig, what: str) -> Params:
+    """Host (numpy) DiT params from a Wan2.1 folder, a converted checkpoint folder, a ``.pt`` / ``.pth``
+    (Self-Forcing / MemFlow ``base.pt``) or a ``.safetensors`` file; checked against ``mcfg``."""
+    from memflow_jax.convert import common as conv
+    from memflow_jax.convert import dit as conv_dit
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what}: {path} does not exist (set the path in the config, or run.synthetic_data"
+                                "=true for random-init frozen models)")
+    abstract = dit.abstract_params(mcfg)
+    if os.path.isdir(path):
+        meta_path = os.path.join(path, conv.CONFIG_FILE)
+        if os.path.isfile(meta_path):
+            with open(meta_path) as f:
+                meta = json.load(f)
+            if "components" in meta:  # converted (Orbax) checkpoint
+                names = meta["components"]
+                name = next((n for n in ("generator", "dit", "model", "transformer") if n in names), names[0])
+                return jax.tree_util.tree_map(np.asarray, conv.load_component(path, name, abstract))
+        return conv_dit.load_wan_folder(path, mcfg)[1]
+    if path.endswith((".pt", ".pth")):
+        return conv_dit.load_generator_pt(path, mcfg)
+    if path.endswith(".safetensors"):
+        return conv_dit.convert_tensors(conv.iter_safetensors(path), mcfg, path)
+    raise ValueError(f"{what}: {path}: unsupported checkpoint (Wan folder, converted folder, .pt/.pth, .safetensors)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Model call helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def score_fn(params: Params, mcfg: ModelConfig) -> losses.ScoreFn:
+    """Bidirectional score net as ``(xt [B,F,C,H,W], t [B,F], ctx [B,T,D]) -> flow [B,F,C,H,W]``."""
+    def f(xt, t, ctx):
+        flow = dit.forward(params, mcfg, xt.transpose(0, 2, 1, 3, 4), t, ctx)
+        return flow.transpose(0, 2, 1, 3, 4)
+    return f
+
+
+def block_causal_forward(params: Params, mcfg: ModelConfig, x: jnp.ndarray, t: jnp.ndarray, ctx: jnp.ndarray,
+                         chunk_frames: int) -> jnp.ndarray:
+    """Causal generator over a whole clip with block-causal attention (chunk ``i`` attends to chunks ``<= i``;
+    reference ``_prepare_blockwise_causal_attn_mask`` with global attention). x: [B, F, C, H, W] -> flow."""
+    b, f, _, h, w = x.shape
+    n_tok = dit.tokens_per_frame(mcfg, h, w) * chunk_frames
+    nchunk = f // chunk_frames
+    tk, tv = dit.text_kv(params, mcfg, ctx)
+    precision = jax.lax.Precision.HIGHEST if mcfg.dtype == "float32" else None
+
+    def attend(q, k, v, _):
+        bq, length, nh, d = q.shape
+        qc = q.reshape(bq, nchunk, n_tok, nh, d)
+
+        def one(i):
+            mask = jnp.broadcast_to(jnp.arange(length) < (i + 1) * n_tok, (bq, length))
+            return attn_lib.attention(qc[:, i], k, v, kv_mask=mask, impl="xla", precision=precision)
+
+        out = jax.lax.map(one, jnp.arange(nchunk))  # [nchunk, B, n_tok, H, D]
+        return jnp.moveaxis(out, 0, 1).reshape(bq, length, nh, d), None
+
+    flow, _ = dit.chunk_forward(params, mcfg, x.transpose(0, 2, 1, 3, 4), t, jnp.array(0, jnp.int32), tk, tv,
+                                attend, None)
+    return flow.transpose(0, 2, 1, 3, 4)
+
+
+def make_reencode_fn(vae_params: Params, vae_cfg: Any) -> ro.ReencodeFn:
+    """Reference ``_process_first_frame_encoding``: decode latents, re-encode the last pixel frame as an image
+    latent. latents [B, n, C, h, w] -> [B, 1, C, h, w]."""
+    from memflow_jax.nn import vae as vae_lib
+
+    def fn(latents):
+        b, _, _, h, w = latents.shape
+        pix, _ = vae_lib.decode_chunk(vae_params, vae_cfg, latents.astype(jnp.float32),
+                                      vae_lib.init_decode_cache(vae_cfg, b, h, w), clamp=True)  # [B, F, 3, H, W]
+        last = jnp.transpose(pix[:, -1:], (0, 2, 1, 3, 4))  # [B, 3, 1, H, W]
+        return vae_lib.encode(vae_params, vae_cfg, last)  # [B, 1, z, h, w]
+    return fn
+
+
+# --------------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------------
+
+
+def _to_py(x: Any) -> Any:
+    a = np.asarray(x)
+    return a.item() if a.size == 1 else a.tolist()
+
+
+class Trainer:
+    """Builds the mesh, states, data and jitted steps of ``cfg.train.recipe``; :meth:`train` runs the loop.
+
+    ``run_dir`` receives everything: ``checkpoints/``, ``metrics.jsonl``, ``tb/``, ``config.json``,
+    ``lora_final/`` (LoRA runs). Resumes from the newest complete checkpoint in ``run_dir/checkpoints``.
+    """
+
+    def __init__(self, cfg: Config, run_dir: str, log: Callable[[str], None] | None = None):
+        self.log = log or (lambda m: print(m, flush=True))
+        self.train_cfg = t = cfg.train
+        self.run_cfg: RunConfig = cfg.run
+        t.check_against(cfg.sampler)
+        if t.gradient_accumulation_steps != 1:
+            raise ConfigError("train.gradient_accumulation_steps > 1 is not implemented; raise train.batch_size "
+                              "(per device) or use more devices instead")
+        if t.lora_enabled and t.lora_dropout > 0:
+            raise ConfigError("train.lora_dropout > 0 is not supported (adapters are merged into the kernels); "
+                              "set it to 0 (the reference configs use 0)")
+        self.recipe = t.recipe
+        self.run_dir = os.path.abspath(run_dir)
+        self.is_main = jax.process_index() == 0
+        self.mesh = sh.make_mesh(t.mesh_data, t.mesh_fsdp, t.mesh_tensor)
+        n_dp = int(np.prod([self.mesh.shape[a] for a in sh.DEFAULT_RULES.mesh_axes("batch")
+                            if a in self.mesh.axis_names]))
+        self.global_batch = t.global_batch_size(n_dp)
+        sh.batch_sharding(self.mesh, self.global_batch)  # divisibility check
+        self.gen_cfg = with_numerics(cfg.model, t)
+        self.teacher_cfg = with_numerics(cfg.teacher_model, t)
+        self.cfg = cfg.replace(model=self.gen_cfg, teacher_model=self.teacher_cfg)
+        self.rep = NamedSharding(self.mesh, P())
+        self.bsh = sh.batch_sharding(self.mesh, self.global_batch)
+        s = cfg.sampler
+        self.chunk = s.chunk_frames
+        self.latent_hw = s.latent_hw
+        self.gen_schedule = sch.make_schedule(s.timestep_shift, num_train_timesteps=s.num_train_timesteps)
+        self.score_schedule = sch.make_schedule(self.run_cfg.score_timestep_shift,
+                                                num_train_timesteps=s.num_train_timesteps)
+        self.step = 0
+        self.base_key = jax.random.key(t.seed)
+        self._jitted: dict[Any, Callable] = {}
+        self.stream_host = ro.StreamHost()
+        self.carry = None
+        self._writer = None
+        self._metrics_file = None
+
+        self.rc: ro.RolloutConfig | None = None
+        if self.recipe in ("dmd", "dmd_long"):
+            rule = "interactive" if self.recipe == "dmd_long" else "single"
+            self.rc = ro.rollout_config(self.cfg, self.global_batch, model=self.gen_cfg, bank_record_rule=rule,
+                                        ctx_noise_always=self.run_cfg.ctx_noise_always,
+                                        ctx_qbank_quirk=self.run_cfg.ctx_qbank_quirk,
+                                        reset_cache_at_switch=self.run_cfg.reset_cache_at_switch)
+        self._build_models()
+        self._build_data()
+        from memflow_jax.training.checkpoint import TrainCheckpointer
+
+        self.ckpt = TrainCheckpointer(os.path.join(self.run_dir, "checkpoints"), save_interval_steps=t.save_interval,
+                                      max_to_keep=t.max_to_keep, async_save=t.async_checkpointing)
+        self._restore()
+
+    # ------------------------------------------------------------------ models
+    def _shard_params(self, host: Params | None, mcfg: ModelConfig, key: jax.Array) -> Params:
+        abstract = dit.abstract_params(mcfg)
+        shardings = sh.param_shardings(abstract, self.mesh)
+        if host is None:
+            return jax.jit(lambda k: dit.init_params(mcfg, k), out_shardings=shardings)(key)
+        host = jax.tree_util.tree_map(lambda x, a: np.asarray(x, a.dtype), host, abstract)
+        return sh.shard_params(host, shardings)
+
+    def _weights(self, path: str, mcfg: ModelConfig, what: str, key: jax.Array) -> Params:
+        synthetic = self.run_cfg.synthetic_data
+        if path and (os.path.exists(path) or not synthetic):
+            return self._shard_params(load_dit_host(path, mcfg, what), mcfg, key)
+        if not synthetic:
+            raise ConfigError(f"{what}: no checkpoint configured; set it (or run.synthetic_data=true for a random "
+                              "init)")
+        return self._shard_params(None, mcfg, key)
+
+    def _copy(self, tree: Params) -> Params:
+        shardings = jax.tree_util.tree_map(lambda x: x.sharding, tree)
+        return jax.jit(lambda x: jax.tree_util.tree_map(jnp.copy, x), out_shardings=shardings)(tree)
+
+    def _make_state(self, params: Params, opt: optax.GradientTransformation) -> tuple[TrainState, TrainState]:
+        abstract = jax.eval_shape(lambda p: p, params)
+        p_sh = jax.tree_util.tree_map(lambda x: x.sharding, params)
+        o_sh = sh.opt_state_shardings(opt, abstract, p_sh)
+        opt_state = jax.jit(opt.init, out_shardings=o_sh)(params)
+        return TrainState(params, opt_state), TrainState(p_sh, o_sh)
+
+    def _lora_init(self, base: Params, key: jax.Array) -> Params:
+        t = self.train_cfg
+        base_abstract = jax.eval_shape(lambda x: x, base)
+        shardings = sh.param_shardings(lora_lib.abstract_lora(base_abstract, t.lora_rank), self.mesh)
+        return jax.jit(lambda k: lora_lib.init_lora(base_abstract, t.lora_rank, k), out_shardings=shardings)(key)
+
+    def _build_models(self) -> None:
+        t, r = self.train_cfg, self.run_cfg
+        keys = jax.random.split(jax.random.fold_in(self.base_key, 12345), 6)
+        gen_opt, critic_opt = optim.make_optimizers(t)
+        self.gen_opt, self.critic_opt = gen_opt, critic_opt
+        self.lora = t.lora_enabled
+        self.lora_scale = t.lora_scale if self.lora else 1.0
+        if self.recipe == "teacher":
+            base = self._weights(r.teacher_ckpt, self.gen_cfg, "run.teacher_ckpt (model to fine-tune)", keys[0])
+        else:
+            base = self._weights(t.generator_ckpt, self.gen_cfg, "train.generator_ckpt", keys[0])
+        self.gen_base = base if self.lora else None
+        gen_trainable = self._lora_init(base, keys[1]) if self.lora else base
+        if self.lora and t.lora_ckpt:
+            gen_trainable = self._load_lora(t.lora_ckpt, "generator_lora", gen_trainable)
+        self.gen, self.gen_sh = self._make_state(gen_trainable, gen_opt)
+        self.use_ema = optim.ema_enabled(t)
+        self.ema = None
+        if self.use_ema:
+            self.ema = jax.jit(optim.ema_init, out_shardings=self.gen_sh.params)(self.gen.params)
+        self.critic = self.critic_base = self.teacher = None
+        self.critic_sh = None
+        if self.recipe in ("dmd", "dmd_long"):
+            self.teacher = self._weights(r.teacher_ckpt, self.teacher_cfg, "run.teacher_ckpt (real score)", keys[2])
+            if r.critic_ckpt:
+                critic = self._weights(r.critic_ckpt, self.gen_cfg, "run.critic_ckpt", keys[3])
+            else:
+                critic = self._copy(base)
+            lora_critic = self.lora and t.lora_apply_to_critic
+            self.critic_base = critic if lora_critic else None
+            critic_trainable = self._lora_init(critic, keys[4]) if lora_critic else critic
+            if lora_critic and t.lora_ckpt:
+                critic_trainable = self._load_lora(t.lora_ckpt, "critic_lora", critic_trainable)
+            self.critic, self.critic_sh = self._make_state(critic_trainable, critic_opt)
+        self.reencode_fn = None
+        slicing = self.recipe == "dmd" and t.slice_last_frames != -1 and t.num_training_frames > t.slice_last_frames
+        if r.reencode_first_frame and (self.recipe == "dmd_long" or slicing):
+            self.reencode_fn = make_reencode_fn(self._vae_params(keys[5]), self.cfg.vae)
+
+    def _vae_params(self, key: jax.Array) -> Params:
+        from memflow_jax.nn import vae as vae_lib
+
+        vcfg = self.cfg.vae
+        if vcfg.z_dim != self.gen_cfg.in_dim:
+            raise ConfigError(f"vae.z_dim={vcfg.z_dim} != model.in_dim={self.gen_cfg.in_dim}")
+        abstract = vae_lib.abstract_params(vcfg)
+        shardings = jax.tree_util.tree_map(lambda _: self.rep, abstract)  # small: replicated
+        if self.run_cfg.vae_ckpt:
+            from memflow_jax.convert.vae import convert_vae_state_dict
+
+            host = convert_vae_state_dict(self.run_cfg.vae_ckpt, vcfg)
+            return sh.shard_params(host, shardings)
+        if not self.run_cfg.synthetic_data:
+            raise ConfigError("run.reencode_first_frame=true needs run.vae_ckpt (Wan2.1_VAE.pth); set it or disable "
+                              "the re-encoding with run.reencode_first_frame=false")
+        return jax.jit(lambda k: vae_lib.init_params(vcfg, k), out_shardings=shardings)(key)
+
+    def _load_lora(self, path: str, name: str, like: Params) -> Params:
+        abstract = jax.eval_shape(lambda x: x, like)
+        tree, meta = lora_lib.load_lora(path, name, abstract)
+        if meta["rank"] != self.train_cfg.lora_rank:
+            raise ConfigError(f"{path}: LoRA rank {meta['rank']} != train.lora_rank={self.train_cfg.lora_rank}")
+        return sh.shard_params(jax.tree_util.tree_map(np.asarray, tree),
+                               jax.tree_util.tree_map(lambda x: x.sharding, like))
+
+    def gen_params(self, trainable: Params | None = None) -> Params:
+        """Effective generator params (LoRA merged)."""
+        trainable = self.gen.params if trainable is None else trainable
+        return lora_lib.merge_lora_params(self.gen_base, trainable, self.lora_scale) if self.lora else trainable
+
+    # ------------------------------------------------------------------ data
+    def _embedder(self) -> Any:
+        t = self.train_cfg
+        if self.run_cfg.synthetic_data and not t.text_cache_dir:
+            return SyntheticEmbedder(self.gen_cfg.text_len, self.gen_cfg.text_dim, t.data_seed)
+        if not t.text_cache_dir:
+            raise ConfigError("train.text_cache_dir is empty: build a UMT5 embedding cache with `python -m "
+                              "memflow_jax.data.text_cache build --prompts ... --out DIR ...` and set it")
+        from memflow_jax.data import TextEmbeddingCache
+
+        cache = TextEmbeddingCache(t.text_cache_dir, as_dtype=np.float32)
+        if (cache.text_len, cache.dim) != (self.gen_cfg.text_len, self.gen_cfg.text_dim):
+            raise ConfigError(f"text cache {t.text_cache_dir} holds [{cache.text_len}, {cache.dim}] embeddings, the "
+                              f"model expects [{self.gen_cfg.text_len}, {self.gen_cfg.text_dim}]")
+        return cache
+
+    def _latent_source(self, ode: bool) -> Any:
+        from memflow_jax import data
+
+        t = self.train_cfg
+        h, w = self.latent_hw
+        shape = (t.num_training_frames, self.gen_cfg.in_dim, h, w)
+        if self.run_cfg.synthetic_data and not t.latent_data_path:
+            if ode:
+                sig = np.asarray(sch.sigma_at(self.gen_schedule, jnp.asarray(self._timesteps())))
+                return SyntheticOdeSource(self.run_cfg.synthetic_size, shape, sig, t.data_seed)
+            return SyntheticLatentSource(self.run_cfg.synthetic_size, shape, t.data_seed)
+        path = t.latent_data_path
+        if not path:
+            raise ConfigError("train.latent_data_path is empty (latent files / manifest / ArrayRecord), or set "
+                              "run.synthetic_data=true")
+        field = "ode_latent" if ode else "latents"
+        if ".array_record" in path:
+            return data.ArrayRecordSource(path, field=field)
+        cls = data.OdeTrajectorySource if ode else data.LatentSource
+        if path.endswith(".jsonl"):
+            return cls.from_manifest(path)
+        return cls(path)
+
+    def _timesteps(self) -> np.ndarray:
+        rc = ro.rollout_config(self.cfg, 1, model=self.gen_cfg)
+        return np.asarray(rc.timesteps, np.float32)
+
+    def _build_data(self) -> None:
+        from memflow_jax import data
+
+        t = self.train_cfg
+        if self.recipe in ("teacher", "ode_init"):
+            source = self._latent_source(self.recipe == "ode_init")
+        elif self.run_cfg.synthetic_data and not (t.text_cache_dir and os.path.exists(t.data_path)):
+            source = SyntheticPromptSource(self.run_cfg.synthetic_size)
+        elif self.recipe == "dmd_long":
+            source = data.SwitchPromptSource(t.data_path, t.switch_prompt_path)
+        else:
+            source = data.PromptSource(t.data_path)
+        self.embedder = self._embedder()
+        self.source = EmbeddingSource(source, self.embedder)
+        per_process = self.global_batch // jax.process_count()
+        self.data_iter = data.make_loader(self.source, per_process, seed=t.data_seed, shuffle=True,
+                                          worker_count=t.data_workers, num_threads=2, prefetch_buffer_size=2)
+        neg = np.asarray(self.embedder[t.negative_prompt], np.float32)
+        local = np.ascontiguousarray(np.broadcast_to(neg, (per_process,) + neg.shape))
+        self.uncond = sh.make_global_batch({"uncond": local}, self.mesh)["uncond"]
+
+    def _next_batch(self, keys: tuple[str, ...]) -> dict[str, jax.Array]:
+        batch = next(self.data_iter)
+        local = {k: np.asarray(batch[k], np.float32) for k in keys}
+        return sh.make_global_batch(local, self.mesh)
+
+    # ------------------------------------------------------------------ checkpoint
+    def _state_items(self) -> dict[str, Any]:
+        gen_name = "generator_lora" if self.lora else "generator"
+        items = {gen_name: self.gen.params, "generator_opt": self.gen.opt_state, "rng": self.base_key}
+        if self.ema is not None:
+            items["ema"] = self.ema
+        if self.critic is not None:
+            critic_name = "critic_lora" if self.critic_base is not None else "critic"
+            items[critic_name] = self.critic.params
+            items["critic_opt"] = self.critic.opt_state
+        if self.recipe == "dmd_long" and self.carry is not None:
+            items["stream"] = self.carry
+        return items
+
+    def _abstract_items(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        items = self._state_items()
+        if self.recipe == "dmd_long" and "stream" not in items:
+            items["stream"] = ro.abstract_stream(self.rc, self.train_cfg.streaming_chunk_size)
+        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), items)
+        shardings = {k: (jax.tree_util.tree_map(lambda x: x.sharding, v) if k != "stream"
+                         else stream_shardings(v, self.mesh)) for k, v in items.items()}
+        shardings["rng"] = self.rep
+        return abstract, shardings
+
+    def _restore(self) -> None:
+        abstract, shardings = self._abstract_items()
+        restored = self.ckpt.restore_latest(abstract, shardings, data_iterator=self.data_iter,
+                                            optional=("ema", "stream"))
+        if restored is None:
+            return
+        st = restored.state
+        gen_name = "generator_lora" if self.lora else "generator"
+        self.gen = TrainState(st[gen_name], st["generator_opt"])
+        if self.ema is not None and st.get("ema") is not None:
+            self.ema = st["ema"]
+        if self.critic is not None:
+            name = "critic_lora" if self.critic_base is not None else "critic"
+            self.critic = TrainState(st[name], st["critic_opt"])
+        self.base_key = st["rng"]
+        meta = restored.metadata
+        self.step = int(meta.get("step", restored.step))
+        if self.recipe == "dmd_long":
+            self.stream_host = ro.StreamHost(**meta.get("stream_host", {}))
+            self.carry = st.get("stream")
+            if self.carry is None:
+                self.stream_host = ro.StreamHost()
+        self.log(f"resumed from {self.ckpt.directory}/{restored.step} (step {self.step})")
+
+    def save(self, force: bool = False) -> bool:
+        meta = {"step": self.step, "recipe": self.recipe, "stream_host": self.stream_host.to_json()}
+        return self.ckpt.save(self.step, self._state_items(), metadata=meta, data_iterator=self.data_iter,
+                              force=force)
+
+    # ------------------------------------------------------------------ step functions
+    def _jit(self, key: Any, build: Callable[[], Callable]) -> Callable:
+        if key not in self._jitted:
+            self._jitted[key] = build()
+        return self._jitted[key]
+
+    def _dmd_draws(self, rng: jax.Array, x: jnp.ndarray, aux: dict) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """Integer timestep draw [B, 1] and noise like x (reference ts_schedule bounds may be traced)."""
+        t = self.train_cfg
+        lo = aux["denoised_timestep_to"] if (t.ts_schedule and self.rc.same_step_across_blocks) \
+            else t.min_score_timestep
+        hi = aux["denoised_timestep_from"] if (t.ts_schedule_max and self.rc.same_step_across_blocks) \
+            else t.num_train_timestep
+        k_t, k_n = jax.random.split(rng)
+        raw = jax.random.randint(k_t, (x.shape[0], 1), lo, hi, dtype=jnp.int32)
+        return raw, jax.random.normal(k_n, x.shape, x.dtype)
+
+    def _window(self, gen_params: Params, carry: Any, batch_or_none: Any, rng: jax.Array, variant: tuple
+                ) -> tuple[jnp.ndarray, jnp.ndarray | None, Any, dict, jnp.ndarray]:
+        """Generate the training clip of one step: (x, mask, new carry, aux, cond)."""
+        if self.recipe == "dmd_long":
+            n_new, has_prev, n_recache = variant
+            win, mask, carry, aux = ro.streaming_window(
+                gen_params, self.rc, carry, rng, window=self.train_cfg.streaming_chunk_size, n_new=n_new,
+                has_prev=has_prev, n_recache=n_recache, reencode_fn=self.reencode_fn)
+            cond = jnp.where(aux["use_second"], carry.cond2, carry.cond)
+            return win, mask, carry, aux, cond
+        (num_frames,) = variant
+        cond = batch_or_none["prompt_embeds"]
+        x, _, aux = ro.rollout(gen_params, self.rc, rng, cond, num_frames=num_frames)
+        x, mask = self._slice_last(x, num_frames)
+        return x, mask, carry, aux, cond
+
+    def _slice_last(self, x: jnp.ndarray, num_frames: int) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+        """Reference ``_run_generator``: keep the last ``slice_last_frames`` (first one VAE re-encoded) and mask the
+        first chunk unless the clip has the minimum length (no-ops at the reference's 21/21/21 settings)."""
+        t = self.train_cfg
+        keep = t.slice_last_frames
+        if keep != -1 and num_frames > keep:
+            if self.reencode_fn is not None and keep > 1:
+                first = self.reencode_fn(sg(x[:, :-(keep - 1)]))
+                x = jnp.concatenate([first.astype(x.dtype), x[:, -(keep - 1):]], axis=1)
+            else:
+                x = x[:, -keep:]
+        if num_frames == t.min_num_training_frames:
+            return x, None
+        mask = jnp.broadcast_to((jnp.arange(x.shape[1]) >= self.chunk)[None, :, None, None, None],
+                                (x.shape[0], x.shape[1], 1, 1, 1))
+        return x, mask
+
+    def _gen_step_fn(self, variant: tuple) -> Callable:
+        t, r = self.train_cfg, self.run_cfg
+        teacher_cfg, critic_cfg = self.teacher_cfg, self.gen_cfg
+        stream = self.recipe == "dmd_long"
+
+        def step(gen: TrainState, ema, gen_base, critic_params, critic_base, teacher, carry, batch, uncond, rng,
+                 loop_step):
+            k_roll, k_loss = jax.random.split(rng)
+            critic_eff = lora_lib.merge_lora_params(critic_base, critic_params, self.lora_scale) \
+                if critic_base is not None else critic_params
+            critic_eff, teacher_ng = sg(critic_eff), sg(teacher)
+
+            def loss_fn(trainable):
+                params = lora_lib.merge_lora_params(sg(gen_base), trainable, self.lora_scale) \
+                    if gen_base is not None else trainable
+                x, mask, new_carry, aux, cond = self._window(params, carry, batch, k_roll, variant)
+                raw, noise = self._dmd_draws(k_loss, x, aux)
+                loss, laux = losses.dmd_generator_loss(
+                    x, real_score_fn=score_fn(teacher_ng, teacher_cfg), fake_score_fn=score_fn(critic_eff, critic_cfg),
+                    cond=cond, uncond=uncond, schedule=self.gen_schedule, real_score_schedule=self.score_schedule,
+                    raw_timestep=raw, noise=noise, guidance_scale=t.guidance_scale,
+                    fake_guidance_scale=t.fake_guidance_scale, timestep_shift=self.rc.timestep_shift,
+                    min_step=t.min_step, max_step=t.max_step, mask=mask)
+                return loss, (new_carry, laux["dmdtrain_gradient_norm"], aux)
+
+            (loss, (new_carry, dmd_norm, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(gen.params)
+            updates, opt_state = self.gen_opt.update(grads, gen.opt_state, gen.params)
+            params = optax.apply_updates(gen.params, updates)
+            if ema is not None:
+                ema = optim.ema_update(ema, params, loop_step + 1, t.ema_weight, t.ema_start_step)
+            metrics = {"generator_loss": loss, "generator_grad_norm": optax.global_norm(grads),
+                       "dmdtrain_gradient_norm": dmd_norm, "exit_step": aux["exit_steps"][0].astype(jnp.float32)}
+            return TrainState(params, opt_state), ema, new_carry, metrics
+
+        ema_sh = self.gen_sh.params if self.ema is not None else None
+        base_sh = self._sh(self.gen_base)
+        carry_sh = self._carry_sh() if stream else None
+        batch_sh = None if stream else {"prompt_embeds": self.bsh}
+        in_sh = (self.gen_sh, ema_sh, base_sh, self.critic_sh.params, self._sh(self.critic_base),
+                 self._sh(self.teacher), carry_sh, batch_sh, self.bsh, self.rep, self.rep)
+        out_sh = (self.gen_sh, ema_sh, carry_sh, self.rep)
+        return jax.jit(step, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(0, 1, 6))
+
+    def _critic_step_fn(self, variant: tuple, train_critic: bool = True) -> Callable:
+        t, r = self.train_cfg, self.run_cfg
+        critic_cfg = self.gen_cfg
+        stream = self.recipe == "dmd_long"
+
+        def step(critic: TrainState, critic_base, gen_params, gen_base, carry, batch, rng):
+            k_roll, k_loss = jax.random.split(rng)
+            gen_eff = lora_lib.merge_lora_params(gen_base, gen_params, self.lora_scale) \
+                if gen_base is not None else gen_params
+            x, mask, new_carry, aux, cond = self._window(sg(gen_eff), carry, batch, k_roll, variant)
+            x = sg(x)
+            if not train_critic:  # roll the stream on without a loss (reference train_first_chunk=false)
+                return critic, new_carry, {}
+            if not stream:
+                mask = None  # reference DMD.critic_loss passes no mask
+            raw, noise = self._dmd_draws(k_loss, x, aux)
+
+            def loss_fn(trainable):
+                cp = lora_lib.merge_lora_params(sg(critic_base), trainable, self.lora_scale) \
+                    if critic_base is not None else trainable
+                loss, _ = losses.critic_loss(
+                    x, fake_score_fn=score_fn(cp, critic_cfg), ctx=cond, schedule=self.gen_schedule,
+                    fake_score_schedule=self.score_schedule, raw_timestep=raw, noise=noise,
+                    timestep_shift=self.rc.timestep_shift, min_step=t.min_step, max_step=t.max_step, mask=mask,
+                    critic_reconvert_quirk=r.critic_reconvert_quirk)
+                return loss
+
+            loss, grads = jax.value_and_grad(loss_fn)(critic.params)
+            updates, opt_state = self.critic_opt.update(grads, critic.opt_state, critic.params)
+            params = optax.apply_updates(critic.params, updates)
+            metrics = {"critic_loss": loss, "critic_grad_norm": optax.global_norm(grads)}
+            return TrainState(params, opt_state), new_carry, metrics
+
+        carry_sh = self._carry_sh() if stream else None
+        batch_sh = None if stream else {"prompt_embeds": self.bsh}
+        in_sh = (self.critic_sh, self._sh(self.critic_base), self.gen_sh.params, self._sh(self.gen_base), carry_sh,
+                 batch_sh, self.rep)
+        out_sh = (self.critic_sh, carry_sh, self.rep)
+        return jax.jit(step, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(0, 4))
+
+    def _teacher_step_fn(self) -> Callable:
+        t, r = self.train_cfg, self.run_cfg
+        mcfg = self.gen_cfg
+
+        def step(gen: TrainState, ema, gen_base, batch, rng, loop_step):
+            def loss_fn(trainable):
+                params = lora_lib.merge_lora_params(sg(gen_base), trainable, self.lora_scale) \
+                    if gen_base is not None else trainable
+                loss, _ = losses.flow_matching_loss(
+                    batch["latents"], pred_fn=score_fn(params, mcfg), schedule=self.score_schedule,
+                    ctx=batch["prompt_embeds"], rng=rng, use_training_weight=r.teacher_training_weight)
+                return loss
+
+            loss, grads = jax.value_and_grad(loss_fn)(gen.params)
+            return self._apply(gen, ema, grads, loop_step, {"teacher_loss": loss})
+
+        return self._simple_jit(step, {"latents": self.bsh, "prompt_embeds": self.bsh})
+
+    def _ode_step_fn(self) -> Callable:
+        mcfg = self.gen_cfg
+        ts_np = self._timesteps()
+        c = self.chunk
+
+        def step(gen: TrainState, ema, gen_base, batch, rng, loop_step):
+            ode = batch["ode_latent"]  # [B, S+1, F, C, h, w]
+            b, s1, f = ode.shape[:3]
+            if s1 - 1 != len(ts_np):
+                raise ValueError(f"ode_latent holds {s1 - 1} noisy states, the generator has {len(ts_np)} denoising "
+                                 "steps (sampler.denoising_step_list); regenerate the ODE pairs")
+            target = ode[:, -1]
+            idx = jax.random.randint(rng, (b, f // c), 0, s1 - 1)
+            idx = jnp.repeat(idx, c, axis=1)  # one draw per chunk (reference _get_timestep, uniform per block)
+            xt = jnp.take_along_axis(ode, idx[:, None, :, None, None, None], axis=1)[:, 0]
+            tt = jnp.asarray(ts_np)[idx]  # [B, F]
+
+            def loss_fn(trainable):
+                params = lora_lib.merge_lora_params(sg(gen_base), trainable, self.lora_scale) \
+                    if gen_base is not None else trainable
+                flow = block_causal_forward(params, mcfg, xt, tt, batch["prompt_embeds"], c)
+                x0 = sch.flow_to_x0(self.gen_schedule, flow, xt, tt)
+                return losses.ode_regression_loss(x0, target)
+
+            loss, grads = jax.value_and_grad(loss_fn)(gen.params)
+            return self._apply(gen, ema, grads, loop_step, {"ode_loss": loss})
+
+        return self._simple_jit(step, {"ode_latent": self.bsh, "prompt_embeds": self.bsh})
+
+    def _apply(self, gen: TrainState, ema, grads, loop_step, metrics: dict):
+        t = self.train_cfg
+        updates, opt_state = self.gen_opt.update(grads, gen.opt_state, gen.params)
+        params = optax.apply_updates(gen.params, updates)
+        if ema is not None:
+            ema = optim.ema_update(ema, params, loop_step + 1, t.ema_weight, t.ema_start_step)
+        metrics = dict(metrics, generator_grad_norm=optax.global_norm(grads))
+        return TrainState(params, opt_state), ema, metrics
+
+    def _simple_jit(self, step: Callable, batch_sh: dict) -> Callable:
+        ema_sh = self.gen_sh.params if self.ema is not None else None
+        in_sh = (self.gen_sh, ema_sh, self._sh(self.gen_base), batch_sh, self.rep, self.rep)
+        out_sh = (self.gen_sh, ema_sh, self.rep)
+        return jax.jit(step, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(0, 1))
+
+    def _sh(self, tree: Any) -> Any:
+        return None if tree is None else jax.tree_util.tree_map(lambda x: x.sharding, tree)
+
+    def _carry_sh(self) -> Any:
+        return stream_shardings(ro.abstract_stream(self.rc, self.train_cfg.streaming_chunk_size), self.mesh)
+
+    # ------------------------------------------------------------------ streaming bookkeeping
+    def _start_sequence(self, hrng: np.random.Generator) -> None:
+        t = self.train_cfg
+        batch = self._next_batch(("prompt_embeds", "switch_prompt_embeds"))
+        lengths = t.streaming_possible_max_length or (t.streaming_max_length,)
+        max_len = int(lengths[int(hrng.integers(len(lengths)))]) if len(lengths) > 1 else int(lengths[0])
+        sw = ro.choose_switch_frame(t, max_len, self.chunk, hrng)
+        window = t.streaming_chunk_size
+        make = self._jit("start", lambda: jax.jit(
+            lambda c1, c2, s: ro.start_stream(self.rc, window, c1, c2, s), out_shardings=self._carry_sh()))
+        self.carry = make(batch["prompt_embeds"], batch["switch_prompt_embeds"], jnp.asarray(sw, jnp.int32))
+        self.stream_host = ro.StreamHost(active=True, length=0, max_length=max_len, switch_frame=sw)
+
+    def _stream_variant(self, hrng: np.random.Generator) -> tuple:
+        t = self.train_cfg
+        if not self.stream_host.can_generate_more(t.streaming_min_new_frame):
+            self._start_sequence(hrng)
+        h = self.stream_host
+        choices = ro.new_frame_choices(h, t.streaming_chunk_size, t.streaming_min_new_frame, self.chunk)
+        n_new = choices[int(hrng.integers(len(choices)))] if len(choices) > 1 else choices[0]
+        n_re = 0 if h.switch_frame == ro.NO_SWITCH else min(self.rc.spec.window, h.switch_frame)
+        return n_new, h.length > 0, n_re
+
+    def _stream_window(self, hrng: np.random.Generator, rng: jax.Array, train_gen: bool, loop: jax.Array):
+        """One generator or critic streaming step (reference fwdbwd_one_step_streaming)."""
+        if not self.train_cfg.train_first_chunk:
+            variant = self._stream_variant(hrng)
+            if self.stream_host.length == 0:  # roll the first window without training on it
+                fn = self._jit(("advance",) + variant, lambda: self._critic_step_fn(variant, train_critic=False))
+                self.critic, self.carry, _ = fn(self.critic, self.critic_base, self.gen.params, self.gen_base,
+                                                self.carry, None, jax.random.fold_in(rng, 7))
+                self.stream_host.length += variant[0]
+        variant = self._stream_variant(hrng)
+        if train_gen:
+            fn = self._jit(("gen",) + variant, lambda: self._gen_step_fn(variant))
+            self.gen, self.ema, self.carry, m = fn(self.gen, self.ema, self.gen_base, self.critic.params,
+                                                   self.critic_base, self.teacher, self.carry, None, self.uncond, rng,
+                                                   loop)
+        else:
+            fn = self._jit(("critic",) + variant, lambda: self._critic_step_fn(variant))
+            self.critic, self.carry, m = fn(self.critic, self.critic_base, self.gen.params, self.gen_base,
+                                            self.carry, None, rng)
+        self.stream_host.length += variant[0]
+        return m
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict[str, Any]:
+        """Run loop step ``self.step`` (generator and/or critic, or the teacher / ODE update)."""
+        t = self.train_cfg
+        step = self.step
+        rng = jax.random.fold_in(self.base_key, step)
+        loop = jnp.asarray(step, jnp.int32)
+        metrics: dict[str, Any] = {}
+        if self.recipe == "teacher":
+            fn = self._jit("teacher", self._teacher_step_fn)
+            self.gen, self.ema, metrics = fn(self.gen, self.ema, self.gen_base,
+                                             self._next_batch(("latents", "prompt_embeds")), rng, loop)
+        elif self.recipe == "ode_init":
+            fn = self._jit("ode", self._ode_step_fn)
+            self.gen, self.ema, metrics = fn(self.gen, self.ema, self.gen_base,
+                                             self._next_batch(("ode_latent", "prompt_embeds")), rng, loop)
+        else:
+            train_gen = step % t.dfake_gen_update_ratio == 0
+            k_gen, k_critic = jax.random.split(rng)
+            if self.recipe == "dmd_long":
+                hrng = np.random.default_rng([t.seed, 7919, step])
+                if train_gen:
+                    metrics.update(self._stream_window(hrng, k_gen, True, loop))
+                metrics.update(self._stream_window(hrng, k_critic, False, loop))
+            else:
+                hrng = np.random.default_rng([t.seed, 7919, step])
+                lo, hi = t.min_num_training_frames // self.chunk, t.num_training_frames // self.chunk
+                nb = int(hrng.integers(lo, hi + 1))
+                variant = (nb * self.chunk,)
+                batch = self._next_batch(("prompt_embeds",))
+                if train_gen:
+                    fn = self._jit(("gen",) + variant, lambda: self._gen_step_fn(variant))
+                    self.gen, self.ema, _, m = fn(self.gen, self.ema, self.gen_base, self.critic.params,
+                                                  self.critic_base, self.teacher, None, batch, self.uncond, k_gen,
+                                                  loop)
+                    metrics.update(m)
+                fn = self._jit(("critic",) + variant, lambda: self._critic_step_fn(variant))
+                self.critic, _, m = fn(self.critic, self.critic_base, self.gen.params, self.gen_base, None, batch,
+                                       k_critic)
+                metrics.update(m)
+        self.step += 1
+        return metrics
+
+    # ------------------------------------------------------------------ loop
+    def _open_logs(self) -> None:
+        if not self.is_main:
+            return
+        os.makedirs(self.run_dir, exist_ok=True)
+        with open(os.path.join(self.run_dir, "config.json"), "w") as f:
+            f.write(self.cfg.to_json())
+        self._metrics_file = open(os.path.join(self.run_dir, "metrics.jsonl"), "a")
+        if self.run_cfg.tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(os.path.join(self.run_dir, "tb"))
+
+    def _log_metrics(self, metrics: dict[str, Any], dt: float) -> dict[str, Any]:
+        host = {k: _to_py(v) for k, v in jax.device_get(metrics).items()}
+        host["step_time_s"] = dt
+        if self.recipe == "dmd_long":
+            host["stream_length"] = self.stream_host.length
+        if self.is_main:
+            rec = {"step": self.step, **host}
+            self._metrics_file.write(json.dumps(rec) + "\n")
+            self._metrics_file.flush()
+            if self._writer is not None:
+                for k, v in host.items():
+                    if isinstance(v, (int, float)):
+                        self._writer.add_scalar(k, v, self.step)
+        return host
+
+    def train(self, max_iters: int | None = None) -> list[dict[str, Any]]:
+        """Run until ``train.max_iters`` (or ``max_iters``) loop steps are done; returns the per-step metrics."""
+        t = self.train_cfg
+        end = t.max_iters if max_iters is None else max_iters
+        self._open_logs()
+        history = []
+        bar = None
+        if self.is_main and self.run_cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=end, initial=min(self.step, end), desc=self.recipe, dynamic_ncols=True)
+        try:
+            while self.step < end:
+                t0 = time.perf_counter()
+                metrics = self.train_step()
+                host = self._log_metrics(metrics, time.perf_counter() - t0)
+                history.append({"step": self.step, **host})
+                bad = [k for k, v in host.items() if isinstance(v, float) and not math.isfinite(v)]
+                if bad:
+                    raise FloatingPointError(f"step {self.step}: non-finite {bad}: {host}")
+                self.save()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in host.items() if k.endswith("loss")})
+            if self.ckpt.latest_step() != self.step:
+                self.ckpt.wait_until_finished()
+                if self.ckpt.latest_step() != self.step:
+                    self.save(force=True)
+            self.ckpt.wait_until_finished()
+            if self.lora:
+                self.export_lora(os.path.join(self.run_dir, "lora_final"))
+        finally:
+            if bar is not None:
+                bar.close()
+            self.close_logs()
+        return history
+
+    def export_lora(self, out_dir: str) -> str:
+        adapters = {"generator_lora": self.gen.params}
+        if self.critic is not None and self.critic_base is not None:
+            adapters["critic_lora"] = self.critic.params
+        return lora_lib.save_lora(out_dir, adapters, rank=self.train_cfg.lora_rank, alpha=self.train_cfg.lora_alpha,
+                                  extra_meta={"step": self.step})
+
+    def close_logs(self) -> None:
+        if self._metrics_file is not None:
+            self._metrics_file.close()
+            self._metrics_file = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def close(self) -> None:
+        self.close_logs()
+        self.ckpt.close()
+
+
+def init_distributed() -> bool:
+    """Multi-host init (``jax.distributed.initialize`` from the launcher's environment); call first."""
+    return sh.maybe_initialize_distributed()
+
+
+__all__ = ["EmbeddingSource", "RunConfig", "SyntheticEmbedder", "SyntheticLatentSource", "SyntheticOdeSource",
+           "SyntheticPromptSource", "TrainState", "Trainer", "block_causal_forward", "init_distributed",
+           "load_dit_host", "make_reencode_fn", "score_fn", "stream_shardings", "with_numerics"]
