@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,6 +34,7 @@ if ROOT not in sys.path:  # `python benchmarks/bench_sampler.py` without an inst
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from memflow_jax.config import MemoryConfig, ModelConfig, SamplerConfig, VAEConfig  # noqa: E402
 from memflow_jax.memory.cache import CacheSpec  # noqa: E402
@@ -45,7 +47,6 @@ MODES: dict[str, dict[str, Any]] = {  # memory-config overrides per benchmark ro
     "sink": {"mode": "sink", "sma": False},  # LongLive: frame sink, no bank
     "local": {"mode": "none", "sma": False},  # plain rolling window
 }
-GIB = float(1 << 30)
 
 
 def build_configs(tiny: bool, attention_impl: str = "auto") -> dict[str, Any]:
@@ -56,7 +57,7 @@ def build_configs(tiny: bool, attention_impl: str = "auto") -> dict[str, Any]:
         model = ModelConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_len=8, text_dim=16, freq_dim=16,
                             in_dim=z, out_dim=z, dtype="float32", param_dtype="float32",
                             attention_impl=attention_impl)
-        memory = MemoryConfig(local_attn_size=6, sink_size=1, bank_size=2, record_interval=1)
+        memory = MemoryConfig(local_attn_size=6, sink_size=1, bank_size=2, record_interval=1, sma_top_k=2)
         sampler = SamplerConfig(height=32, width=32)  # latents 4x4 -> 4 tokens per frame
         vae = VAEConfig(dim=4, z_dim=z, dim_mult=(1, 1, 1, 1), num_res_blocks=1, latent_mean=(0.0,) * z,
                         latent_std=(1.0,) * z, dtype="float32")
@@ -72,7 +73,6 @@ def build_configs(tiny: bool, attention_impl: str = "auto") -> dict[str, Any]:
     return {"model": model, "memory": memory, "sampler": sampler, "vae": vae}
 
 
-# ------------------------------------------------------------------------------------------------ FLOPs
 def forward_flops(m: ModelConfig, lq: int, lk: int, frames: int) -> float:
     """Matmul FLOPs (2 per multiply-add) of one DiT forward: ``lq`` query tokens (all batch rows, ``frames``
     frames) attending to ``lk`` self-attention keys per row. With d = dim = H·D, T = text_len, L = num_layers:
@@ -105,41 +105,35 @@ def key_frames(spec: CacheSpec, mem: MemoryConfig) -> int:
 
 
 def chunk_flops(m: ModelConfig, spec: CacheSpec, mem: MemoryConfig, steps: int) -> dict[str, float]:
-    """FLOPs of one chunk (``steps`` denoising forwards + 1 clean-context pass) and of a prompt switch
-    (prompt K/V: text MLP 2·T·(text_dim·d + d²) + L·4·T·d² per row; re-cache forward over the W-frame history)."""
+    """FLOPs of one chunk (``steps`` denoising forwards + 1 clean-context pass) and of a prompt switch (prompt
+    K/V: text MLP 2·T·(text_dim·d + d²) + L·4·T·d² per row, re-cache forward over the W-frame history, chunk)."""
     n, b, f, w = spec.tokens_per_frame, spec.batch, spec.chunk_frames, spec.window
     lk = key_frames(spec, mem) * n
     chunk = (steps + 1) * forward_flops(m, b * f * n, lk, b * f)
-    prompt = b * (2 * m.text_len * (m.text_dim * m.dim + m.dim * m.dim) + m.num_layers * 4 * m.text_len * m.dim ** 2)
+    prompt = b * m.text_len * (2 * m.text_dim * m.dim + 2 * m.dim ** 2 + 4 * m.num_layers * m.dim ** 2)
     switch = prompt + forward_flops(m, b * w * n, lk, b * w) + chunk
     return {"chunk": chunk, "switch": float(switch)}
 
 
-# ------------------------------------------------------------------------------------------------ helpers
 def memory_stats() -> dict[str, int | None]:
     """``bytes_in_use`` / ``peak_bytes_in_use`` / ``bytes_limit`` of device 0 (None where the backend has none)."""
-    try:
-        st = jax.devices()[0].memory_stats() or {}
-    except Exception:  # noqa: BLE001 - some backends do not implement it
-        st = {}
+    st = jax.devices()[0].memory_stats() or {}  # None on CPU
     return {k: st.get(k) for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit")}
 
 
 def tree_bytes(tree: Any) -> int:
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
+    return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))
 
 
 def timed(fn, *a):
     t0 = time.perf_counter()
-    out = jax.block_until_ready(fn(*a))
-    return out, time.perf_counter() - t0
+    return jax.block_until_ready(fn(*a)), time.perf_counter() - t0  # (left to right: result, then the clock)
 
 
 def init_dit(m: ModelConfig, seed: int) -> dit.Params:
-    """Random DiT params made on device by one jitted init, cast to the compute dtype."""
-    def make(key):
-        return jax.tree_util.tree_map(lambda x: x.astype(m.dtype), dit.init_params(m, key))
-    return jax.jit(make)(jax.random.PRNGKey(seed))
+    """Random DiT params made on device by one jitted init, directly in the compute dtype (no f32 copy)."""
+    m = dataclasses.replace(m, param_dtype=m.dtype)
+    return jax.jit(lambda key: dit.init_params(m, key))(jax.random.PRNGKey(seed))
 
 
 def log(msg: str) -> None:
@@ -151,7 +145,6 @@ def frames_per_chunk(cfg: dict) -> int:
     return cfg["sampler"].chunk_frames * 2 ** sum(cfg["vae"].temporal_downsample)
 
 
-# ------------------------------------------------------------------------------------------------ units
 def run_mode(name: str, params: dit.Params, cfg: dict, args: argparse.Namespace) -> dict[str, Any]:
     """Benchmark one memory mode; returns its row (times in seconds)."""
     m, scfg = cfg["model"], cfg["sampler"]
@@ -159,21 +152,25 @@ def run_mode(name: str, params: dit.Params, cfg: dict, args: argparse.Namespace)
     mem.validate()
     s = StreamingSampler(params, m, mem, scfg, batch_size=args.batch, latent_hw=scfg.latent_hw)
     b, f, (h, w) = args.batch, scfg.chunk_frames, scfg.latent_hw
-    keys = jax.random.split(jax.random.PRNGKey(args.seed + 1), 4)
-    texts = [jax.random.normal(k, (b, m.text_len, m.text_dim), jnp.float32) for k in keys[:2]]
-    noise = jax.random.normal(keys[2], (b, f, m.in_dim, h, w), jnp.float32)
-    step_noise = jax.random.normal(keys[3], (len(s.timesteps) - 1,) + noise.shape, jnp.float32)
-    ctx_noise = jnp.zeros_like(noise)
+    rng = np.random.default_rng(1)  # host draws: no RNG kernels to compile
+    texts = [jnp.asarray(rng.standard_normal((b, m.text_len, m.text_dim), np.float32)) for _ in range(2)]
+    noise = jnp.asarray(rng.standard_normal((b, f, m.in_dim, h, w), np.float32))
+    step_noise = jnp.asarray(rng.standard_normal((len(s.timesteps) - 1,) + noise.shape, np.float32))
     kv = jax.block_until_ready(s.prompt_kv(texts[0]))
     state = s.init_state()
-    state_bytes = tree_bytes(state)
 
     def step(st, text_kv):
-        st, x0, _ = s.chunk(st, text_kv, noise, step_noise, ctx_noise)
+        st, x0, _ = s.chunk(st, text_kv, noise, step_noise)  # context_noise 0: no ctx noise used
         return jax.block_until_ready(st), x0
+
+    def do_switch(st, text):  # what a prompt switch costs: new prompt K/V, re-cache, then the next chunk
+        text_kv = s.prompt_kv(text)
+        st, _ = s.recache(st, text_kv)
+        return step(st, text_kv)[0]
 
     (state, _), compile_s = timed(step, state, kv)  # chunk 1: trace + compile + run
     log(f"{name}: first chunk (compile) {compile_s:.1f} s")
+    traces = s.trace_count
     times, mark20 = [], None
     for i in range(args.chunks):
         (state, _), dt = timed(step, state, kv)
@@ -183,35 +180,28 @@ def run_mode(name: str, params: dit.Params, cfg: dict, args: argparse.Namespace)
         if args.long and (i + 2) % 100 == 0:
             log(f"{name}: chunk {i + 2}: {dt:.3f} s")
     mark_n = memory_stats()
-    retraces = s.trace_count - 1
     while int(state.frame) < s.spec.window:  # switches re-encode a full window: one re-cache compile
         state, _ = step(state, kv)
     switch = []
-
-    def do_switch(st, text):  # what a prompt switch costs: new prompt K/V, re-cache, then the next chunk
-        text_kv = s.prompt_kv(text)
-        st, _ = s.recache(st, text_kv)
-        return step(st, text_kv)[0]
-
-    for j in range(max(2, args.switches)):
+    for j in range(max(2, args.switches)):  # alternate between the two prompts
         state, dt = timed(do_switch, state, texts[(j + 1) % 2])
         switch.append(dt)
+    retraces = s.trace_count - traces  # > 0: something in the state changed shape or dtype
     med = statistics.median(times)
     fl = chunk_flops(m, s.spec, mem, len(s.timesteps))
     sw = statistics.median(switch[1:])
-    near20 = times[13:23] or times
-    row = {
-        "mode": name, "memory_config": dataclasses.asdict(mem), "key_frames": key_frames(s.spec, mem),
-        "query_tokens": b * f * s.tokens_per_frame, "key_tokens": key_frames(s.spec, mem) * s.tokens_per_frame,
-        "compile_s": compile_s, "chunks": len(times), "chunk_s": times, "chunk_s_median": med,
-        "chunk_s_min": min(times), "chunk_s_max": max(times), "dit_fps": frames_per_chunk(cfg) / med,
-        "chunk_tflop": fl["chunk"] / 1e12, "tflops": fl["chunk"] / med / 1e12,
-        "switch_s": sw, "switch_compile_s": switch[0] - sw, "switch_tflop": fl["switch"] / 1e12,
-        "retraces": retraces, "dit_params": dit.count_params(params), "params_bytes": tree_bytes(params),
-        "state_bytes": state_bytes,
-        "device_memory": mark_n, "device_memory_at_20": mark20,
-        "chunk_s_at_20": statistics.median(near20), "chunk_s_at_end": statistics.median(times[-10:]),
-    }
+    kf = key_frames(s.spec, mem)
+    row = {"mode": name, "memory_config": dataclasses.asdict(mem), "key_frames": kf,
+           "query_tokens": b * f * s.tokens_per_frame, "key_tokens": kf * s.tokens_per_frame,
+           "compile_s": compile_s, "chunks": len(times), "chunk_s": times, "chunk_s_median": med,
+           "chunk_s_min": min(times), "chunk_s_max": max(times), "dit_fps": frames_per_chunk(cfg) / med,
+           "chunk_tflop": fl["chunk"] / 1e12, "tflops": fl["chunk"] / med / 1e12, "switch_s": sw,
+           "switch_compile_s": switch[0] - sw, "switch_tflop": fl["switch"] / 1e12, "retraces": retraces,
+           "dit_params": dit.count_params(params), "params_bytes": tree_bytes(params),
+           "state_bytes": tree_bytes(jax.eval_shape(s.init_state)), "device_memory": memory_stats(),
+           "device_memory_at_20": mark20, "device_memory_at_n": mark_n,
+           "chunk_s_at_20": statistics.median(times[13:23] or times),
+           "chunk_s_at_end": statistics.median(times[-10:])}
     if retraces:
         log(f"WARNING {name}: the chunk step was traced {retraces} extra time(s): shapes are not static")
     log(f"{name}: {med:.3f} s/chunk, {row['dit_fps']:.1f} FPS, {row['tflops']:.0f} TFLOP/s, switch {sw:.3f} s")
@@ -229,7 +219,7 @@ def run_vae(cfg: dict, args: argparse.Namespace) -> dict[str, Any]:
     v, scfg = cfg["vae"], cfg["sampler"]
     (h, w), b, f = scfg.latent_hw, args.batch, scfg.chunk_frames
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, v.dtype), vae_lib.init_params(v, jax.random.PRNGKey(7)))
-    lat = jax.random.normal(jax.random.PRNGKey(8), (b, f, v.z_dim, h, w), jnp.float32)
+    lat = jnp.asarray(np.random.default_rng(8).standard_normal((b, f, v.z_dim, h, w), np.float32))
     cache = init_cache(v, b, h, w)
     (_, cache), first_s = timed(decode, params, v, lat, cache)  # first chunk: 1 + 4(f-1) frames
     (pix, cache), second_s = timed(decode, params, v, lat, cache)  # later chunks: 4f frames
@@ -246,11 +236,9 @@ def run_vae(cfg: dict, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_unit(unit: str, cfg: dict, args: argparse.Namespace, params: dit.Params | None = None) -> dict[str, Any]:
-    if unit == "vae":
-        out = run_vae(cfg, args)
-    else:
-        params = params if params is not None else init_dit(cfg["model"], args.seed)
-        out = run_mode(unit, params, cfg, args)
+    if unit != "vae" and params is None:
+        params = init_dit(cfg["model"], seed=0)
+    out = run_vae(cfg, args) if unit == "vae" else run_mode(unit, params, cfg, args)
     dev = jax.devices()[0]
     return {**out, "device": {"kind": dev.device_kind, "platform": dev.platform, "count": jax.device_count()}}
 
@@ -265,15 +253,12 @@ def run_isolated(units: list[str], argv: list[str]) -> dict[str, Any]:
             log(f"{unit}: fresh process")
             p = subprocess.run([sys.executable, "-m", "benchmarks.bench_sampler", *argv, "--unit", unit,
                                 "--json", out], cwd=ROOT, env=env)
-            if p.returncode or not os.path.exists(out):
-                results[unit] = {"error": f"subprocess exited with {p.returncode} (its stderr is above)"}
-            else:
-                with open(out) as fh:
-                    results[unit] = json.load(fh)
+            ok = p.returncode == 0 and os.path.exists(out)
+            results[unit] = json.loads(Path(out).read_text()) if ok else {
+                "error": f"subprocess exited with {p.returncode} (its stderr is above)"}
     return results
 
 
-# ------------------------------------------------------------------------------------------------ report
 def _version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
@@ -281,10 +266,10 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def environment(device: dict | None) -> dict[str, Any]:
+def environment(device: dict | None, argv: list[str]) -> dict[str, Any]:
     env: dict[str, Any] = {
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *getattr(sys, "orig_argv", sys.argv)[1:]]),
-        "python": platform.python_version(), "platform": platform.platform(), "jax": jax.__version__,
+        "args": argv, "python": platform.python_version(), "platform": platform.platform(), "jax": jax.__version__,
         "jaxlib": _version("jaxlib"), "flax": _version("flax"), "device": device,
         "cuda_plugin": _version("jax-cuda12-plugin") or _version("jax-cuda13-plugin"),
         **{k: os.environ.get(k) for k in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION",
@@ -306,42 +291,51 @@ def _f(x: Any, spec: str = ".3f") -> str:
 
 def _gib(stats: dict | None, key: str = "peak_bytes_in_use") -> float | None:
     v = (stats or {}).get(key)
-    return None if v is None else v / GIB
+    return None if v is None else v / 2 ** 30
 
 
-def format_report(report: dict[str, Any]) -> str:
-    vae = report["vae"] or {}
-    head = ["mode", "key frames", "compile s", "s/chunk", "min", "max", "DiT FPS", "TFLOP/chunk", "TFLOP/s",
-            "switch s", "switch compile s", "peak GiB", "VAE s/chunk", "e2e FPS"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in report["rows"]:
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def format_report(rep: dict[str, Any]) -> str:
+    """The printed report: environment header, one markdown row per mode, VAE note, flatness table (--long)."""
+    env, vae, c, s = rep["environment"], rep["vae"], rep["config"]["model"], rep["config"]["sampler"]
+    out = ["# memflow_jax sampler benchmark", "", f"command: {env['command']}",
+           f"device: {env['device']} | nvidia-smi: {env.get('nvidia_smi', 'n/a')} | "
+           f"CUDA (driver API): {env.get('cuda_driver_api', 'n/a')}",
+           f"jax {env['jax']} | jaxlib {env['jaxlib']} | flax {env['flax']} | cuda plugin {env['cuda_plugin']} | "
+           f"XLA_FLAGS={env['XLA_FLAGS']}",
+           f"DiT {rep['dit_params'] or 0:,} params ({c['dtype']}), attention_impl={c['attention_impl']}, batch "
+           f"{rep['batch']}, {s['height']}x{s['width']}, chunk {s['chunk_frames']} latents = "
+           f"{rep['frames_per_chunk']} frames, {len(s['denoising_step_list'])} steps + 1 clean pass", ""]
+    rows = []
+    for r in rep["rows"]:
         if "error" in r:
-            lines.append(f"| {r['mode']} | error: {r['error']} |")
+            rows.append([r["mode"], f"error: {r['error']}"] + [""] * 12)
             continue
-        lines.append("| " + " | ".join([
-            r["mode"], str(r["key_frames"]), _f(r["compile_s"], ".1f"), _f(r["chunk_s_median"]),
-            _f(r["chunk_s_min"]), _f(r["chunk_s_max"]), _f(r["dit_fps"], ".2f"), _f(r["chunk_tflop"], ".1f"),
-            _f(r["tflops"], ".0f"), _f(r["switch_s"]), _f(r["switch_compile_s"], ".1f"),
-            _f(_gib(r["device_memory"]), ".2f"), _f(vae.get("chunk_s_median")), _f(r.get("e2e_fps"), ".2f")]) + " |")
-    notes = [f"VAE: {vae.get('skipped') or vae.get('error')}"] if ("skipped" in vae or "error" in vae) else []
+        rows.append([r["mode"], str(r["key_frames"]), _f(r["compile_s"], ".1f"), _f(r["chunk_s_median"]),
+                     _f(r["chunk_s_min"]), _f(r["chunk_s_max"]), _f(r["dit_fps"], ".2f"),
+                     _f(r["chunk_tflop"], ".1f"), _f(r["tflops"], ".0f"), _f(r["switch_s"]),
+                     _f(r["switch_compile_s"], ".1f"), _f(_gib(r["device_memory"]), ".2f"),
+                     _f(vae.get("chunk_s_median")), _f(r.get("e2e_fps"), ".2f")])
+    out += _table(["mode", "key frames", "compile s", "s/chunk", "min", "max", "DiT FPS", "TFLOP/chunk", "TFLOP/s",
+                   "switch s", "switch compile s", "peak GiB", "VAE s/chunk", "e2e FPS"], rows) + [""]
     if "chunk_s_median" in vae:
-        notes.append(f"VAE decode: {vae['frames_per_chunk']} frames of {vae['pixels'][0]}x{vae['pixels'][1]} per "
-                     f"chunk, first chunk (with compile) {vae['first_chunk_s']:.1f} s, later-chunk compile "
-                     f"{vae['compile_s']:.1f} s, peak {_f(_gib(vae['device_memory']), '.2f')} GiB "
-                     "(own process; add to the DiT peak for a resident pipeline)")
-    out = "\n".join(lines + [""] + notes)
-    if report["long"]:
-        head = ["mode", "chunks", "s/chunk @20", f"s/chunk @{report['long']}", "peak GiB @20",
-                f"peak GiB @{report['long']}", "in use GiB @20", f"in use GiB @{report['long']}"]
-        rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for r in report["rows"]:
-            if "error" not in r:
-                rows.append("| " + " | ".join([r["mode"], str(r["chunks"] + 1), _f(r["chunk_s_at_20"]),
-                            _f(r["chunk_s_at_end"]), _f(_gib(r["device_memory_at_20"]), ".3f"),
-                            _f(_gib(r["device_memory"]), ".3f"), _f(_gib(r["device_memory_at_20"], "bytes_in_use"), ".3f"),
-                            _f(_gib(r["device_memory"], "bytes_in_use"), ".3f")]) + " |")
-        out += "\n\nFlatness over a long run (medians of chunks 15-24 and of the last 10):\n" + "\n".join(rows)
-    return out
+        out.append(f"VAE decode: {vae['frames_per_chunk']} frames of {vae['pixels'][0]}x{vae['pixels'][1]} per "
+                   f"chunk, first chunk (with compile) {vae['first_chunk_s']:.1f} s, later-chunk compile "
+                   f"{vae['compile_s']:.1f} s, peak {_f(_gib(vae['device_memory']), '.2f')} GiB")
+    else:
+        out.append(f"VAE: {vae.get('skipped') or vae.get('error')}")
+    if rep["long"]:
+        n = rep["long"]
+        rows = [[r["mode"], str(r["chunks"] + 1), _f(r["chunk_s_at_20"]), _f(r["chunk_s_at_end"])]
+                + [_f(_gib(r[k], key), ".3f") for key in ("peak_bytes_in_use", "bytes_in_use")
+                   for k in ("device_memory_at_20", "device_memory_at_n")] for r in rep["rows"] if "error" not in r]
+        out += ["", "Flatness (s/chunk: medians of chunks 15-24 and of the last 10):"]
+        out += _table(["mode", "chunks", "s/chunk @20", f"s/chunk @{n}", "peak GiB @20", f"peak GiB @{n}",
+                       "in use GiB @20", f"in use GiB @{n}"], rows)
+    return "\n".join(out)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -353,8 +347,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vae-chunks", type=int, default=10)
     p.add_argument("--no-vae", action="store_true")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--attention-impl", default="auto", choices=["auto", "xla", "cudnn"])
+    p.add_argument("--attention-impl", default="auto", choices=["auto", "xla", "cudnn"],
+                   help="model.attention_impl (auto: cuDNN on GPU wherever no kv_mask is passed)")
     p.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke test; timings meaningless)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="one fresh process per mode (default: on, off with --tiny)")
@@ -362,13 +356,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--unit", default=None, help=argparse.SUPPRESS)  # internal: one unit for --isolate
     args = p.parse_args(argv)
     args.modes = args.modes.split(",") if args.modes else (["nam"] if args.long else list(MODES))
-    bad = [x for x in args.modes if x not in MODES]
-    if bad:
-        p.error(f"unknown mode(s) {bad}; choose from {list(MODES)}")
-    if args.long:
-        args.chunks = args.long - 1  # chunk 1 is the warm-up
-    if args.chunks < 1:
-        p.error("--chunks must be >= 1")
+    if any(x not in MODES for x in args.modes):
+        p.error(f"--modes {args.modes}: choose from {list(MODES)}")
+    args.chunks = args.long - 1 if args.long else args.chunks  # chunk 1 is the warm-up
+    if args.chunks < 1 or args.vae_chunks < 1:
+        p.error("--chunks and --vae-chunks must be >= 1")
     return args
 
 
@@ -379,14 +371,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = build_configs(args.tiny, args.attention_impl)
     if args.unit:  # child of --isolate
         result = run_unit(args.unit, cfg, args)
-        with open(args.json, "w") as fh:
-            json.dump(result, fh)
+        Path(args.json).write_text(json.dumps(result))
         return result
     units = args.modes + ([] if args.no_vae else ["vae"])
     if args.isolate if args.isolate is not None else not args.tiny:
         results = run_isolated(units, argv)
     else:
-        params = init_dit(cfg["model"], args.seed) if args.modes else None
+        params = init_dit(cfg["model"], seed=0)
         results = {u: run_unit(u, cfg, args, params) for u in units}
     vae = results.get("vae") or {"skipped": "--no-vae"}
     rows = [{"mode": u, **results[u]} for u in args.modes]
@@ -394,21 +385,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "chunk_s_median" in r and "chunk_s_median" in vae:
             r["e2e_fps"] = frames_per_chunk(cfg) / (r["chunk_s_median"] + vae["chunk_s_median"])
     device = next((r["device"] for r in results.values() if "device" in r), None)
-    report = {"environment": environment(device), "long": args.long, "frames_per_chunk": frames_per_chunk(cfg),
+    report = {"environment": environment(device, argv), "long": args.long, "batch": args.batch,
+              "frames_per_chunk": frames_per_chunk(cfg),
               "dit_params": next((r["dit_params"] for r in rows if "dit_params" in r), None),
               "config": {k: dataclasses.asdict(v) for k, v in cfg.items()}, "rows": rows, "vae": vae}
-    env = report["environment"]
-    print(f"# memflow_jax sampler benchmark\n\ncommand: {env['command']}\ndevice: {device} | nvidia-smi: "
-          f"{env.get('nvidia_smi', 'n/a')} | CUDA (driver API): {env.get('cuda_driver_api', 'n/a')}\n"
-          f"jax {env['jax']} | jaxlib {env['jaxlib']} | flax {env['flax']} | cuda plugin {env['cuda_plugin']} | "
-          f"XLA_FLAGS={env['XLA_FLAGS']}\nDiT {report['dit_params'] or 0:,} params, batch {args.batch}, "
-          f"{cfg['sampler'].height}x{cfg['sampler'].width}, chunk {cfg['sampler'].chunk_frames} latents = "
-          f"{report['frames_per_chunk']} frames, {len(cfg['sampler'].denoising_step_list)} steps + 1 clean pass, "
-          f"attention_impl={args.attention_impl}\n")
     print(format_report(report), flush=True)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=1)
+        Path(args.json).write_text(json.dumps(report, indent=1))
     return report
 
 

@@ -45,7 +45,7 @@ class ModelConfig:
     # numerics
     dtype: str = "float32"  # compute dtype: float32 (parity) | bfloat16 (speed)
     param_dtype: str = "float32"
-    attention_impl: str = "auto"  # auto | xla | cudnn | splash (TPU Pallas)
+    attention_impl: str = "auto"  # auto (cuDNN on GPU for bf16, else XLA) | xla | cudnn
     remat: str = "none"  # none | full | dots  (jax.checkpoint policy per block)
 
     @property
@@ -61,7 +61,7 @@ class ModelConfig:
             raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE")
         _check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _check_choice("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
-        _check_choice("model.attention_impl", self.attention_impl, ("auto", "xla", "cudnn", "splash"))
+        _check_choice("model.attention_impl", self.attention_impl, ("auto", "xla", "cudnn"))
         _check_choice("model.remat", self.remat, ("none", "full", "dots"))
 
 

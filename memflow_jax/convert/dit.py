@@ -188,17 +188,19 @@ def lora_factors(state: dict, what: str) -> dict[tuple[int, str], dict[str, np.n
     return out
 
 
-def merge_lora(params: dict, lora_path: str, alpha: float, entry: str = "generator_lora") -> dict:
+def merge_lora(params: dict, lora_path: str, alpha: float, entry: str = "generator_lora",
+               copy: bool = False) -> dict:
     """Merge ``lora.pt[entry]`` into ``params``: ``W + (alpha / r) * B @ A`` (rank r from the shapes).
 
     ``alpha`` is not stored in the file (it is the YAML ``adapter.alpha``): the caller must give it.
+    The kernels are updated IN PLACE (no second copy of the model in host RAM) unless ``copy=True``.
     """
     ckpt = load_torch_pickle(lora_path)
     if not isinstance(ckpt, dict) or entry not in ckpt:
         raise ConversionError(f"{lora_path}: no {entry!r} entry (has "
                               f"{sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__})")
     factors = lora_factors(ckpt[entry], f"{lora_path}[{entry}]")
-    flat = {k: np.array(v, copy=True) for k, v in flatten(params).items()}
+    flat = {k: (np.array(v, copy=True) if copy else np.asarray(v)) for k, v in flatten(params).items()}
     for (layer, module), ab in sorted(factors.items()):
         a, b = ab["A"], ab["B"]
         rank = a.shape[0]

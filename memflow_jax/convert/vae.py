@@ -5,7 +5,8 @@ Key mapping (torch ``.`` path -> our ``/`` path), weights transposed to channels
 * ``{encoder,decoder}.{downsamples,upsamples,middle}.<i>.`` -> ``.../{downsamples,upsamples,middle}_<i>/``, except
   runs of identical residual blocks, stacked on a leading axis under ``<seq>_<first>-<last>/``
   (:func:`memflow_jax.nn.vae.block_layout`)
-* ``residual.0|2|3|6`` -> ``norm1|conv1|norm2|conv2``; ``resample.1`` -> ``conv``; ``head.0|2`` -> ``head_norm|head_conv``
+* ``residual.0|2|3|6`` -> ``norm1|conv1|norm2|conv2``; ``resample.1`` -> ``conv``;
+  ``head.0|2`` -> ``head_norm|head_conv``
 * ``weight`` -> ``kernel``: Conv3d ``[O, I, kt, kh, kw]`` -> ``[kt, kh, kw, I, O]``, Conv2d ``[O, I, kh, kw]`` ->
   ``[kh, kw, I, O]``; RMS_norm ``gamma`` ``[C, 1, 1(, 1)]`` -> ``scale`` ``[C]``; ``bias`` unchanged.
 """
@@ -132,6 +133,6 @@ def convert_vae_state_dict(path_pth: str, cfg: VAEConfig) -> dict:
             continue
         flat[ours] = np.stack([layers[i] for i in range(len(layers))])
     for key in unmapped:  # reported by validate_against as unexpected keys
-        flat[f"<unmapped>/{key}"] = np.zeros(tuple(sd[key].shape), np.float32)
+        flat[f"<unmapped>/{key}"] = np.zeros((0,), np.float32)
     validate_against(flat, abstract_params(cfg), f"Wan VAE checkpoint {path_pth} (vae.* config)")
     return jax.tree_util.tree_map(jax.numpy.asarray, unflatten(flat))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from typing import Any, Optional
 
 import numpy as np
@@ -80,7 +81,10 @@ class Mp4Writer:
             self._gen = imageio_ffmpeg.write_frames(
                 self._tmp, (u8.shape[2], u8.shape[1]), fps=self.fps, quality=self.quality, codec=self.codec,
                 macro_block_size=2, output_params=["-f", "mp4"])
-            self._gen.send(None)
+            with warnings.catch_warnings():
+                # ffmpeg is started by fork+exec (the child execs at once); JAX warns on any fork: benign here
+                warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+                self._gen.send(None)
         elif (u8.shape[1], u8.shape[2]) != self._size:
             raise ValueError(f"{self.path}: frames of size {u8.shape[1]}x{u8.shape[2]} appended to a video of "
                              f"size {self._size[0]}x{self._size[1]}")

@@ -6,7 +6,8 @@ model with a KV cache can use it. Reference semantics (MemFlow release):
 
 * the forward's frames are placed in a copy of the cache (only cache-updating forwards persist it);
 * keys = ``[sink (S frames), bank[:min(pointer, K)], window]`` — or, with SMA, ``[per-head top-k of sink+bank,
-  window]``;
+  window]``; valid frames are gathered to the front so attention needs only a key length (cuDNN flash attention
+  takes ``key_value_seq_lengths``; attention is invariant to the order of keys);
 * at ``q_bank`` forwards the pending prototype enters the bank (NAM once the bank is full) before attention.
 """
 from __future__ import annotations
@@ -20,7 +21,8 @@ from jax import lax
 from memflow_jax.config import MemoryConfig
 from memflow_jax.memory import nam as nam_lib
 from memflow_jax.memory import sma as sma_lib
-from memflow_jax.memory.cache import CacheSpec, ForwardPlan, effective_slots, place_frames, slot_valid
+from memflow_jax.memory.cache import (CacheSpec, ForwardPlan, chunk_placement, effective_slots, place_frames,
+                                      slot_valid)
 from memflow_jax.nn.attention import attention
 
 
@@ -38,6 +40,11 @@ class LayerMemory:
     text_query: jnp.ndarray  # [B, T, H, D] NAM query (the layer's cross-attention K of the prompt)
 
 
+def _valid_first(valid: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Frame order putting valid frames first (stable) and their count: ([M] int32, [] int32)."""
+    return jnp.argsort(jnp.logical_not(valid), stable=True).astype(jnp.int32), jnp.sum(valid).astype(jnp.int32)
+
+
 def make_attend_fn(spec: CacheSpec, mem: MemoryConfig, plan: ForwardPlan, n: int, *, slot_frame: jnp.ndarray,
                    bank_pointer: jnp.ndarray, proto_frame: jnp.ndarray, update_cache: bool,
                    attention_impl: str = "auto", precision: lax.Precision | None = None,
@@ -45,8 +52,9 @@ def make_attend_fn(spec: CacheSpec, mem: MemoryConfig, plan: ForwardPlan, n: int
     """Build the per-layer attention for a forward over ``n`` frames (static) described by ``plan``.
 
     The returned function maps ``(q, k, v, layer: LayerMemory)`` with q/k/v ``[B, n*N, H, D]`` to
-    ``(out [B, n*N, H, D], outputs)``; ``outputs`` holds the updated bank (always), the placed cache ``k``/``v``
-    and the prototype candidate (first frame) when ``update_cache``, and NAM/SMA traces when ``debug``.
+    ``(out [B, n*N, H, D], outputs)``; ``outputs`` holds the updated bank (always), the forward's K/V frames
+    and the prototype candidate (first frame) when ``update_cache`` (persisted by ``cache.commit``), and NAM/SMA
+    traces when ``debug``.
     """
     S, K, N = spec.sink, spec.bank, spec.tokens_per_frame
     src, has, new_slot_frame = effective_slots(slot_frame, plan, n, spec)
@@ -70,36 +78,48 @@ def make_attend_fn(spec: CacheSpec, mem: MemoryConfig, plan: ForwardPlan, n: int
             outs["bank"] = (bank_k, bank_v, bank_frame)
             if debug:
                 outs["nam_scores"], outs["nam_kept"] = scores, kept
-        eff_k = place_frames(layer.k, kf, src, has)  # [B, W, N, H, D]
-        eff_v = place_frames(layer.v, vf, src, has)
         if update_cache:
-            outs["kv"] = (eff_k, eff_v)
+            outs["kv"] = (kf, vf)  # [B, n, N, H, D]; written into the cache slots by cache.commit
             outs["first_frame"] = (kf[:, 0], vf[:, 0])
+        # the forward's frames placed over the cache, sink and ring separately (no full copy of the window)
+        sink_k = place_frames(layer.k[:, :S], kf, src[:S], has[:S])
+        sink_v = place_frames(layer.v[:, :S], vf, src[:S], has[:S])
+        ring_k = place_frames(layer.k[:, S:], kf, src[S:], has[S:])
+        ring_v = place_frames(layer.v[:, S:], vf, src[S:], has[S:])
 
         def flat(x):
             return x.reshape(b, -1, h, d)
 
-        def tok(mask_frames):  # [..., M] -> [..., M*N]
-            return jnp.repeat(mask_frames, N, axis=-1)
-
+        mask = None
         if mem.sma and S + K > 0:
-            cand_k = jnp.concatenate([eff_k[:, :S], bank_k], axis=1)
-            cand_v = jnp.concatenate([eff_v[:, :S], bank_v], axis=1)
+            cand_k = jnp.concatenate([sink_k, bank_k], axis=1)
+            cand_v = jnp.concatenate([sink_v, bank_v], axis=1)
             cand_valid = jnp.concatenate([valid[:S], bank_valid])
             idx, sel_valid, sma_scores = sma_lib.sma_select(q, cand_k, cand_valid, mem.sma_top_k)
-            keys = jnp.concatenate([sma_lib.gather_frames(cand_k, idx), flat(eff_k[:, S:])], axis=1)
-            vals = jnp.concatenate([sma_lib.gather_frames(cand_v, idx), flat(eff_v[:, S:])], axis=1)
-            mask = jnp.concatenate([tok(sel_valid), jnp.broadcast_to(tok(valid[S:]), (b, h, (spec.window - S) * N))],
-                                   axis=-1)  # [B, H, Lk]
             if debug:
                 outs["sma_idx"], outs["sma_scores"] = idx, sma_scores
+            ring_order, n_ring = _valid_first(valid[S:])
+            keys = jnp.concatenate([sma_lib.gather_frames(cand_k, idx),
+                                    flat(jnp.take(ring_k, ring_order, axis=1))], axis=1)
+            vals = jnp.concatenate([sma_lib.gather_frames(cand_v, idx),
+                                    flat(jnp.take(ring_v, ring_order, axis=1))], axis=1)
+            lengths = jnp.full((b,), (idx.shape[-1] + n_ring) * N, jnp.int32)
+            if mem.sma_top_k > S:  # early chunks can have fewer valid candidates than picks: per-head mask
+                ring_ok = jnp.arange(spec.window - S) < n_ring
+                mask = jnp.concatenate([jnp.repeat(sel_valid, N, axis=-1),
+                                        jnp.broadcast_to(jnp.repeat(ring_ok, N), (b, h, (spec.window - S) * N))],
+                                       axis=-1)  # [B, H, Lk]
+                lengths = None
         else:
-            keys = jnp.concatenate([flat(eff_k[:, :S]), flat(bank_k), flat(eff_k[:, S:])], axis=1)
-            vals = jnp.concatenate([flat(eff_v[:, :S]), flat(bank_v), flat(eff_v[:, S:])], axis=1)
-            mask = jnp.broadcast_to(tok(jnp.concatenate([valid[:S], bank_valid, valid[S:]])), (b, keys.shape[1]))
-        out = attention(q, keys.astype(q.dtype), vals.astype(q.dtype), kv_mask=mask, impl=attention_impl,
-                        precision=precision)
+            # [sink, bank, window] with valid frames first, so attention needs only a key length (cuDNN)
+            order, n_valid = _valid_first(jnp.concatenate([valid[:S], bank_valid, valid[S:]]))
+            keys = flat(jnp.take(jnp.concatenate([sink_k, bank_k, ring_k], axis=1), order, axis=1))
+            vals = flat(jnp.take(jnp.concatenate([sink_v, bank_v, ring_v], axis=1), order, axis=1))
+            lengths = jnp.full((b,), n_valid * N, jnp.int32)
+        out = attention(q, keys.astype(q.dtype), vals.astype(q.dtype), kv_lengths=lengths, kv_mask=mask,
+                        impl=attention_impl, precision=precision)
         return out, outs
 
     attend.new_slot_frame = new_slot_frame  # type: ignore[attr-defined]
+    attend.placement = chunk_placement(plan, n, spec)  # type: ignore[attr-defined]
     return attend

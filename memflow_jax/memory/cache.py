@@ -23,6 +23,7 @@ import dataclasses
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from memflow_jax.config import MemoryConfig
 
@@ -163,3 +164,49 @@ def reference_slot_order(slot_frame: jnp.ndarray, spec: CacheSpec) -> jnp.ndarra
     key = jnp.where(slot_frame < 0, jnp.iinfo(jnp.int32).max, slot_frame)
     key = jnp.where(jnp.arange(spec.window) < spec.sink, jnp.arange(spec.window) - spec.window, key)
     return jnp.argsort(key)
+
+
+def commit(cache: KVCache, outputs: dict, new_slot_frame: jnp.ndarray, end: jnp.ndarray,
+           placement: tuple[jnp.ndarray, jnp.ndarray]) -> KVCache:
+    """Persist a cache-updating forward: write its K/V frames (``outputs["kv"]``, [L, B, n, N, H, D]) into their
+    slots (``placement`` = (target slot [n], write flag [n]) from :func:`chunk_placement`) one frame at a time with
+    ``dynamic_update_slice`` — in place when the cache is donated — and take the bank as updated by a ``q_bank``
+    forward, the slot map and the end cursor."""
+    new_k, new_v = outputs["kv"]
+    target, write = placement
+    k, v = cache.k, cache.v
+    for j in range(new_k.shape[2]):  # static: n frames (a chunk, or the re-cache window)
+        slot = target[j]
+
+        def put(buf, frame):
+            old = lax.dynamic_slice_in_dim(buf, slot, 1, axis=2)
+            val = jnp.where(write[j], frame[:, :, None].astype(buf.dtype), old)
+            return lax.dynamic_update_slice_in_dim(buf, val, slot, axis=2)
+
+        k, v = put(k, new_k[:, :, j]), put(v, new_v[:, :, j])
+    cache = cache.replace(k=k, v=v, slot_frame=new_slot_frame, end_frame=jnp.maximum(cache.end_frame, end))
+    return with_bank(cache, outputs)
+
+
+def with_bank(cache: KVCache, outputs: dict) -> KVCache:
+    """Take the (possibly NAM-updated) bank from a forward's outputs, if the cache has a bank."""
+    if "bank" not in outputs:
+        return cache
+    bk, bv, bf = outputs["bank"]
+    return cache.replace(bank_k=bk.astype(cache.bank_k.dtype), bank_v=bv.astype(cache.bank_v.dtype), bank_frame=bf)
+
+
+def record_chunk(cache: KVCache, outputs: dict, start: jnp.ndarray, spec: CacheSpec, rule: str) -> KVCache:
+    """After a chunk's clean-context pass: advance the bank pointer on record chunks
+    (``chunk % record_interval == 0``) and take the chunk's first frame as the pending prototype — at every chunk
+    (``rule="single"``, CausalInferencePipeline) or only at record chunks (``"interactive"``)."""
+    if spec.bank == 0:
+        return cache
+    record = jnp.mod(start // spec.chunk_frames, spec.record_interval) == 0
+    update = record if rule == "interactive" else jnp.array(True)
+    pk, pv = outputs["first_frame"]
+    return cache.replace(
+        bank_pointer=cache.bank_pointer + record.astype(jnp.int32),
+        proto_k=jnp.where(update, pk.astype(cache.proto_k.dtype), cache.proto_k),
+        proto_v=jnp.where(update, pv.astype(cache.proto_v.dtype), cache.proto_v),
+        proto_frame=jnp.where(update, start, cache.proto_frame))

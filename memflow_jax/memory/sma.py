@@ -35,8 +35,11 @@ def sma_select(q: jnp.ndarray, cand_k: jnp.ndarray, cand_valid: jnp.ndarray, top
 
 
 def gather_frames(cand: jnp.ndarray, idx: jnp.ndarray) -> jnp.ndarray:
-    """Per-head gather of frames: cand [B, M, N, H, D], idx [B, H, k] -> [B, k*N, H, D]."""
+    """Per-head gather of frames: cand [B, M, N, H, D], idx [B, H, k] -> [B, k*N, H, D].
+
+    One gather along the frame axis in the cache's own layout (no transposes of the candidates).
+    """
     b, m, n, h, d = cand.shape
-    x = cand.transpose(0, 3, 1, 2, 4)  # [B, H, M, N, D]
-    g = jnp.take_along_axis(x, idx[..., None, None], axis=2)  # [B, H, k, N, D]
-    return g.reshape(b, h, -1, d).transpose(0, 2, 1, 3)
+    index = jnp.swapaxes(idx, 1, 2)[:, :, None, :, None]  # [B, k, 1, H, 1]
+    g = jnp.take_along_axis(cand, index, axis=1, mode="clip")  # [B, k, N, H, D]
+    return g.reshape(b, -1, h, d)

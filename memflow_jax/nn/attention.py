@@ -1,8 +1,8 @@
 """The one attention dispatcher: cuDNN flash attention on GPU when shapes allow, XLA otherwise.
 
-Masks are given as valid lengths (``kv_lengths``: the first n keys of each batch row are valid, the layout the
-cache builds so cuDNN can use it) or, more generally, a boolean ``kv_mask``. A TPU Pallas splash kernel slots in
-under ``impl="splash"``.
+Masks are given as valid lengths (``kv_lengths``: the first n keys of each batch row are valid) or, more generally,
+a boolean ``kv_mask``. On TPU the XLA path runs; a Pallas splash-attention kernel
+(``jax.experimental.pallas.ops.tpu.splash_attention``) would be added here as one more ``impl`` branch.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, kv_lengths: jnp
       q: [B, Lq, H, D]; k, v: [B, Lk, H, D].
       kv_lengths: [B] int32, keys at positions >= length are ignored.
       kv_mask: [B, Lk] or per-head [B, H, Lk] bool, True = attend (general masks; forces the XLA path).
-      impl: auto | xla | cudnn | splash.
+      impl: auto | xla | cudnn.
     Returns: [B, Lq, H, D] in q's dtype.
     """
     impl = _resolve_impl(impl, q, kv_mask)
@@ -46,9 +46,6 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, kv_lengths: jnp
             q, k, v, key_value_seq_lengths=kv_lengths,
             query_seq_lengths=None if kv_lengths is None else jnp.full_like(kv_lengths, q.shape[1]),
             implementation="cudnn")
-    if impl == "splash":
-        raise NotImplementedError(
-            "attention impl 'splash' (TPU Pallas) is not built yet; use model.attention_impl=xla on TPU")
     if impl != "xla":
         raise ValueError(f"unknown attention impl {impl!r}; use auto | xla | cudnn")
     mask = kv_mask

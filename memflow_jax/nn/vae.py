@@ -313,7 +313,7 @@ def block_layout(cfg: VAEConfig) -> dict[str, tuple[str, Optional[int]]]:
 
 def _run_plan(plan: list[tuple], prefix: str, x: Array, cache: dict, new_cache: dict, first: First) -> Array:
     # Unrolled over HETEROGENEOUS blocks (channels / resolution change from one to the next); runs of identical
-    # residual blocks inside are one nn.scan each (ResidualStack).
+    # residual blocks inside are one nn.scan each (residual_stack).
     for name, spec, idx in _group_runs(plan, prefix):
         if spec[0] == "res":
             if len(idx) > 1:
@@ -436,6 +436,11 @@ def _check_cfg(cfg: VAEConfig) -> None:
 def abstract_params(cfg: VAEConfig) -> dict:
     """``jax.ShapeDtypeStruct`` tree of the (float32) params, no allocation."""
     _check_cfg(cfg)
+    return jax.tree_util.tree_map(lambda x: x, _abstract_params(cfg))  # fresh containers: callers may mutate
+
+
+@functools.lru_cache(maxsize=32)
+def _abstract_params(cfg: VAEConfig) -> dict:
     ts, ss = _time_stride(cfg), _space_stride(cfg)
     video = jax.ShapeDtypeStruct((1, ts, ss, ss, 3), jnp.float32)
     z = jax.ShapeDtypeStruct((1, 1, 1, 1, cfg.z_dim), jnp.float32)
@@ -445,8 +450,9 @@ def abstract_params(cfg: VAEConfig) -> dict:
 
 def init_params(cfg: VAEConfig, rng: Array) -> dict:
     """Random float32 params with PyTorch's default conv init (U(+-1/sqrt(fan_in)) for kernel and bias, norm
-    scale 1). The tree mirrors the reference state dict (see convert/vae.py). Values come from ONE uniform draw
-    split over the leaves (per-leaf initializers would compile ~200 threefry kernels: a minute on CPU)."""
+    scale 1); traceable (jit it with out_shardings to init sharded). The tree mirrors the reference state dict,
+    runs of identical residual blocks stacked (see convert/vae.py). Values come from ONE uniform draw split over
+    the leaves (per-leaf initializers would compile ~200 threefry kernels: a minute on CPU)."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params(cfg))
     names = [tuple(str(getattr(k, "key", k)) for k in path) for path, _ in leaves]
     shapes = [tuple(s.shape) for _, s in leaves]
@@ -454,14 +460,18 @@ def init_params(cfg: VAEConfig, rng: Array) -> dict:
     fan = {n[:-1]: int(np.prod(s[1 if any("-" in part for part in n) else 0:-1]))
            for n, s in zip(names, shapes) if n[-1] == "kernel"}
     total = sum(int(np.prod(s)) for s in shapes)
-    draw = np.asarray(jax.random.uniform(rng, (total,), jnp.float32, -1.0, 1.0))
+    draw = jax.random.uniform(rng, (total,), jnp.float32, -1.0, 1.0)
+    try:  # eager: split on the host (slicing ~200 leaves op by op would compile ~200 tiny programs)
+        draw, xp = np.asarray(draw), np
+    except jax.errors.TracerArrayConversionError:  # under jit: slices inside the caller's program
+        xp = jnp
     out, off = [], 0
     for n, s in zip(names, shapes):
         size = int(np.prod(s))
         if n[-1] == "scale":
-            val = np.ones(s, np.float32)
+            val = xp.ones(s, np.float32)
         else:  # kernel or bias of a conv: bound 1/sqrt(fan_in of that conv's kernel)
-            val = draw[off:off + size].reshape(s) / np.float32(math.sqrt(fan[n[:-1]]))
+            val = draw[off:off + size].reshape(s) * np.float32(1.0 / math.sqrt(fan[n[:-1]]))
         off += size
         out.append(jnp.asarray(val))
     return jax.tree_util.tree_unflatten(treedef, out)
@@ -567,12 +577,17 @@ def init_decode_cache(cfg: VAEConfig, batch: int, h: int, w: int, dtype: Any = N
     """Zero cache for latents of spatial size ``h x w``; ``dtype`` defaults to ``cfg.dtype`` (compute dtype)."""
     _check_cfg(cfg)
     dtype = jnp.dtype(dtype) if dtype is not None else _dtype(cfg)
+    feats = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, dtype), _cache_shapes(cfg, batch, h, w, dtype))
+    return DecodeCache(feats=feats, num_latents=jnp.zeros((), jnp.int32), started=False)
+
+
+@functools.lru_cache(maxsize=32)
+def _cache_shapes(cfg: VAEConfig, batch: int, h: int, w: int, dtype: Any) -> dict:
     x = jax.ShapeDtypeStruct((batch, 1, h, w, cfg.z_dim), dtype)
     _, feats = jax.eval_shape(  # the cache a first step builds from nothing has the fixed cache shapes
         lambda p, xx: WanVAE(cfg).apply({"params": p}, xx, None, True, method=WanVAE.decode_frame),
         abstract_params(cfg), x)
-    feats = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, dtype), feats)
-    return DecodeCache(feats=feats, num_latents=jnp.zeros((), jnp.int32), started=False)
+    return feats
 
 
 def _check_latents(cfg: VAEConfig, latents: Any, cache: Optional[DecodeCache]) -> None:

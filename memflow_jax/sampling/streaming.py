@@ -19,7 +19,8 @@ import numpy as np
 from memflow_jax.config import Config, MemoryConfig, ModelConfig, SamplerConfig
 from memflow_jax.diffusion import scheduler as sch
 from memflow_jax.memory.attend import LayerMemory, make_attend_fn
-from memflow_jax.memory.cache import CacheSpec, ForwardPlan, KVCache, init_cache
+from memflow_jax.memory.cache import (CacheSpec, ForwardPlan, KVCache, commit, init_cache, record_chunk,
+                                      with_bank)
 from memflow_jax.nn import dit
 
 
@@ -37,6 +38,9 @@ class PromptKV:
     v: jnp.ndarray
 
 
+_COMPILED: dict[tuple, "ChunkSteps"] = {}  # static sampler configuration -> its compiled steps
+
+
 def _to_model(x: jnp.ndarray) -> jnp.ndarray:  # [B, F, C, H, W] -> [B, C, F, H, W]
     return x.transpose(0, 2, 1, 3, 4)
 
@@ -45,48 +49,24 @@ def _from_model(x: jnp.ndarray) -> jnp.ndarray:
     return x.transpose(0, 2, 1, 3, 4)
 
 
-class StreamingSampler:
-    """Chunk-by-chunk generation with a fixed-size cache; everything shape-static and jitted once."""
+class ChunkSteps:
+    """The jitted pieces of streaming generation; they depend only on static configuration (no params), so
+    samplers with the same configuration share one instance and its compiled code."""
 
-    def __init__(self, params: dit.Params, model_cfg: ModelConfig, mem_cfg: MemoryConfig,
-                 sampler_cfg: SamplerConfig, batch_size: int = 1, latent_hw: tuple[int, int] | None = None,
-                 debug: bool = False):
-        self.params = params
-        self.mcfg, self.mem, self.scfg = model_cfg, mem_cfg, sampler_cfg
-        self.batch = batch_size
-        self.latent_hw = latent_hw or sampler_cfg.latent_hw
-        self.debug = debug
-        h, w = self.latent_hw
-        self.tokens_per_frame = dit.tokens_per_frame(model_cfg, h, w)
-        self.spec = CacheSpec.from_config(
-            mem_cfg, num_layers=model_cfg.num_layers, batch=batch_size, tokens_per_frame=self.tokens_per_frame,
-            num_heads=model_cfg.num_heads, head_dim=model_cfg.head_dim, chunk_frames=sampler_cfg.chunk_frames)
-        self.schedule = sch.make_schedule(sampler_cfg.timestep_shift,
-                                          num_train_timesteps=sampler_cfg.num_train_timesteps)
-        self.timesteps = np.asarray(sch.warp_denoising_steps(sampler_cfg.denoising_step_list, self.schedule)
-                                    if sampler_cfg.warp_denoising_step
-                                    else np.asarray(sampler_cfg.denoising_step_list, np.float32), np.float32)
-        self.cache_dtype = jnp.dtype(model_cfg.dtype)
-        self._chunk = jax.jit(self._chunk_impl, donate_argnums=(1,))
-        self._recache: dict[int, Callable] = {}
-        self._prompt_kv = jax.jit(lambda p, c: PromptKV(*dit.text_kv(p, self.mcfg, c)))
-        self.trace_count = 0  # number of times the chunk step was traced (compiles)
+    def __init__(self, mcfg: ModelConfig, mem: MemoryConfig, scfg: SamplerConfig, spec: CacheSpec,
+                 timesteps: np.ndarray, debug: bool):
+        self.mcfg, self.mem, self.scfg, self.spec, self.debug = mcfg, mem, scfg, spec, debug
+        self.timesteps = timesteps
+        self.schedule = sch.make_schedule(scfg.timestep_shift, num_train_timesteps=scfg.num_train_timesteps)
+        self.traces = 0
+        self.chunk = jax.jit(self._chunk_impl, donate_argnums=(1,))
+        self.prompt_kv = jax.jit(lambda p, c: PromptKV(*dit.text_kv(p, self.mcfg, c)))
+        self.recache: dict[int, Callable] = {}
 
-    # ------------------------------------------------------------------ state
-    def init_state(self) -> StreamState:
-        h, w = self.latent_hw
-        hist = jnp.zeros((self.batch, self.spec.window, self.mcfg.in_dim, h, w), jnp.float32)
-        return StreamState(init_cache(self.spec, self.cache_dtype), hist, jnp.array(0, jnp.int32),
-                           jnp.array(False))
-
-    def prompt_kv(self, context: jnp.ndarray) -> PromptKV:
-        """Per-layer cross-attention K/V of prompt embeddings [B, T, text_dim], computed once per prompt."""
-        context = jnp.asarray(context)
-        want = (self.batch, self.mcfg.text_len, self.mcfg.text_dim)
-        if context.shape != want:
-            raise ValueError(f"prompt embeddings have shape {tuple(context.shape)}, expected {want} "
-                             "(batch, model.text_len, model.text_dim): check the text encoder / model config")
-        return self._prompt_kv(self.params, context)
+    def recache_fn(self, n: int) -> Callable:
+        if n not in self.recache:
+            self.recache[n] = jax.jit(functools.partial(self._recache_impl, n), donate_argnums=(1,))
+        return self.recache[n]
 
     # ------------------------------------------------------------------ one forward
     def _forward(self, params, cache: KVCache, x: jnp.ndarray, t: float | jnp.ndarray, plan: ForwardPlan,
@@ -103,23 +83,14 @@ class StreamingSampler:
         tt = jnp.full((x.shape[0], n), t, jnp.float32)
         flow, outs = dit.chunk_forward(params, self.mcfg, _to_model(x), tt, plan.start, text.k, text.v, attend,
                                        layers)
-        return _from_model(flow), tt, outs, attend.new_slot_frame
-
-    def _commit(self, cache: KVCache, outs: dict, new_slot_frame: jnp.ndarray, end: jnp.ndarray) -> KVCache:
-        k, v = outs["kv"]
-        cache = cache.replace(k=k.astype(cache.k.dtype), v=v.astype(cache.v.dtype), slot_frame=new_slot_frame,
-                              end_frame=jnp.maximum(cache.end_frame, end))
-        if "bank" in outs:
-            bk, bv, bf = outs["bank"]
-            cache = cache.replace(bank_k=bk, bank_v=bv, bank_frame=bf)
-        return cache
+        return _from_model(flow), tt, outs, (attend.new_slot_frame, attend.placement)
 
     # ------------------------------------------------------------------ chunk step (jitted)
     def _chunk_impl(self, params, state: StreamState, text: PromptKV, noise: jnp.ndarray,
                     step_noise: jnp.ndarray, ctx_noise: jnp.ndarray):
         """noise: [B, F, C, h, w]; step_noise: [S-1, B, F, C, h, w]; ctx_noise: like noise (used iff
         context_noise > 0). Returns (new state, x0 [B, F, C, h, w], debug dict)."""
-        self.trace_count += 1
+        self.traces += 1
         cache = state.cache
         cs = state.frame
         nsteps = len(self.timesteps)
@@ -144,7 +115,7 @@ class StreamingSampler:
 
         (_, bank), (x0s, dbg_steps) = jax.lax.scan(body, (noise, bank0), jnp.arange(nsteps))
         x0 = x0s[-1]
-        cache = cache.replace(bank_k=bank[0], bank_v=bank[1], bank_frame=bank[2])
+        cache = with_bank(cache, {"bank": bank} if self.spec.bank else {})
         # clean-context pass: writes the chunk's K/V (and records the bank prototype)
         x_ctx = x0
         if self.scfg.context_noise > 0:
@@ -152,18 +123,10 @@ class StreamingSampler:
             x_ctx = sch.add_noise(self.schedule, x0, ctx_noise, tctx)
         plan = ForwardPlan(start=cs, q_bank=jnp.array(False), recompute=jnp.array(False),
                            zero_text_query=jnp.array(False))
-        _, _, outs, new_slots = self._forward(params, cache, x_ctx, self.scfg.context_noise, plan, text, True)
-        cache = self._commit(cache, outs, new_slots, cs + f)
-        if self.spec.bank > 0:
-            chunk_idx = cs // self.spec.chunk_frames
-            record = jnp.mod(chunk_idx, self.spec.record_interval) == 0
-            update_proto = record if self.mem.bank_record_rule == "interactive" else jnp.array(True)
-            pk, pv = outs["first_frame"]
-            cache = cache.replace(
-                bank_pointer=cache.bank_pointer + record.astype(jnp.int32),
-                proto_k=jnp.where(update_proto, pk.astype(cache.proto_k.dtype), cache.proto_k),
-                proto_v=jnp.where(update_proto, pv.astype(cache.proto_v.dtype), cache.proto_v),
-                proto_frame=jnp.where(update_proto, cs, cache.proto_frame))
+        _, _, outs, (new_slots, placement) = self._forward(params, cache, x_ctx, self.scfg.context_noise, plan,
+                                                            text, True)
+        cache = commit(cache, outs, new_slots, cs + f, placement)
+        cache = record_chunk(cache, outs, cs, self.spec, self.mem.bank_record_rule)
         hist_slots = jnp.mod(cs + jnp.arange(f), self.spec.window)
         history = state.history.at[:, hist_slots].set(x0.astype(state.history.dtype))
         dbg = {"x0_steps": x0s, "steps": dbg_steps,
@@ -180,23 +143,73 @@ class StreamingSampler:
         zero = self.mem.nam_switch_query == "zeroed"
         plan = ForwardPlan(start=start, q_bank=jnp.array(True), recompute=start > 0,
                            zero_text_query=jnp.array(zero))
-        _, _, outs, new_slots = self._forward(params, cache, frames, self.scfg.context_noise, plan, text, True)
-        cache = self._commit(cache, outs, new_slots, csf)
+        _, _, outs, (new_slots, placement) = self._forward(params, cache, frames, self.scfg.context_noise, plan,
+                                                            text, True)
+        cache = commit(cache, outs, new_slots, csf, placement)
         dbg = {k: v for k, v in outs.items() if k.startswith(("nam_", "sma_"))}
         return StreamState(cache, state.history, csf, jnp.array(zero)), dbg
+
+class StreamingSampler:
+    """Chunk-by-chunk generation with a fixed-size cache; everything shape-static and jitted once."""
+
+    def __init__(self, params: dit.Params, model_cfg: ModelConfig, mem_cfg: MemoryConfig,
+                 sampler_cfg: SamplerConfig, batch_size: int = 1, latent_hw: tuple[int, int] | None = None,
+                 debug: bool = False):
+        self.params = params
+        self.mcfg, self.mem, self.scfg = model_cfg, mem_cfg, sampler_cfg
+        self.batch = batch_size
+        self.latent_hw = latent_hw or sampler_cfg.latent_hw
+        self.debug = debug
+        h, w = self.latent_hw
+        self.tokens_per_frame = dit.tokens_per_frame(model_cfg, h, w)
+        self.spec = CacheSpec.from_config(
+            mem_cfg, num_layers=model_cfg.num_layers, batch=batch_size, tokens_per_frame=self.tokens_per_frame,
+            num_heads=model_cfg.num_heads, head_dim=model_cfg.head_dim, chunk_frames=sampler_cfg.chunk_frames)
+        schedule = sch.make_schedule(sampler_cfg.timestep_shift,
+                                     num_train_timesteps=sampler_cfg.num_train_timesteps)
+        self.timesteps = np.asarray(sch.warp_denoising_steps(sampler_cfg.denoising_step_list, schedule)
+                                    if sampler_cfg.warp_denoising_step
+                                    else np.asarray(sampler_cfg.denoising_step_list, np.float32), np.float32)
+        self.cache_dtype = jnp.dtype(model_cfg.dtype)
+        # compiled steps depend only on static configuration: samplers with the same key share them
+        key = (model_cfg, mem_cfg, sampler_cfg, self.spec, tuple(self.timesteps.tolist()), debug)
+        if key not in _COMPILED:
+            _COMPILED[key] = ChunkSteps(model_cfg, mem_cfg, sampler_cfg, self.spec, self.timesteps, debug)
+        self.steps = _COMPILED[key]
+
+    @property
+    def trace_count(self) -> int:
+        """Times the chunk step was traced (= compiled) for this sampler's static configuration."""
+        return self.steps.traces
+
+    # ------------------------------------------------------------------ state
+    def init_state(self) -> StreamState:
+        h, w = self.latent_hw
+        hist = jnp.zeros((self.batch, self.spec.window, self.mcfg.in_dim, h, w), jnp.float32)
+        return StreamState(init_cache(self.spec, self.cache_dtype), hist, jnp.array(0, jnp.int32),
+                           jnp.array(False))
+
+    def prompt_kv(self, context: jnp.ndarray) -> PromptKV:
+        """Per-layer cross-attention K/V of prompt embeddings [B, T, text_dim], computed once per prompt."""
+        context = jnp.asarray(context)
+        want = (self.batch, self.mcfg.text_len, self.mcfg.text_dim)
+        if context.shape != want:
+            raise ValueError(f"prompt embeddings have shape {tuple(context.shape)}, expected {want} "
+                             "(batch, model.text_len, model.text_dim): check the text encoder / model config")
+        return self.steps.prompt_kv(self.params, context)
+
+
 
     def recache(self, state: StreamState, text: PromptKV) -> tuple[StreamState, dict]:
         """Re-encode the last min(W, frame) output frames with the new prompt (one forward)."""
         n = int(min(self.spec.window, int(state.frame)))
-        if n not in self._recache:
-            self._recache[n] = jax.jit(functools.partial(self._recache_impl, n), donate_argnums=(1,))
-        return self._recache[n](self.params, state, text)
+        return self.steps.recache_fn(n)(self.params, state, text)
 
     def chunk(self, state: StreamState, text: PromptKV, noise: jnp.ndarray, step_noise: jnp.ndarray,
               ctx_noise: jnp.ndarray | None = None) -> tuple[StreamState, jnp.ndarray, dict]:
         if ctx_noise is None:
             ctx_noise = jnp.zeros_like(noise)
-        return self._chunk(self.params, state, text, noise, step_noise, ctx_noise)
+        return self.steps.chunk(self.params, state, text, noise, step_noise, ctx_noise)
 
     # ------------------------------------------------------------------ the generator loop
     def stream(self, contexts: Sequence[jnp.ndarray], switch_frames: Sequence[int], num_frames: int, *,

@@ -45,12 +45,14 @@ from jax import lax
 from memflow_jax.config import Config, MemoryConfig, ModelConfig
 from memflow_jax.diffusion import scheduler as sch
 from memflow_jax.memory.attend import LayerMemory, make_attend_fn
-from memflow_jax.memory.cache import CacheSpec, ForwardPlan, KVCache, init_cache
+from memflow_jax.memory.cache import (CacheSpec, ForwardPlan, KVCache, commit, init_cache, record_chunk,
+                                      with_bank)
 from memflow_jax.nn import dit
 from memflow_jax.sampling.streaming import PromptKV, StreamState
 
 NO_SWITCH = 1 << 30  # switch_frame of a sequence without a prompt switch
-ReencodeFn = Callable[[jnp.ndarray], jnp.ndarray]  # latents [B, n, C, h, w] -> first-frame latent [B, 1, C, h, w]
+# (latents [B, n, C, h, w], latent index j) -> VAE re-encoding [B, 1, C, h, w] of latent j's last pixel frame
+ReencodeFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 sg = lax.stop_gradient
 
@@ -158,7 +160,8 @@ def _precision(m: ModelConfig) -> lax.Precision | None:
 
 def _forward(params: dit.Params, rc: RolloutConfig, cache: KVCache, x: jnp.ndarray, t: Any, plan: ForwardPlan,
              text: PromptKV, update_cache: bool, bank: tuple | None = None):
-    """One causal forward over x [B, n, C, h, w] against the memory: (flow, t [B, n], outputs, new slot map)."""
+    """One causal forward over x [B, n, C, h, w] against the memory:
+    (flow, t [B, n], outputs, (new slot map, placement)) — the last two for ``memory.cache.commit``."""
     n = x.shape[1]
     bank_k, bank_v, bank_frame = bank if bank is not None else (cache.bank_k, cache.bank_v, cache.bank_frame)
     attend = make_attend_fn(
@@ -169,33 +172,7 @@ def _forward(params: dit.Params, rc: RolloutConfig, cache: KVCache, x: jnp.ndarr
                          text.k.astype(cache.k.dtype))
     tt = jnp.full((x.shape[0], n), t, jnp.float32)
     flow, outs = dit.chunk_forward(params, rc.model, _to_model(x), tt, plan.start, text.k, text.v, attend, layers)
-    return _to_model(flow), tt, outs, attend.new_slot_frame
-
-
-def _commit(cache: KVCache, outs: dict, new_slot_frame: jnp.ndarray, end: jnp.ndarray) -> KVCache:
-    k, v = outs["kv"]
-    cache = cache.replace(k=k.astype(cache.k.dtype), v=v.astype(cache.v.dtype), slot_frame=new_slot_frame,
-                          end_frame=jnp.maximum(cache.end_frame, end))
-    if "bank" in outs:
-        bk, bv, bf = outs["bank"]
-        cache = cache.replace(bank_k=bk.astype(cache.bank_k.dtype), bank_v=bv.astype(cache.bank_v.dtype),
-                              bank_frame=bf)
-    return cache
-
-
-def _record(rc: RolloutConfig, cache: KVCache, outs: dict, frame: jnp.ndarray) -> KVCache:
-    """Bank bookkeeping after a chunk's context pass (reference: record every ``record_interval`` chunks)."""
-    spec = rc.spec
-    if spec.bank == 0:
-        return cache
-    record = jnp.mod(frame // rc.chunk_frames, spec.record_interval) == 0
-    update_proto = record if rc.memory.bank_record_rule == "interactive" else jnp.array(True)
-    pk, pv = outs["first_frame"]
-    return cache.replace(
-        bank_pointer=cache.bank_pointer + record.astype(jnp.int32),
-        proto_k=jnp.where(update_proto, pk.astype(cache.proto_k.dtype), cache.proto_k),
-        proto_v=jnp.where(update_proto, pv.astype(cache.proto_v.dtype), cache.proto_v),
-        proto_frame=jnp.where(update_proto, frame, cache.proto_frame))
+    return _to_model(flow), tt, outs, (attend.new_slot_frame, attend.placement)
 
 
 def recache(params: dit.Params, rc: RolloutConfig, state: StreamState, text: PromptKV, n: int) -> StreamState:
@@ -214,8 +191,8 @@ def recache(params: dit.Params, rc: RolloutConfig, state: StreamState, text: Pro
         frames = jnp.take(state.history, jnp.mod(start + jnp.arange(n), spec.window), axis=1)
         plan = ForwardPlan(start=start, q_bank=jnp.array(True), recompute=start > 0,
                            zero_text_query=jnp.array(zero))
-        _, _, outs, new_slots = _forward(params, rc, cache, frames, rc.context_noise, plan, text, True)
-        cache = _commit(cache, outs, new_slots, csf)
+        _, _, outs, (new_slots, placement) = _forward(params, rc, cache, frames, rc.context_noise, plan, text, True)
+        cache = commit(cache, outs, new_slots, csf, placement)
     return StreamState(sg(cache), state.history, state.frame, jnp.array(zero))
 
 
@@ -267,7 +244,9 @@ def denoised_timestep_range(rc: RolloutConfig, exit_step: jnp.ndarray) -> tuple[
 def generate_window(params: dit.Params, rc: RolloutConfig, state: StreamState, text: PromptKV,
                     rng: jax.Array, *, num_frames: int, text2: PromptKV | None = None,
                     switch_frame: jnp.ndarray | int = NO_SWITCH, n_recache: int = 0,
-                    grad_from_frame: jnp.ndarray | int = 0) -> tuple[jnp.ndarray, StreamState, dict]:
+                    grad_from_frame: jnp.ndarray | int = 0, skip_chunks: jnp.ndarray | int = 0,
+                    constrain: Callable[[jnp.ndarray, int], jnp.ndarray] | None = None
+                    ) -> tuple[jnp.ndarray, StreamState, dict]:
     """Generate ``num_frames`` (static, whole chunks) frames after ``state.frame`` with backward simulation.
 
     Args:
@@ -276,6 +255,10 @@ def generate_window(params: dit.Params, rc: RolloutConfig, state: StreamState, t
       text / text2: prompt K/V before / from ``switch_frame`` (absolute, chunk-aligned; ``NO_SWITCH``: none).
       n_recache: frames re-encoded at the switch (static; ``min(window, switch_frame)``).
       grad_from_frame: chunks starting before this absolute frame return ``stop_gradient`` outputs.
+      skip_chunks: the first ``skip_chunks`` (dynamic) chunk slots generate nothing (zeros, memory untouched):
+        one compiled window serves every number of new frames.
+      constrain: ``constrain(x, batch_axis)`` pins activations to the batch sharding (e.g.
+        ``with_sharding_constraint``), so the partitioner all-gathers FSDP params instead of resharding activations.
     Returns: (x0 [B, num_frames, C, h, w] float32, new state (detached), aux with ``exit_steps`` [chunks],
       ``denoised_timestep_from`` / ``_to`` (of the first chunk's exit step)).
     """
@@ -293,8 +276,9 @@ def generate_window(params: dit.Params, rc: RolloutConfig, state: StreamState, t
     exit_steps = draw_exit_steps(k_exit, rc, nc)
     params_ng = sg(params)
     state = sg(state)
+    pin = constrain if constrain is not None else (lambda x, axis=0: x)
 
-    def body(state: StreamState, i):
+    def chunk(state: StreamState, i):
         frame = state.frame
         is_switch = (frame >= switch_frame) & (frame - c < switch_frame)
         state = lax.cond(is_switch, lambda s: recache(params_ng, rc, s, text2, n_recache), lambda s: s, state)
@@ -302,6 +286,7 @@ def generate_window(params: dit.Params, rc: RolloutConfig, state: StreamState, t
         text_live = _select_text(second, text, text2)
         text_ng = sg(text_live)
         noise, step_noise, ctx_noise = chunk_noise(k_noise, rc, i)
+        noise, step_noise, ctx_noise = pin(noise, 0), pin(step_noise, 1), pin(ctx_noise, 0)
         exit_step = exit_steps[i]
         cache = state.cache
         bank0 = (cache.bank_k, cache.bank_v, cache.bank_frame)
@@ -319,16 +304,16 @@ def generate_window(params: dit.Params, rc: RolloutConfig, state: StreamState, t
             return x, bank
 
         x, bank = lax.fori_loop(0, exit_step, no_grad_step, (noise, bank0))
-        x, bank = sg(x), sg(bank)
+        x, bank = pin(sg(x), 0), sg(bank)
         # the exit step: live params, the only differentiable forward of the chunk
         plan = ForwardPlan(start=frame, q_bank=exit_step == 0, recompute=jnp.array(False),
                            zero_text_query=state.zero_query_next)
         flow, tt, outs, _ = _forward(params, rc, cache, x, ts[exit_step], plan, text_live, False, bank)
-        x0 = sch.flow_to_x0(schedule, flow, x, tt)
+        x0 = pin(sch.flow_to_x0(schedule, flow, x, tt), 0)
         x0 = jnp.where(frame >= grad_from_frame, x0, sg(x0))
         if "bank" in outs:
             bank = tuple(sg(b).astype(b0.dtype) for b, b0 in zip(outs["bank"], bank0))
-        cache = cache.replace(bank_k=bank[0], bank_v=bank[1], bank_frame=bank[2])
+        cache = with_bank(cache, {"bank": bank} if rc.spec.bank else {})
         # clean-context pass: writes the chunk's K/V (no gradient)
         x_ctx = sg(x0)
         if rc.ctx_noise_always or rc.context_noise > 0:
@@ -336,13 +321,23 @@ def generate_window(params: dit.Params, rc: RolloutConfig, state: StreamState, t
         q_bank = (exit_step == 0) if rc.ctx_qbank_quirk else jnp.array(False)
         plan = ForwardPlan(start=frame, q_bank=q_bank, recompute=jnp.array(False),
                            zero_text_query=jnp.array(False))
-        _, _, outs, new_slots = _forward(params_ng, rc, cache, x_ctx, rc.context_noise, plan, text_ng, True)
-        cache = _commit(cache, outs, new_slots, frame + c)
-        cache = _record(rc, cache, outs, frame)
+        _, _, outs, (new_slots, placement) = _forward(params_ng, rc, cache, x_ctx, rc.context_noise, plan, text_ng,
+                                                      True)
+        cache = commit(cache, outs, new_slots, frame + c, placement)
+        cache = record_chunk(cache, outs, frame, rc.spec, rc.memory.bank_record_rule)
         slots = jnp.mod(frame + jnp.arange(c), rc.spec.window)
         history = state.history.at[:, slots].set(sg(x0).astype(state.history.dtype))
         new_state = StreamState(sg(cache), history, frame + c, jnp.array(False))
         return new_state, x0
+
+    never_skip = isinstance(skip_chunks, int) and skip_chunks == 0
+    skip_chunks = jnp.asarray(skip_chunks, jnp.int32)
+
+    def body(state: StreamState, i):
+        if never_skip:
+            return chunk(state, i)
+        return lax.cond(i >= skip_chunks, chunk,
+                        lambda st, _: (st, jnp.zeros((rc.batch, c) + tuple(rc.latent_shape), jnp.float32)), state, i)
 
     state, x0s = lax.scan(body, state, jnp.arange(nc))  # x0s [nc, B, c, C, h, w]
     x = jnp.moveaxis(x0s, 0, 1).reshape((rc.batch, num_frames) + tuple(rc.latent_shape))
@@ -360,7 +355,8 @@ def _contexts(contexts: Any) -> list[jnp.ndarray]:
 
 def rollout(params: dit.Params, rc: RolloutConfig, rng: jax.Array, contexts: jnp.ndarray | Sequence[jnp.ndarray],
             *, num_frames: int, switch_frame: int | None = None, state: StreamState | None = None,
-            grad_from_frame: int = 0) -> tuple[jnp.ndarray, jnp.ndarray, dict]:
+            grad_from_frame: int = 0, constrain: Callable[[jnp.ndarray, int], jnp.ndarray] | None = None
+            ) -> tuple[jnp.ndarray, jnp.ndarray, dict]:
     """Backward simulation of ``num_frames`` frames from a fresh (or given) memory state.
 
     Args:
@@ -381,7 +377,7 @@ def rollout(params: dit.Params, rc: RolloutConfig, rng: jax.Array, contexts: jnp
     sw = NO_SWITCH if switch_frame is None else int(switch_frame)
     n_re = 0 if switch_frame is None else min(rc.spec.window, int(switch_frame))
     x, state, aux = generate_window(params, rc, state, t1, rng, num_frames=num_frames, text2=t2, switch_frame=sw,
-                                    n_recache=n_re, grad_from_frame=grad_from_frame)
+                                    n_recache=n_re, grad_from_frame=grad_from_frame, constrain=constrain)
     frames = state.frame - num_frames + jnp.arange(num_frames)
     mask = jnp.broadcast_to((frames >= grad_from_frame)[None, :, None, None, None], (rc.batch, num_frames, 1, 1, 1))
     aux["state"] = state
@@ -421,44 +417,52 @@ def abstract_stream(rc: RolloutConfig, window: int, cond_dtype: Any = jnp.float3
 
 
 def streaming_window(params: dit.Params, rc: RolloutConfig, carry: StreamCarry, rng: jax.Array, *,
-                     window: int, n_new: int, has_prev: bool, n_recache: int,
-                     reencode_fn: ReencodeFn | None = None) -> tuple[jnp.ndarray, jnp.ndarray, StreamCarry, dict]:
+                     window: int, n_new: jnp.ndarray | int, has_prev: jnp.ndarray | bool, n_recache: int,
+                     reencode_fn: ReencodeFn | None = None,
+                     constrain: Callable[[jnp.ndarray, int], jnp.ndarray] | None = None
+                     ) -> tuple[jnp.ndarray, jnp.ndarray, StreamCarry, dict]:
     """Extend the sequence by ``n_new`` frames and return the ``window``-frame training window
     (reference ``StreamingTrainingModel.generate_next_chunk``).
 
-    First window (``has_prev=False``): ``n_new == window`` new frames, all in the loss. Later windows:
+    First window (``has_prev`` False): ``n_new == window`` new frames, all in the loss. Later windows:
     ``[re-encoded first frame | window - n_new - 1 previous frames | n_new new frames]``, the mask selecting the
     new frames; without ``reencode_fn`` the first frame is the plain previous latent.
-    ``n_new`` / ``window`` / ``has_prev`` / ``n_recache`` are static.
+    ``window`` / ``n_recache`` are static; ``n_new`` (a multiple of the chunk size, ``<= window``) and
+    ``has_prev`` may be traced: the window's chunk slots before the new frames are skipped.
+    ``reencode_fn(latents [B, window, C, h, w], j)`` must return the VAE re-encoding of the last pixel frame of
+    latent ``j`` decoded after latents ``0..j`` (``[B, 1, C, h, w]``).
 
     Returns: (window latents [B, window, C, h, w], mask [B, window, 1, 1, 1] bool, new carry, aux with
       ``use_second`` (the loss uses the second prompt: the switch frame lies before the window's end),
       ``start_frame``, ``exit_steps``, ``denoised_timestep_from`` / ``_to``).
     """
-    if not has_prev and n_new != window:
-        raise ValueError(f"the first window generates window={window} frames, got n_new={n_new}")
-    if n_new > window:
-        raise ValueError(f"n_new={n_new} > window={window}")
+    c = rc.chunk_frames
+    if window % c:
+        raise ValueError(f"window={window} is not a multiple of the chunk size {c}")
+    n_new = jnp.asarray(n_new, jnp.int32)
+    has_prev = jnp.asarray(has_prev, bool)
     start = carry.state.frame
     t1 = prompt_kv(params, rc, carry.cond)
     t2 = prompt_kv(params, rc, carry.cond2)
     sw = carry.switch_frame
     in_window = (sw >= start) & (sw < start + n_new)
     grad_from = jnp.where(in_window, sw, start)  # reference: start_gradient_frame_index = switch index
-    x_new, state, aux = generate_window(params, rc, carry.state, t1, rng, num_frames=n_new, text2=t2,
-                                        switch_frame=sw, n_recache=n_recache, grad_from_frame=grad_from)
-    if has_prev:
-        full = jnp.concatenate([sg(carry.prev), x_new], axis=1)  # [B, window + n_new, ...]
-        save = sg(full[:, -window:])
-        if reencode_fn is not None and window > 1:
-            first = reencode_fn(sg(full[:, :-(window - 1)]))  # [B, 1, C, h, w]
-            win = jnp.concatenate([first.astype(full.dtype), full[:, -(window - 1):]], axis=1)
-        else:
-            win = full[:, -window:]
-        overlap = window - n_new
-    else:
-        win, save, overlap = x_new, sg(x_new), 0
-    mask = jnp.broadcast_to((jnp.arange(window) >= overlap)[None, :, None, None, None], (rc.batch, window, 1, 1, 1))
+    overlap = window - n_new
+    x_slots, state, aux = generate_window(params, rc, carry.state, t1, rng, num_frames=window, text2=t2,
+                                          switch_frame=sw, n_recache=n_recache, grad_from_frame=grad_from,
+                                          skip_chunks=overlap // c, constrain=constrain)
+    pos = jnp.arange(window)
+    prev = sg(carry.prev)
+    # window position p < overlap holds previous frame n_new + p (the last `overlap` frames of the last window)
+    prev_part = jnp.take(prev, jnp.clip(n_new + pos, 0, window - 1), axis=1)
+    is_prev = (pos < overlap)[None, :, None, None, None]
+    win = jnp.where(is_prev, prev_part, x_slots)
+    save = sg(win)  # reference frames_to_save: the last `window` frames, before the first-frame re-encode
+    if reencode_fn is not None:
+        first = lax.cond(has_prev, lambda p: reencode_fn(p, n_new).astype(p.dtype),
+                         lambda p: jnp.zeros_like(p[:, :1]), prev)
+        win = jnp.where((has_prev & (pos == 0))[None, :, None, None, None], first, win)
+    mask = jnp.broadcast_to((pos >= overlap)[None, :, None, None, None], (rc.batch, window, 1, 1, 1))
     new_carry = carry.replace(state=state, prev=save)
     aux.update(use_second=sw < start + n_new, start_frame=start)
     return win, mask, new_carry, aux
@@ -482,12 +486,17 @@ class StreamHost:
 
 def new_frame_choices(host: StreamHost, window: int, min_new_frame: int, chunk: int) -> list[int]:
     """Candidate frame counts of the next window (reference ``possible_new_frames``); the first window always
-    generates ``window`` frames. An empty range (``min_new_frame`` >= ``window``) falls back to ``window``
-    (the reference would crash)."""
+    generates ``window`` frames."""
+    if min_new_frame >= window:
+        raise ValueError(f"train.streaming_min_new_frame={min_new_frame} must be < train.streaming_chunk_size="
+                         f"{window} (later windows overlap the previous one; the reference crashes here)")
+    if min_new_frame % chunk or window % chunk:
+        raise ValueError(f"train.streaming_min_new_frame={min_new_frame} and streaming_chunk_size={window} must be "
+                         f"multiples of sampler.chunk_frames={chunk}")
     if host.length == 0:
         return [window]
     hi = min(host.max_length - host.length + 1, window)
-    return list(range(min_new_frame, hi, chunk)) or [window]
+    return list(range(min_new_frame, hi, chunk))
 
 
 def choose_switch_frame(train: Any, max_length: int, chunk: int, rng: np.random.Generator) -> int:

@@ -116,10 +116,6 @@ class TrainState:
     opt_state: Any
 
 
-def _tree_shardings_like(tree: Any, sharding: Any) -> Any:
-    return jax.tree_util.tree_map(lambda _: sharding, tree)
-
-
 def stream_shardings(carry: Any, mesh: jax.sharding.Mesh) -> Any:
     """Shardings of a :class:`rollout.StreamCarry`: batch axis over the data-parallel mesh axes."""
     bspec = sh.batch_sharding(mesh).spec[0]
@@ -276,6 +272,17 @@ def load_dit_host(path: str, mcfg: ModelConfig, what: str) -> Params:
     raise ValueError(f"{what}: {path}: unsupported checkpoint (Wan folder, converted folder, .pt/.pth, .safetensors)")
 
 
+def synthetic_init(mcfg: ModelConfig, key: jax.Array) -> Params:
+    """Random init for synthetic runs: Wan init, but a small random head (Wan zero-inits it, which would make
+    every random score net predict exactly zero flow)."""
+    k_init, k_head = jax.random.split(key)
+    p = dit.init_params(mcfg, k_init)
+    kernel = p["head"]["head"]["kernel"]
+    head = dict(p["head"], head=dict(p["head"]["head"], kernel=0.02 * jax.random.normal(k_head, kernel.shape,
+                                                                                      kernel.dtype)))
+    return dict(p, head=head)
+
+
 # --------------------------------------------------------------------------------------------------
 # Model call helpers
 # --------------------------------------------------------------------------------------------------
@@ -316,22 +323,31 @@ def block_causal_forward(params: Params, mcfg: ModelConfig, x: jnp.ndarray, t: j
 
 
 def make_reencode_fn(vae_params: Params, vae_cfg: Any) -> ro.ReencodeFn:
-    """Reference ``_process_first_frame_encoding``: decode latents, re-encode the last pixel frame as an image
-    latent. latents [B, n, C, h, w] -> [B, 1, C, h, w]."""
+    """Reference ``_process_first_frame_encoding``: decode latents ``0..j``, re-encode the last pixel frame as an
+    image latent. ``fn(latents [B, n, C, h, w], j) -> [B, 1, C, h, w]``; ``j`` may be traced: the causal decoder
+    runs over all ``n`` latents (later latents do not change earlier pixels) and pixel frame ``stride·j`` (the
+    last of latent ``j``) is picked."""
     from memflow_jax.nn import vae as vae_lib
 
-    def fn(latents):
+    stride = 2 ** sum(bool(x) for x in vae_cfg.temporal_downsample)
+
+    def fn(latents, j):
         b, _, _, h, w = latents.shape
         pix, _ = vae_lib.decode_chunk(vae_params, vae_cfg, latents.astype(jnp.float32),
                                       vae_lib.init_decode_cache(vae_cfg, b, h, w), clamp=True)  # [B, F, 3, H, W]
-        last = jnp.transpose(pix[:, -1:], (0, 2, 1, 3, 4))  # [B, 3, 1, H, W]
-        return vae_lib.encode(vae_params, vae_cfg, last)  # [B, 1, z, h, w]
+        frame = jax.lax.dynamic_index_in_dim(pix, stride * jnp.asarray(j, jnp.int32), axis=1, keepdims=True)
+        return vae_lib.encode(vae_params, vae_cfg, jnp.transpose(frame, (0, 2, 1, 3, 4)))  # [B, 1, z, h, w]
     return fn
 
 
 # --------------------------------------------------------------------------------------------------
 # The trainer
 # --------------------------------------------------------------------------------------------------
+
+
+def _global_norm(tree: Any) -> jnp.ndarray:
+    tree_mod = getattr(optax, "tree", None)
+    return tree_mod.norm(tree) if tree_mod is not None and hasattr(tree_mod, "norm") else optax.global_norm(tree)
 
 
 def _to_py(x: Any) -> Any:
@@ -377,13 +393,18 @@ class Trainer:
         self.score_schedule = sch.make_schedule(self.run_cfg.score_timestep_shift,
                                                 num_train_timesteps=s.num_train_timesteps)
         self.step = 0
-        self.base_key = jax.random.key(t.seed)
+        self.base_key = jax.device_put(jax.random.key(t.seed), self.rep)  # replicated on every process
         self._jitted: dict[Any, Callable] = {}
         self.stream_host = ro.StreamHost()
         self.carry = None
         self._writer = None
         self._metrics_file = None
 
+        if self.recipe == "dmd_long":
+            if not t.streaming_training:
+                raise ConfigError("train.recipe=dmd_long trains in streaming windows: set train.streaming_training="
+                                  "true (or use train.recipe=dmd)")
+            ro.new_frame_choices(ro.StreamHost(), t.streaming_chunk_size, t.streaming_min_new_frame, self.chunk)
         self.rc: ro.RolloutConfig | None = None
         if self.recipe in ("dmd", "dmd_long"):
             rule = "interactive" if self.recipe == "dmd_long" else "single"
@@ -404,7 +425,7 @@ class Trainer:
         abstract = dit.abstract_params(mcfg)
         shardings = sh.param_shardings(abstract, self.mesh)
         if host is None:
-            return jax.jit(lambda k: dit.init_params(mcfg, k), out_shardings=shardings)(key)
+            return jax.jit(lambda k: synthetic_init(mcfg, k), out_shardings=shardings)(key)
         host = jax.tree_util.tree_map(lambda x, a: np.asarray(x, a.dtype), host, abstract)
         return sh.shard_params(host, shardings)
 
@@ -647,15 +668,16 @@ class Trainer:
                 ) -> tuple[jnp.ndarray, jnp.ndarray | None, Any, dict, jnp.ndarray]:
         """Generate the training clip of one step: (x, mask, new carry, aux, cond)."""
         if self.recipe == "dmd_long":
-            n_new, has_prev, n_recache = variant
+            (n_recache,) = variant
+            n_new, has_prev = batch_or_none["n_new"], batch_or_none["has_prev"]
             win, mask, carry, aux = ro.streaming_window(
                 gen_params, self.rc, carry, rng, window=self.train_cfg.streaming_chunk_size, n_new=n_new,
-                has_prev=has_prev, n_recache=n_recache, reencode_fn=self.reencode_fn)
+                has_prev=has_prev, n_recache=n_recache, reencode_fn=self.reencode_fn, constrain=self._pin)
             cond = jnp.where(aux["use_second"], carry.cond2, carry.cond)
             return win, mask, carry, aux, cond
         (num_frames,) = variant
         cond = batch_or_none["prompt_embeds"]
-        x, _, aux = ro.rollout(gen_params, self.rc, rng, cond, num_frames=num_frames)
+        x, _, aux = ro.rollout(gen_params, self.rc, rng, cond, num_frames=num_frames, constrain=self._pin)
         x, mask = self._slice_last(x, num_frames)
         return x, mask, carry, aux, cond
 
@@ -666,7 +688,8 @@ class Trainer:
         keep = t.slice_last_frames
         if keep != -1 and num_frames > keep:
             if self.reencode_fn is not None and keep > 1:
-                first = self.reencode_fn(sg(x[:, :-(keep - 1)]))
+                head = sg(x[:, :-(keep - 1)])
+                first = self.reencode_fn(head, head.shape[1] - 1)
                 x = jnp.concatenate([first.astype(x.dtype), x[:, -(keep - 1):]], axis=1)
             else:
                 x = x[:, -keep:]
@@ -694,7 +717,8 @@ class Trainer:
                 x, mask, new_carry, aux, cond = self._window(params, carry, batch, k_roll, variant)
                 raw, noise = self._dmd_draws(k_loss, x, aux)
                 loss, laux = losses.dmd_generator_loss(
-                    x, real_score_fn=score_fn(teacher_ng, teacher_cfg), fake_score_fn=score_fn(critic_eff, critic_cfg),
+                    x, real_score_fn=self._score(teacher_ng, teacher_cfg),
+                    fake_score_fn=self._score(critic_eff, critic_cfg),
                     cond=cond, uncond=uncond, schedule=self.gen_schedule, real_score_schedule=self.score_schedule,
                     raw_timestep=raw, noise=noise, guidance_scale=t.guidance_scale,
                     fake_guidance_scale=t.fake_guidance_scale, timestep_shift=self.rc.timestep_shift,
@@ -706,14 +730,14 @@ class Trainer:
             params = optax.apply_updates(gen.params, updates)
             if ema is not None:
                 ema = optim.ema_update(ema, params, loop_step + 1, t.ema_weight, t.ema_start_step)
-            metrics = {"generator_loss": loss, "generator_grad_norm": optax.global_norm(grads),
+            metrics = {"generator_loss": loss, "generator_grad_norm": _global_norm(grads),
                        "dmdtrain_gradient_norm": dmd_norm, "exit_step": aux["exit_steps"][0].astype(jnp.float32)}
             return TrainState(params, opt_state), ema, new_carry, metrics
 
         ema_sh = self.gen_sh.params if self.ema is not None else None
         base_sh = self._sh(self.gen_base)
         carry_sh = self._carry_sh() if stream else None
-        batch_sh = None if stream else {"prompt_embeds": self.bsh}
+        batch_sh = {"n_new": self.rep, "has_prev": self.rep} if stream else {"prompt_embeds": self.bsh}
         in_sh = (self.gen_sh, ema_sh, base_sh, self.critic_sh.params, self._sh(self.critic_base),
                  self._sh(self.teacher), carry_sh, batch_sh, self.bsh, self.rep, self.rep)
         out_sh = (self.gen_sh, ema_sh, carry_sh, self.rep)
@@ -740,7 +764,7 @@ class Trainer:
                 cp = lora_lib.merge_lora_params(sg(critic_base), trainable, self.lora_scale) \
                     if critic_base is not None else trainable
                 loss, _ = losses.critic_loss(
-                    x, fake_score_fn=score_fn(cp, critic_cfg), ctx=cond, schedule=self.gen_schedule,
+                    x, fake_score_fn=self._score(cp, critic_cfg), ctx=cond, schedule=self.gen_schedule,
                     fake_score_schedule=self.score_schedule, raw_timestep=raw, noise=noise,
                     timestep_shift=self.rc.timestep_shift, min_step=t.min_step, max_step=t.max_step, mask=mask,
                     critic_reconvert_quirk=r.critic_reconvert_quirk)
@@ -749,11 +773,11 @@ class Trainer:
             loss, grads = jax.value_and_grad(loss_fn)(critic.params)
             updates, opt_state = self.critic_opt.update(grads, critic.opt_state, critic.params)
             params = optax.apply_updates(critic.params, updates)
-            metrics = {"critic_loss": loss, "critic_grad_norm": optax.global_norm(grads)}
+            metrics = {"critic_loss": loss, "critic_grad_norm": _global_norm(grads)}
             return TrainState(params, opt_state), new_carry, metrics
 
         carry_sh = self._carry_sh() if stream else None
-        batch_sh = None if stream else {"prompt_embeds": self.bsh}
+        batch_sh = {"n_new": self.rep, "has_prev": self.rep} if stream else {"prompt_embeds": self.bsh}
         in_sh = (self.critic_sh, self._sh(self.critic_base), self.gen_sh.params, self._sh(self.gen_base), carry_sh,
                  batch_sh, self.rep)
         out_sh = (self.critic_sh, carry_sh, self.rep)
@@ -768,7 +792,7 @@ class Trainer:
                 params = lora_lib.merge_lora_params(sg(gen_base), trainable, self.lora_scale) \
                     if gen_base is not None else trainable
                 loss, _ = losses.flow_matching_loss(
-                    batch["latents"], pred_fn=score_fn(params, mcfg), schedule=self.score_schedule,
+                    batch["latents"], pred_fn=self._score(params, mcfg), schedule=self.score_schedule,
                     ctx=batch["prompt_embeds"], rng=rng, use_training_weight=r.teacher_training_weight)
                 return loss
 
@@ -812,7 +836,7 @@ class Trainer:
         params = optax.apply_updates(gen.params, updates)
         if ema is not None:
             ema = optim.ema_update(ema, params, loop_step + 1, t.ema_weight, t.ema_start_step)
-        metrics = dict(metrics, generator_grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, generator_grad_norm=_global_norm(grads))
         return TrainState(params, opt_state), ema, metrics
 
     def _simple_jit(self, step: Callable, batch_sh: dict) -> Callable:
@@ -820,6 +844,16 @@ class Trainer:
         in_sh = (self.gen_sh, ema_sh, self._sh(self.gen_base), batch_sh, self.rep, self.rep)
         out_sh = (self.gen_sh, ema_sh, self.rep)
         return jax.jit(step, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(0, 1))
+
+    def _pin(self, x: jnp.ndarray, batch_axis: int = 0) -> jnp.ndarray:
+        """Constrain an activation to the batch sharding (batch dim ``batch_axis``) inside a jitted step."""
+        spec = [None] * x.ndim
+        spec[batch_axis] = self.bsh.spec[0]
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(*spec)))
+
+    def _score(self, params: Params, mcfg: ModelConfig) -> losses.ScoreFn:
+        f = score_fn(params, mcfg)
+        return lambda xt, t, ctx: self._pin(f(self._pin(xt), t, ctx))
 
     def _sh(self, tree: Any) -> Any:
         return None if tree is None else jax.tree_util.tree_map(lambda x: x.sharding, tree)
@@ -837,7 +871,7 @@ class Trainer:
         window = t.streaming_chunk_size
         make = self._jit("start", lambda: jax.jit(
             lambda c1, c2, s: ro.start_stream(self.rc, window, c1, c2, s), out_shardings=self._carry_sh()))
-        self.carry = make(batch["prompt_embeds"], batch["switch_prompt_embeds"], jnp.asarray(sw, jnp.int32))
+        self.carry = make(batch["prompt_embeds"], batch["switch_prompt_embeds"], np.int32(sw))
         self.stream_host = ro.StreamHost(active=True, length=0, max_length=max_len, switch_frame=sw)
 
     def _stream_variant(self, hrng: np.random.Generator) -> tuple:
@@ -848,28 +882,29 @@ class Trainer:
         choices = ro.new_frame_choices(h, t.streaming_chunk_size, t.streaming_min_new_frame, self.chunk)
         n_new = choices[int(hrng.integers(len(choices)))] if len(choices) > 1 else choices[0]
         n_re = 0 if h.switch_frame == ro.NO_SWITCH else min(self.rc.spec.window, h.switch_frame)
-        return n_new, h.length > 0, n_re
+        dyn = {"n_new": np.int32(n_new), "has_prev": np.bool_(h.length > 0)}  # host values: multi-host safe
+        return (n_re,), dyn, n_new
 
     def _stream_window(self, hrng: np.random.Generator, rng: jax.Array, train_gen: bool, loop: jax.Array):
         """One generator or critic streaming step (reference fwdbwd_one_step_streaming)."""
         if not self.train_cfg.train_first_chunk:
-            variant = self._stream_variant(hrng)
+            variant, dyn, n_new = self._stream_variant(hrng)
             if self.stream_host.length == 0:  # roll the first window without training on it
                 fn = self._jit(("advance",) + variant, lambda: self._critic_step_fn(variant, train_critic=False))
                 self.critic, self.carry, _ = fn(self.critic, self.critic_base, self.gen.params, self.gen_base,
-                                                self.carry, None, jax.random.fold_in(rng, 7))
-                self.stream_host.length += variant[0]
-        variant = self._stream_variant(hrng)
+                                                self.carry, dyn, jax.random.fold_in(rng, 7))
+                self.stream_host.length += n_new
+        variant, dyn, n_new = self._stream_variant(hrng)
         if train_gen:
             fn = self._jit(("gen",) + variant, lambda: self._gen_step_fn(variant))
             self.gen, self.ema, self.carry, m = fn(self.gen, self.ema, self.gen_base, self.critic.params,
-                                                   self.critic_base, self.teacher, self.carry, None, self.uncond, rng,
+                                                   self.critic_base, self.teacher, self.carry, dyn, self.uncond, rng,
                                                    loop)
         else:
             fn = self._jit(("critic",) + variant, lambda: self._critic_step_fn(variant))
             self.critic, self.carry, m = fn(self.critic, self.critic_base, self.gen.params, self.gen_base,
-                                            self.carry, None, rng)
-        self.stream_host.length += variant[0]
+                                            self.carry, dyn, rng)
+        self.stream_host.length += n_new
         return m
 
     # ------------------------------------------------------------------ one step
@@ -878,7 +913,7 @@ class Trainer:
         t = self.train_cfg
         step = self.step
         rng = jax.random.fold_in(self.base_key, step)
-        loop = jnp.asarray(step, jnp.int32)
+        loop = np.int32(step)
         metrics: dict[str, Any] = {}
         if self.recipe == "teacher":
             fn = self._jit("teacher", self._teacher_step_fn)
@@ -957,7 +992,7 @@ class Trainer:
         try:
             while self.step < end:
                 t0 = time.perf_counter()
-                metrics = self.train_step()
+                metrics = jax.device_get(self.train_step())
                 host = self._log_metrics(metrics, time.perf_counter() - t0)
                 history.append({"step": self.step, **host})
                 bad = [k for k, v in host.items() if isinstance(v, float) and not math.isfinite(v)]

@@ -85,8 +85,10 @@ def _params(meta: dict, cfg: VAEConfig):
 
 
 def _atol(meta: dict, quantity: str, fallback: str = "pixel") -> float:
-    m = meta["tolerance_measurements"]["f32_vs_f64"]
-    q = m.get(quantity, m[fallback])
+    m = meta.get("tolerance_measurements", {}).get("f32_vs_f64", {})
+    q = m.get(quantity, m.get(fallback))
+    if q is None:  # no measurement recorded: the fixture README's suggested float32 tolerance
+        return 5e-5
     return 10.0 * q["max_abs"] + 16.0 * EPS32 * q["ref_max_abs"]
 
 

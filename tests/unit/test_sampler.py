@@ -43,15 +43,18 @@ def test_long_run_static_shapes_one_trace(params):
     n_chunks = 200
     first = None
     x0_last = None
+    traces_before = s.trace_count
     for ci, x0, _ in s.stream(_contexts(2), [300], n_chunks * 3, rng=jax.random.PRNGKey(1)):
         shapes = _shapes(s.current_state)
         if first is None:
             first = shapes
+            traces_after_first = s.trace_count
         assert shapes == first, f"cache shapes changed at chunk {ci}"
         if ci % 50 == 0 or ci == n_chunks - 1:
             assert bool(jnp.all(jnp.isfinite(x0))), f"NaN at chunk {ci}"
         x0_last = x0
-    assert s.trace_count == 1, f"chunk step traced {s.trace_count} times"
+    assert traces_after_first - traces_before <= 1
+    assert s.trace_count == traces_after_first, "the chunk step was re-traced after the first chunk"
     st = s.current_state
     assert int(st.frame) == 600 and int(st.cache.end_frame) == 600
     assert int(jnp.max(st.cache.slot_frame)) == 599  # absolute positions keep advancing (no frame-table cap)

@@ -95,9 +95,8 @@ def test_scan_decode_chunk_jit_donated(params, latents, full) -> None:
         assert all(x.is_deleted() for x in jax.tree_util.tree_leaves(old)), "cache was not donated"
         assert _shapes(cache) == shapes0
         outs.append(np.asarray(pix))
+    # same step function as decode_chunk_jit, run under lax.scan instead of from Python: equal up to f32 rounding
     np.testing.assert_allclose(np.concatenate(outs, axis=1), np.asarray(full), rtol=0, atol=1e-5)
-    pix, _ = f(params, CFG, latents[:, :1], vae.init_decode_cache(CFG, B, H_LAT, W_LAT), clamp=True)
-    assert float(jnp.abs(pix).max()) <= 1.0
 
 
 def test_cache_dtype_and_shapes() -> None:
@@ -185,7 +184,7 @@ def test_key_mapping_covers_recorded_state_dict() -> None:
     assert set(meta["shapes"]) == set(meta["state_dict_keys"])
 
 
-def _check_mapping(torch_shapes: dict, ours: dict, cfg: VAEConfig) -> None:
+def _check_mapping(torch_shapes: dict, ours: dict, cfg: VAEConfig, convert: bool = True) -> None:
     """torch key -> (our key, stack index): shapes agree (channels-last, layer axis in front for stacks) and
     every one of our params (and every layer of a stack) is hit exactly once."""
     hits: dict = {}
@@ -197,7 +196,7 @@ def _check_mapping(torch_shapes: dict, ours: dict, cfg: VAEConfig) -> None:
         want = (o,) if len(shape) == 1 or key.endswith(".gamma") else (*kernel, i, o)
         got = tuple(ours[k].shape) if pos is None else tuple(ours[k].shape[1:])
         assert got == want, f"{key} {tuple(shape)} -> {k}[{pos}] has shape {got}, want {want}"
-        if len(shape) <= 5:  # the converter's transposition agrees with the stated layout (small tensors only)
+        if convert:  # the converter's transposition agrees with the stated layout
             assert convert_tensor(key, np.zeros(shape, np.float32)).shape == want
         hits.setdefault(k, []).append(pos)
     assert set(hits) == set(ours), f"params never loaded: {sorted(set(ours) - set(hits))}"
@@ -298,7 +297,7 @@ def test_real_config_param_count() -> None:
     cfg = _cfg_from(meta["real_config"], meta)
     assert cfg == VAEConfig(latent_mean=cfg.latent_mean, latent_std=cfg.latent_std)  # defaults = real config
     abstract = vae.abstract_params(cfg)
-    _check_mapping(real, flatten(abstract), cfg)
+    _check_mapping(real, flatten(abstract), cfg, convert=False)
     n_torch = sum(int(np.prod(s)) for s in real.values())
     n_ours = vae.param_count(abstract)
     print(f"Wan2.1 VAE (real config): {len(real)} tensors, {n_ours:,} parameters (torch oracle {n_torch:,})")

@@ -1,0 +1,55 @@
+"""Config loading: YAML sections, key=value overrides, clear errors."""
+from __future__ import annotations
+
+import pytest
+
+from memflow_jax import config as config_lib
+from memflow_jax.config import ConfigError
+
+
+def test_shipped_configs_load():
+    for name in ("wan_1_3b", "wan_14b_teacher", "tiny"):
+        cfg = config_lib.load(f"configs/{name}.yaml")
+        assert cfg.model.dim % cfg.model.num_heads == 0
+    cfg = config_lib.load("configs/wan_1_3b.yaml")
+    assert (cfg.model.dim, cfg.model.ffn_dim, cfg.model.num_heads, cfg.model.num_layers) == (1536, 8960, 12, 30)
+    assert cfg.sampler.latent_hw == (60, 104)
+    t = config_lib.load("configs/wan_14b_teacher.yaml").model
+    assert (t.dim, t.ffn_dim, t.num_heads, t.num_layers) == (5120, 13824, 40, 40)
+
+
+def test_overrides_and_types():
+    cfg = config_lib.load("configs/tiny.yaml", ["memory.sma=false", "model.num_layers=3", "sampler.context_noise=1e-5",
+                                                "sampler.denoising_step_list=[1000,500]"])
+    assert cfg.memory.sma is False and cfg.model.num_layers == 3
+    assert cfg.sampler.context_noise == 1e-5 and cfg.sampler.denoising_step_list == (1000, 500)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("model.dimm=3", "unknown config key 'model.dimm'"),
+    ("modle.dim=3", "unknown config section"),
+    ("model.dim=abc", "expects an integer"),
+    ("memory.mode=bogus", "memory.mode"),
+    ("memory.sma=maybe", "true/false"),
+    ("dim=3", "section.key"),
+    ("model.dim", "section.key=value"),
+])
+def test_bad_overrides_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        config_lib.load("configs/tiny.yaml", [override])
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  dim: 32\n  num_head: 2\n")
+    with pytest.raises(ConfigError, match="model.num_head"):
+        config_lib.load(str(p))
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        config_lib.load(str(p))
+
+
+def test_roundtrip_json():
+    cfg = config_lib.load("configs/tiny.yaml")
+    again = config_lib.from_dict(cfg.to_dict())
+    assert again.to_dict() == cfg.to_dict()

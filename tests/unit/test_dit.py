@@ -1,0 +1,131 @@
+"""Wan DiT unit tests: shapes, parameter counts, causal == bidirectional where they must agree, RoPE accuracy."""
+from __future__ import annotations
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memflow_jax import config as config_lib
+from memflow_jax.config import ModelConfig
+from memflow_jax.nn import attention as attn_lib
+from memflow_jax.nn import dit
+from memflow_jax.nn.rope import apply_rope, precise_cos_sin, rope_tables, sinusoidal_embedding
+
+TINY = ModelConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, freq_dim=32, text_len=8, text_dim=12,
+                   in_dim=4, out_dim=4)
+
+
+def _count_formula(c: ModelConfig) -> int:
+    """Parameter count of the torch WanModel modules (Linear: in*out + out; norms as stated)."""
+    lin = lambda i, o: i * o + o  # noqa: E731
+    p = math.prod(c.patch_size)
+    block = (2 * (4 * lin(c.dim, c.dim) + 2 * c.dim)  # self + cross attention (q,k,v,o + norm_q/k)
+             + 2 * c.dim  # norm3 (affine)
+             + lin(c.dim, c.ffn_dim) + lin(c.ffn_dim, c.dim) + 6 * c.dim)  # ffn + modulation
+    outer = (lin(c.in_dim * p, c.dim) + lin(c.text_dim, c.dim) + lin(c.dim, c.dim) + lin(c.freq_dim, c.dim)
+             + lin(c.dim, c.dim) + lin(c.dim, 6 * c.dim) + lin(c.dim, c.out_dim * p) + 2 * c.dim)
+    return c.num_layers * block + outer
+
+
+@pytest.mark.parametrize("yaml", ["configs/wan_1_3b.yaml", "configs/wan_14b_teacher.yaml", "configs/tiny.yaml"])
+def test_param_count_full_size(yaml):
+    cfg = config_lib.load(yaml).model
+    n = dit.count_params(dit.abstract_params(cfg))
+    print(f"{yaml}: {n:,} parameters")
+    assert n == _count_formula(cfg)
+    if "1_3b" in yaml:
+        assert abs(n - 1.3e9) < 0.15e9  # "1.3B"
+    if "14b" in yaml:
+        assert abs(n - 14e9) < 0.5e9
+
+
+def test_stacked_block_params_and_shapes():
+    p = dit.init_params(TINY, jax.random.PRNGKey(0))
+    chex.assert_shape(p["blocks"]["self_attn"]["q"]["kernel"], (2, 32, 32))
+    chex.assert_shape(p["blocks"]["modulation"], (2, 6, 32))
+    chex.assert_shape(p["patch_embedding"]["kernel"], (4 * 4, 32))
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 3, 6, 8))
+    ctx = jax.random.normal(jax.random.PRNGKey(2), (2, 8, 12))
+    out = dit.forward(p, TINY, x, jnp.array([999.0, 10.5]), ctx)
+    chex.assert_shape(out, x.shape)
+    chex.assert_tree_all_finite(out)
+    with pytest.raises(ValueError, match="text_dim"):
+        dit.forward(p, TINY, x, jnp.array([1.0, 2.0]), ctx[..., :5])
+    with pytest.raises(ValueError, match="divisible"):
+        dit.forward(p, TINY, x[..., :5], jnp.array([1.0, 2.0]), ctx)
+
+
+def test_causal_chunk_with_full_attention_equals_bidirectional():
+    """chunk_forward at f0=0 with plain self-attention over the chunk is the bidirectional forward."""
+    p = dit.init_params(TINY, jax.random.PRNGKey(0))
+    p = jax.tree_util.tree_map(lambda a: a + 0.01 * jax.random.normal(jax.random.PRNGKey(3), a.shape), p)
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, 4, 3, 4, 4))
+    ctx = jax.random.normal(jax.random.PRNGKey(2), (1, 8, 12))
+    t = jnp.array([[500.0, 400.0, 300.0]])
+    ref = dit.forward(p, TINY, x, t, ctx)
+    tk, tv = dit.text_kv(p, TINY, ctx)
+    got, _ = dit.chunk_forward(p, TINY, x, t, jnp.array(0), tk, tv,
+                               lambda q, k, v, _: (attn_lib.attention(q, k, v, impl="xla"), None))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_remat_policies_match():
+    p = dit.init_params(TINY, jax.random.PRNGKey(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, 4, 1, 4, 4))
+    ctx = jnp.ones((1, 8, 12))
+
+    def loss(params, cfg):
+        return jnp.sum(dit.forward(params, cfg, x, jnp.array([3.0]), ctx) ** 2)
+
+    g0 = jax.grad(loss)(p, TINY)
+    for remat in ("full", "dots"):
+        cfg = ModelConfig(**{**TINY.__dict__, "remat": remat})
+        g = jax.grad(loss)(p, cfg)
+        chex.assert_trees_all_close(g, g0, rtol=1e-5, atol=1e-6)
+
+
+def test_precise_cos_sin_float64_accuracy_at_any_position():
+    freqs = np.power(10000.0, -np.arange(64) / 64)
+    t = np.array([0.0, 1000.0, 937.5, 833.3333129882812, 512.3, 999.99], np.float32)
+    c, s = precise_cos_sin(jnp.asarray(t), freqs)
+    ang = t.astype(np.float64)[:, None] * freqs
+    assert np.abs(np.asarray(c) - np.cos(ang)).max() < 5e-7
+    assert np.abs(np.asarray(s) - np.sin(ang)).max() < 5e-7
+    pos = np.array([0, 7, 1023, 1024, 123456, 9_999_999])  # far past any fixed 1024-frame table
+    c, s = precise_cos_sin(jnp.asarray(pos, jnp.int32), freqs)
+    assert np.abs(np.asarray(c) - np.cos(pos[:, None] * freqs)).max() < 5e-7
+    emb = sinusoidal_embedding(jnp.asarray([250.0]), 32)
+    chex.assert_shape(emb, (1, 32))
+
+
+def test_rope_relative_property_and_offsets():
+    """<R(p)q, R(p')k> depends only on p - p': shifting every frame by the same offset changes nothing."""
+    d = 16
+    q = jax.random.normal(jax.random.PRNGKey(0), (1, 2 * 2 * 3, 1, d))
+    k = jax.random.normal(jax.random.PRNGKey(1), (1, 2 * 2 * 3, 1, d))
+    def logits(f0):
+        c, s = rope_tables(jnp.array(f0), 2, 2, 3, d)
+        return jnp.einsum("bqhd,bkhd->qk", apply_rope(q, c, s), apply_rope(k, c, s))
+    np.testing.assert_allclose(np.asarray(logits(0)), np.asarray(logits(5000)), rtol=1e-4, atol=1e-4)
+    c, s = rope_tables(jnp.array([0, 3]), 2, 2, 3, d)  # per-batch offsets
+    chex.assert_shape(c, (2, 12, d // 2))
+
+
+def test_attention_dispatcher_masks():
+    q = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 2, 8))
+    k = jax.random.normal(jax.random.PRNGKey(1), (2, 7, 2, 8))
+    v = jax.random.normal(jax.random.PRNGKey(2), (2, 7, 2, 8))
+    full = attn_lib.attention(q[:, :, :, :], k[:, :4], v[:, :4], impl="xla")
+    by_len = attn_lib.attention(q, k, v, kv_lengths=jnp.array([4, 4]), impl="xla")
+    by_mask = attn_lib.attention(q, k, v, kv_mask=jnp.arange(7)[None] < 4 * jnp.ones((2, 1)), impl="xla")
+    np.testing.assert_allclose(np.asarray(by_len), np.asarray(full), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(by_mask), np.asarray(full), rtol=1e-5, atol=1e-6)
+    per_head = jnp.broadcast_to((jnp.arange(7) < 4)[None, None], (2, 2, 7))
+    np.testing.assert_allclose(np.asarray(attn_lib.attention(q, k, v, kv_mask=per_head, impl="xla")),
+                               np.asarray(full), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown attention impl"):
+        attn_lib.attention(q, k, v, impl="bogus")

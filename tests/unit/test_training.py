@@ -1,0 +1,318 @@
+"""Training loop pieces: LoRA trees, the Self-Forcing rollout (parity with the streaming sampler, gradients only
+through exit steps, detached memory), streaming bookkeeping, and tiny end-to-end runs of the recipes.
+
+The multi-device run (tiny dmd_long on a 2 x 4 mesh, checkpoint resume) is in test_training_multidevice.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memflow_jax import config as cfg_lib
+from memflow_jax.diffusion import scheduler as sch
+from memflow_jax.memory.cache import ForwardPlan
+from memflow_jax.sampling.streaming import StreamingSampler
+from memflow_jax.training import lora as lora_lib
+from memflow_jax.training import rollout as ro
+from memflow_jax.training import trainer as tr
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIGS = os.path.join(ROOT, "configs")
+
+
+def _cfg(name: str = "tiny_dmd_long", *overrides: str) -> cfg_lib.Config:
+    return cfg_lib.load(os.path.join(CONFIGS, f"{name}.yaml"), list(overrides))
+
+
+_init_jit = jax.jit(tr.synthetic_init, static_argnums=0)
+
+
+def _init(mcfg, seed: int):
+    """Synthetic random params (jitted: one compile per config instead of hundreds of eager ops)."""
+    return _init_jit(mcfg, jax.random.key(seed))
+
+
+def _tree_norm(tree) -> float:
+    return float(jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree))))
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA
+# --------------------------------------------------------------------------------------------------
+
+
+def test_lora_init_merge_and_save_round_trip(tmp_path):
+    cfg = _cfg()
+    params = _init(cfg.model, 0)
+    rank, alpha = 4, 8.0
+    lora = lora_lib.init_lora(params, rank, jax.random.key(1))
+    assert lora_lib.lora_targets(lora) == list(lora_lib.LORA_TARGETS)
+    L, d, f = cfg.model.num_layers, cfg.model.dim, cfg.model.ffn_dim
+    chex.assert_shape(lora["blocks"]["self_attn"]["q"]["a"], (L, d, rank))
+    chex.assert_shape(lora["blocks"]["ffn_0"]["b"], (L, rank, f))
+    chex.assert_shape(lora["blocks"]["ffn_2"]["a"], (L, f, rank))
+    # peft init: a ~ U(+-1/sqrt(in)), b = 0 -> a fresh adapter leaves the model unchanged
+    a = np.asarray(lora["blocks"]["ffn_2"]["a"])
+    assert np.abs(a).max() <= 1 / np.sqrt(f) and np.abs(a).max() > 0.5 / np.sqrt(f)
+    merged = lora_lib.merge_lora_params(params, lora, lora_lib.lora_scale(alpha, rank))
+    chex.assert_trees_all_equal(merged, params)
+    # non-zero b: kernel + (alpha / r) a @ b on every target, nothing else touched
+    lora = jax.tree_util.tree_map(lambda x: x + 0.1, lora)
+    merged = lora_lib.merge_lora_params(params, lora, alpha / rank)
+    for module in ("self_attn/q", "cross_attn/o", "ffn_0"):
+        node = lora["blocks"]
+        k = params["blocks"]
+        m = merged["blocks"]
+        for part in module.split("/"):
+            node, k, m = node[part], k[part], m[part]
+        want = np.asarray(k["kernel"]) + alpha / rank * np.einsum("lir,lro->lio", node["a"], node["b"])
+        np.testing.assert_allclose(np.asarray(m["kernel"]), want, rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_equal(m["bias"], k["bias"])
+    chex.assert_trees_all_equal(merged["head"], params["head"])
+    chex.assert_trees_all_equal(merged["blocks"]["modulation"], params["blocks"]["modulation"])
+    # gradients reach both factors through the merge
+    g = jax.grad(lambda lo: jnp.sum(lora_lib.merge_lora_params(params, lo, 2.0)["blocks"]["ffn_0"]["kernel"] ** 2))(
+        lora)
+    assert _tree_norm(g["blocks"]["ffn_0"]) > 0 and _tree_norm(g["blocks"]["self_attn"]) == 0
+    out = lora_lib.save_lora(str(tmp_path / "lora"), {"generator_lora": lora}, rank=rank, alpha=alpha)
+    back, meta = lora_lib.load_lora(out, "generator_lora", jax.eval_shape(lambda x: x, lora))
+    chex.assert_trees_all_equal(back, lora)
+    assert meta == {"rank": rank, "alpha": alpha, "scale": alpha / rank}
+    with pytest.raises(ValueError, match="do not fit"):
+        lora_lib.merge_lora_params(params, lora_lib.init_lora(
+            jax.eval_shape(lambda: tr.synthetic_init(cfg.teacher_model, jax.random.key(2))), rank, jax.random.key(3)),
+            1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming bookkeeping (host side)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_streaming_host_bookkeeping_matches_reference_rules():
+    # reference train_long: 21-frame windows, 18 new frames after the first, 240-frame sequences
+    host = ro.StreamHost(active=True, length=0, max_length=240)
+    assert ro.new_frame_choices(host, 21, 18, 3) == [21]
+    host.length = 21
+    assert ro.new_frame_choices(host, 21, 18, 3) == [18]  # range(18, min(240 - 21 + 1, 21), 3)
+    lengths = [21]
+    while host.can_generate_more(18):
+        host.length += 18
+        lengths.append(host.length)
+    assert lengths[-1] == 237 and not host.can_generate_more(18)  # 237 + 18 > 240: a new sequence starts
+    host = ro.StreamHost(active=True, length=30, max_length=60)
+    assert ro.new_frame_choices(host, 21, 12, 3) == [12, 15, 18]
+    with pytest.raises(ValueError, match="streaming_min_new_frame"):
+        ro.new_frame_choices(host, 21, 21, 3)
+    t = _cfg("dmd_long").train
+    rng = np.random.default_rng(0)
+    draws = {ro.choose_switch_frame(t, 240, 3, rng) for _ in range(200)}
+    assert draws == set(t.switch_choices)  # every choice < 240 is drawn
+    assert {ro.choose_switch_frame(t, 60, 3, rng) for _ in range(50)} == {21, 39, 57}  # only choices < length
+    with pytest.raises(ValueError, match="chunk-aligned"):
+        ro.choose_switch_frame(_cfg("dmd_long", "train.switch_choices=[20]").train, 240, 3, rng)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rollout
+# --------------------------------------------------------------------------------------------------
+
+
+def test_rollout_matches_streaming_sampler_with_a_switch():
+    """With the last step as exit and the inference pipeline's switches (no ctx noise at t=0, no q_bank repeat,
+    no cache reset), the training rollout is the sampler: same noise -> same frames, re-cache included."""
+    cfg = _cfg()
+    b, f, sw = 2, 12, 6
+    rc = ro.rollout_config(cfg, b, last_step_only=True, ctx_noise_always=False, ctx_qbank_quirk=False,
+                           reset_cache_at_switch=False, bank_record_rule="interactive")
+    params = _init(rc.model, 0)
+    ctx1 = jax.random.normal(jax.random.key(1), (b, rc.model.text_len, rc.model.text_dim))
+    ctx2 = jax.random.normal(jax.random.key(2), ctx1.shape)
+    rng = jax.random.key(3)
+    x, mask, aux = jax.jit(lambda p, c1, c2: ro.rollout(p, rc, rng, (c1, c2), num_frames=f, switch_frame=sw))(
+        params, ctx1, ctx2)
+    chex.assert_shape(x, (b, f) + rc.latent_shape)
+    chex.assert_shape(mask, (b, f, 1, 1, 1))
+    assert bool(jnp.all(mask)) and int(aux["state"].frame) == f
+    np.testing.assert_array_equal(np.asarray(aux["exit_steps"]), rc.num_steps - 1)
+    s = StreamingSampler(params, rc.model, rc.memory, cfg.sampler, batch_size=b, latent_hw=rc.latent_shape[1:])
+    state = s.init_state()
+    texts = s.prompt_kv(ctx1), s.prompt_kv(ctx2)
+    _, k_noise = jax.random.split(rng)
+    outs = []
+    for i in range(f // rc.chunk_frames):
+        if i * rc.chunk_frames == sw:
+            state, _ = s.recache(state, texts[1])
+        noise, step_noise, ctx_noise = ro.chunk_noise(k_noise, rc, i)
+        state, x0, _ = s.chunk(state, texts[int(i * rc.chunk_frames >= sw)], noise, step_noise, ctx_noise)
+        outs.append(x0)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(jnp.concatenate(outs, 1)), rtol=1e-5, atol=2e-6)
+    chex.assert_trees_all_close(aux["state"].cache.k, state.cache.k, rtol=1e-5, atol=2e-6)
+
+
+def _explicit_chunk(rc, rng, ctx, p_steps, p_exit):
+    """One chunk from an empty memory, written out step by step: steps 0..S-2 with p_steps, the exit (last)
+    step with p_exit. With p_steps = stop_gradient(p) this is what the rollout differentiates."""
+    sched = rc.schedule()
+    _, k_noise = jax.random.split(rng)
+    noise, step_noise, _ = ro.chunk_noise(k_noise, rc, 0)
+    cache = ro.init_state(rc).cache
+    bank = (cache.bank_k, cache.bank_v, cache.bank_frame)
+    texts = ro.prompt_kv(p_steps, rc, ctx), ro.prompt_kv(p_exit, rc, ctx)
+    x = noise
+    s_last = rc.num_steps - 1
+    for s, t in enumerate(rc.timesteps):
+        plan = ForwardPlan(start=jnp.array(0, jnp.int32), q_bank=jnp.array(s == 0), recompute=jnp.array(False),
+                           zero_text_query=jnp.array(False))
+        p, text = (p_exit, texts[1]) if s == s_last else (p_steps, texts[0])
+        flow, tt, outs, _ = ro._forward(p, rc, cache, x, t, plan, text, False, bank)
+        x0 = sch.flow_to_x0(sched, flow, x, tt)
+        if s < s_last:
+            x = sch.add_noise(sched, x0, step_noise[s], jnp.full_like(tt, rc.timesteps[s + 1]))
+            bank = outs["bank"]
+    return x0
+
+
+def test_generator_gradient_flows_only_through_the_exit_step():
+    cfg = _cfg("tiny_dmd_long", "sampler.denoising_step_list=[1000,500]")  # 2 steps: a small explicit graph
+    rc = ro.rollout_config(cfg, 1, last_step_only=True)
+    c = rc.chunk_frames
+    params = _init(rc.model, 0)
+    ctx = jax.random.normal(jax.random.key(1), (1, rc.model.text_len, rc.model.text_dim))
+    rng = jax.random.key(5)
+    w = jax.random.normal(jax.random.key(4), (1, c) + rc.latent_shape)
+
+    def via_rollout(p):
+        x, _, _ = ro.rollout(p, rc, rng, ctx, num_frames=c)
+        return jnp.sum(x * w), x
+
+    @jax.jit
+    def explicit_grads(p):
+        def loss(p_exit, p_steps):
+            x0 = _explicit_chunk(rc, rng, ctx, p_steps, p_exit)
+            return jnp.sum(x0 * w), x0
+        (_, x0), (g_exit, g_steps) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(p, p)
+        return x0, g_exit, g_steps  # d/dp of loss(p, p) = g_exit + g_steps
+
+    (_, x), g_roll = jax.jit(jax.value_and_grad(via_rollout, has_aux=True))(params)
+    x_ref, g_exit, g_steps = explicit_grads(params)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(x_ref), rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(g_roll, g_exit, rtol=1e-4, atol=1e-6)
+    # the path through the earlier (re-noised) steps carries a real gradient, which the rollout cuts
+    assert _tree_norm(g_steps) > 1e-3 * _tree_norm(g_exit) > 0
+
+
+@pytest.mark.slow
+def test_no_gradient_through_the_carried_memory():
+    """Chunk 2's gradient equals that of a window that starts from the (detached) memory after chunk 1, and
+    the gradient w.r.t. the carried cache is exactly zero."""
+    cfg = _cfg()
+    rc = ro.rollout_config(cfg, 1, last_step_only=True)
+    c = rc.chunk_frames
+    params = _init(rc.model, 0)
+    ctx = jax.random.normal(jax.random.key(1), (1, rc.model.text_len, rc.model.text_dim))
+    rng = jax.random.key(5)
+    w = jax.random.normal(jax.random.key(4), (1, c) + rc.latent_shape)
+    _, _, aux1 = ro.rollout(params, rc, rng, ctx, num_frames=c)
+    state1 = aux1["state"]
+
+    def full(p):
+        x, _, _ = ro.rollout(p, rc, rng, ctx, num_frames=2 * c)
+        return jnp.sum(x[:, c:] * w), x
+
+    def from_state(p, k, v):
+        st = state1.replace(cache=state1.cache.replace(k=k, v=v))
+        x, _, _ = ro.generate_window(p, rc, st, ro.prompt_kv(p, rc, ctx), rng, num_frames=2 * c, skip_chunks=1)
+        return jnp.sum(x[:, c:] * w), x
+
+    (_, x_full), g_full = jax.jit(jax.value_and_grad(full, has_aux=True))(params)
+    (_, x_skip), (g_skip, g_k, g_v) = jax.jit(jax.value_and_grad(from_state, argnums=(0, 1, 2), has_aux=True))(
+        params, state1.cache.k, state1.cache.v)
+    np.testing.assert_allclose(np.asarray(x_full[:, c:]), np.asarray(x_skip[:, c:]), rtol=1e-5, atol=1e-6)
+    assert not np.any(np.asarray(x_skip[:, :c]))  # skipped slot: nothing generated
+    chex.assert_trees_all_close(g_full, g_skip, rtol=1e-4, atol=1e-6)
+    assert _tree_norm(g_full) > 0
+    assert not np.any(np.asarray(g_k)) and not np.any(np.asarray(g_v))
+    assert float(jnp.max(jnp.abs(state1.cache.k))) > 0  # the memory is non-trivial, yet gives no gradient
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny runs
+# --------------------------------------------------------------------------------------------------
+
+
+def test_tiny_teacher_run_loss_goes_down(tmp_path):
+    cfg = _cfg("tiny_teacher", "run.progress=false", "run.tensorboard=false", "train.max_iters=60",
+               "train.save_interval=60")
+    trainer = tr.Trainer(cfg, str(tmp_path / "run"), log=lambda m: None)
+    try:
+        history = trainer.train()
+    finally:
+        trainer.close()
+    losses = np.array([h["teacher_loss"] for h in history])
+    assert len(losses) == 60 and np.all(np.isfinite(losses))
+    assert losses[-10:].mean() < 0.85 * losses[:10].mean(), losses
+    assert os.path.isdir(tmp_path / "run" / "checkpoints" / "60")
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in lines] == list(range(1, 61))
+
+
+def _run(args, env=None, timeout=900):
+    env = dict(os.environ, **(env or {}))
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable] + args, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_ode_pairs_then_ode_init_run(tmp_path):
+    pairs = tmp_path / "pairs"
+    _run(["-m", "memflow_jax.training.ode_pairs", "--config", "configs/tiny_ode_init.yaml", "--out", str(pairs),
+          "--num-samples", "3", "--steps", "8"])
+    from memflow_jax.data import OdeTrajectorySource
+
+    src = OdeTrajectorySource(str(pairs))
+    assert len(src) == 3
+    rec = src[0]
+    cfg = _cfg("tiny_ode_init")
+    h, w = cfg.sampler.latent_hw
+    chex.assert_shape(rec["ode_latent"], (len(cfg.sampler.denoising_step_list) + 1, cfg.train.num_training_frames,
+                                          cfg.model.in_dim, h, w))
+    assert rec["prompts"] == "synthetic prompt 0"
+    meta = json.loads((pairs / "ode_pairs.json").read_text())
+    assert meta["recorded_grid_timesteps"][0] == 1000.0
+    run = tmp_path / "run"
+    _run(["train.py", "--config", "configs/tiny_ode_init.yaml", "--run-dir", str(run), "run.progress=false",
+          f"train.latent_data_path={pairs}", "train.max_iters=4", "train.save_interval=2"])
+    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 4 and all(np.isfinite(r["ode_loss"]) for r in recs)
+    assert sorted(os.listdir(run / "checkpoints")) == ["2", "4"]
+
+
+@pytest.mark.slow
+def test_tiny_dmd_run_trains_both_models_and_ema(tmp_path):
+    cfg = _cfg("tiny_dmd", "run.progress=false", "train.max_iters=3")
+    trainer = tr.Trainer(cfg, str(tmp_path / "run"), log=lambda m: None)
+    try:
+        gen0 = jax.tree_util.tree_map(np.asarray, trainer.gen.params)
+        critic0 = jax.tree_util.tree_map(np.asarray, trainer.critic.params)
+        history = trainer.train()
+        assert [("generator_loss" in h) for h in history] == [True, False, True]  # dfake_gen_update_ratio 2
+        assert all(np.isfinite(h["critic_loss"]) for h in history)
+        moved = lambda a, b: _tree_norm(jax.tree_util.tree_map(lambda x, y: np.asarray(x) - y, a, b))  # noqa
+        assert moved(trainer.gen.params, gen0) > 0 and moved(trainer.critic.params, critic0) > 0
+        # EMA (start step 2): blended after the step-2 generator update, so neither the params nor a copy
+        assert 0 < moved(trainer.ema, jax.tree_util.tree_map(np.asarray, trainer.gen.params))
+    finally:
+        trainer.close()
+    assert (tmp_path / "run" / "tb").is_dir() and (tmp_path / "run" / "config.json").is_file()
