@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-latents", action="store_true", help="also write <out>.latents.npy")
     p.add_argument("--no-vae", action="store_true", help="skip decoding; save latents only")
     p.add_argument("--offload-text-encoder", action="store_true", help="free the UMT5 params after encoding")
+    p.add_argument("--text-device", choices=("default", "cpu"), default="default",
+                   help="run UMT5 on this device (cpu keeps the 5.7B encoder off the accelerator)")
     p.add_argument("overrides", nargs="*", help="config overrides section.key=value")
     return p.parse_args(argv)
 
@@ -69,7 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    comp = load_components(cfg, args.ckpt, seed=args.seed if args.seed is not None else s.seed)
+    import jax
+
+    text_device = jax.devices("cpu")[0] if args.text_device == "cpu" else None
+    comp = load_components(cfg, args.ckpt, seed=args.seed if args.seed is not None else s.seed,
+                           text_device=text_device)
     if comp.random_weights:
         print("NOTE: no --ckpt given: running the embedded tiny config with RANDOM weights (a smoke run; the "
               "video is noise). See README 'Real weights' for the released model.")

@@ -14,6 +14,7 @@ import tempfile
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import jax
+from memflow_jax.io.atomic import replace_dir
 import numpy as np
 
 
@@ -189,14 +190,7 @@ def save_converted(out_dir: str, components: Mapping[str, Any], config_dict: Map
             meta.update(extra_meta)
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump(meta, f, indent=1, sort_keys=True)
-        if os.path.exists(out_dir):
-            old = out_dir + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from memflow_jax.io.atomic import replace_dir
 from memflow_jax.data.prompts import DataError, all_prompts
 
 FORMAT = "memflow_jax.text_cache"
@@ -124,14 +125,7 @@ def build_cache(prompts: Iterable[str], out_dir: str | os.PathLike, encode_fn: E
                  "count": len(entries), "shards": shards, "entries": entries, "meta": dict(meta or {})}
         with open(os.path.join(tmp, INDEX), "w", encoding="utf-8") as f:
             json.dump(index, f, ensure_ascii=False)
-        if os.path.exists(out_dir):
-            old = out_dir + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -32,13 +32,13 @@ def _dtype(name: str) -> Any:
     return jnp.dtype(name)
 
 
-def _precision(cfg: ModelConfig) -> lax.Precision | None:
+def matmul_precision(cfg: ModelConfig) -> lax.Precision | None:
     return lax.Precision.HIGHEST if cfg.dtype == "float32" else None
 
 
 def _dense(cfg: ModelConfig, features: int, name: str | None = None) -> nn.Dense:
     return nn.Dense(features, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
-                    precision=_precision(cfg), name=name,
+                    precision=matmul_precision(cfg), name=name,
                     kernel_init=nn.initializers.xavier_uniform())
 
 
@@ -167,7 +167,7 @@ class WanBlock(nn.Module):
         h = self.norm3(x) if self.norm3 is not None else x
         qc = self.cross_attn.project_q(h)
         yc = attn_lib.attention(qc, text_k.astype(qc.dtype), text_v.astype(qc.dtype), impl=c.attention_impl,
-                                precision=_precision(c))
+                                precision=matmul_precision(c))
         x = x + self.cross_attn.out(yc)
         # feed-forward
         h = modulate(layer_norm(x, c.eps), e[3], e[4])
@@ -379,7 +379,7 @@ def forward(params: Params, cfg: ModelConfig, x: jnp.ndarray, t: jnp.ndarray,
     cos, sin = rope_tables(0, grid[0], grid[1], grid[2], cfg.head_dim, cfg.rope_theta)
 
     def full_attend(q, k, v, _):
-        return attn_lib.attention(q, k, v, impl=cfg.attention_impl, precision=_precision(cfg)), None
+        return attn_lib.attention(q, k, v, impl=cfg.attention_impl, precision=matmul_precision(cfg)), None
 
     h, _ = run_blocks(params, cfg, tokens, e0, cos, sin, tk, tv, full_attend)
     return WanOuter(cfg).apply(_outer(params), h, e, grid, method=lambda m, *a: m.head.apply_head(*a))

@@ -9,7 +9,7 @@ Latents use the pipeline layout ``[B, F, C, H, W]`` (the DiT takes ``[B, C, F, H
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import flax.struct
 import jax
@@ -41,12 +41,32 @@ class PromptKV:
 _COMPILED: dict[tuple, "ChunkSteps"] = {}  # static sampler configuration -> its compiled steps
 
 
-def _to_model(x: jnp.ndarray) -> jnp.ndarray:  # [B, F, C, H, W] -> [B, C, F, H, W]
+def to_model_layout(x: jnp.ndarray) -> jnp.ndarray:
+    """[B, F, C, H, W] (pipeline) <-> [B, C, F, H, W] (DiT): the same swap both ways."""
     return x.transpose(0, 2, 1, 3, 4)
 
 
-def _from_model(x: jnp.ndarray) -> jnp.ndarray:
-    return x.transpose(0, 2, 1, 3, 4)
+def memory_forward(params: dit.Params, mcfg: ModelConfig, spec: CacheSpec, mem: MemoryConfig, cache: KVCache,
+                   x: jnp.ndarray, t: float | jnp.ndarray, plan: ForwardPlan, text: PromptKV, update_cache: bool,
+                   bank: tuple | None = None, debug: bool = False):
+    """One causal DiT forward over ``x [B, n, C, h, w]`` against the memory (sampler and training rollout).
+
+    ``bank`` overrides the cache's bank (the denoising loop carries the bank NAM updated at step 0).
+    Returns (flow [B, n, C, h, w], t [B, n], per-layer outputs of the memory attention,
+    (new slot map, placement) for :func:`memory.cache.commit`).
+    """
+    n = x.shape[1]
+    bank_k, bank_v, bank_frame = bank if bank is not None else (cache.bank_k, cache.bank_v, cache.bank_frame)
+    attend = make_attend_fn(
+        spec, mem, plan, n, slot_frame=cache.slot_frame, bank_pointer=cache.bank_pointer,
+        proto_frame=cache.proto_frame, update_cache=update_cache, attention_impl=mcfg.attention_impl,
+        precision=dit.matmul_precision(mcfg), debug=debug)
+    layers = LayerMemory(cache.k, cache.v, bank_k, bank_v, bank_frame, cache.proto_k, cache.proto_v,
+                         text.k.astype(cache.k.dtype))
+    tt = jnp.full((x.shape[0], n), t, jnp.float32)
+    flow, outs = dit.chunk_forward(params, mcfg, to_model_layout(x), tt, plan.start, text.k, text.v, attend,
+                                   layers)
+    return to_model_layout(flow), tt, outs, (attend.new_slot_frame, attend.placement)
 
 
 class ChunkSteps:
@@ -71,19 +91,8 @@ class ChunkSteps:
     # ------------------------------------------------------------------ one forward
     def _forward(self, params, cache: KVCache, x: jnp.ndarray, t: float | jnp.ndarray, plan: ForwardPlan,
                  text: PromptKV, update_cache: bool, bank=None):
-        """One DiT forward over x [B, n, C, h, w] with the memory; returns (x0-or-flow, outputs)."""
-        n = x.shape[1]
-        bank_k, bank_v, bank_frame = bank if bank is not None else (cache.bank_k, cache.bank_v, cache.bank_frame)
-        attend = make_attend_fn(
-            self.spec, self.mem, plan, n, slot_frame=cache.slot_frame, bank_pointer=cache.bank_pointer,
-            proto_frame=cache.proto_frame, update_cache=update_cache, attention_impl=self.mcfg.attention_impl,
-            precision=dit._precision(self.mcfg), debug=self.debug)
-        layers = LayerMemory(cache.k, cache.v, bank_k, bank_v, bank_frame, cache.proto_k, cache.proto_v,
-                             text.k.astype(cache.k.dtype))
-        tt = jnp.full((x.shape[0], n), t, jnp.float32)
-        flow, outs = dit.chunk_forward(params, self.mcfg, _to_model(x), tt, plan.start, text.k, text.v, attend,
-                                       layers)
-        return _from_model(flow), tt, outs, (attend.new_slot_frame, attend.placement)
+        return memory_forward(params, self.mcfg, self.spec, self.mem, cache, x, t, plan, text, update_cache,
+                              bank=bank, debug=self.debug)
 
     # ------------------------------------------------------------------ chunk step (jitted)
     def _chunk_impl(self, params, state: StreamState, text: PromptKV, noise: jnp.ndarray,

@@ -44,11 +44,10 @@ from jax import lax
 
 from memflow_jax.config import Config, MemoryConfig, ModelConfig
 from memflow_jax.diffusion import scheduler as sch
-from memflow_jax.memory.attend import LayerMemory, make_attend_fn
 from memflow_jax.memory.cache import (CacheSpec, ForwardPlan, KVCache, commit, init_cache, record_chunk,
                                       with_bank)
 from memflow_jax.nn import dit
-from memflow_jax.sampling.streaming import PromptKV, StreamState
+from memflow_jax.sampling.streaming import PromptKV, StreamState, memory_forward
 
 NO_SWITCH = 1 << 30  # switch_frame of a sequence without a prompt switch
 # (latents [B, n, C, h, w], latent index j) -> VAE re-encoding [B, 1, C, h, w] of latent j's last pixel frame
@@ -150,29 +149,10 @@ def prompt_kv(params: dit.Params, rc: RolloutConfig, context: jnp.ndarray) -> Pr
     return PromptKV(*dit.text_kv(params, rc.model, context))
 
 
-def _to_model(x: jnp.ndarray) -> jnp.ndarray:  # [B, F, C, H, W] <-> [B, C, F, H, W]
-    return x.transpose(0, 2, 1, 3, 4)
-
-
-def _precision(m: ModelConfig) -> lax.Precision | None:
-    return lax.Precision.HIGHEST if m.dtype == "float32" else None
-
-
 def _forward(params: dit.Params, rc: RolloutConfig, cache: KVCache, x: jnp.ndarray, t: Any, plan: ForwardPlan,
              text: PromptKV, update_cache: bool, bank: tuple | None = None):
-    """One causal forward over x [B, n, C, h, w] against the memory:
-    (flow, t [B, n], outputs, (new slot map, placement)) — the last two for ``memory.cache.commit``."""
-    n = x.shape[1]
-    bank_k, bank_v, bank_frame = bank if bank is not None else (cache.bank_k, cache.bank_v, cache.bank_frame)
-    attend = make_attend_fn(
-        rc.spec, rc.memory, plan, n, slot_frame=cache.slot_frame, bank_pointer=cache.bank_pointer,
-        proto_frame=cache.proto_frame, update_cache=update_cache, attention_impl=rc.model.attention_impl,
-        precision=_precision(rc.model))
-    layers = LayerMemory(cache.k, cache.v, bank_k, bank_v, bank_frame, cache.proto_k, cache.proto_v,
-                         text.k.astype(cache.k.dtype))
-    tt = jnp.full((x.shape[0], n), t, jnp.float32)
-    flow, outs = dit.chunk_forward(params, rc.model, _to_model(x), tt, plan.start, text.k, text.v, attend, layers)
-    return _to_model(flow), tt, outs, (attend.new_slot_frame, attend.placement)
+    """:func:`sampling.streaming.memory_forward` with the rollout's static configuration."""
+    return memory_forward(params, rc.model, rc.spec, rc.memory, cache, x, t, plan, text, update_cache, bank=bank)
 
 
 def recache(params: dit.Params, rc: RolloutConfig, state: StreamState, text: PromptKV, n: int) -> StreamState:

@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
-import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file
 
 from memflow_jax.config import MemoryConfig, ModelConfig, SamplerConfig
-from memflow_jax.convert.dit import load_generator_pt, load_wan_folder, merge_lora, read_wan_config
+from memflow_jax.convert.dit import load_generator_pt, merge_lora, read_wan_config
 from memflow_jax.memory.cache import reference_slot_order
 from memflow_jax.sampling.streaming import StreamingSampler
 
@@ -74,7 +72,6 @@ def run_rollout(root: str, manifest: dict, case: dict):
         if x0 is None:
             debug.append(dbg)
             continue
-        st = sampler._last_state if hasattr(sampler, "_last_state") else None
         x0s.append(np.asarray(x0))
         probes.append(np.asarray(dbg["x0_steps"])[:, :, :, :, ::stride, ::stride])
         debug.append({"chunk": ci, **dbg})

@@ -84,7 +84,40 @@ def _stored_backend(case: dict, a: dict) -> Backend:
     return Backend(real, fake, critic, cond, uncond, STORED_FLOORS, calls)
 
 
-SCORE_BACKENDS: dict[str, Callable[[dict, dict], Backend]] = {"stored": _stored_backend}
+# README floors for running our own DiT port on the score-net folders (x0/flow 5e-5; kl_grad 2e-4 / 1e-3;
+# losses rtol 1e-5); the critic's x0 -> flow reconversion scales the flow error by sigma8 / sigma5 (<= ~2 here).
+DIT_FLOORS = {
+    "latent": (1e-5, 0.0), "x0": (5e-5, 0.0), "kl_grad": (2e-4, 1e-3), "flow_div_sigma": (2e-4, 1e-3),
+    "loss": (0.0, 1e-5),
+}
+
+
+def _dit_backend(case: dict, a: dict) -> Backend:
+    """Our Wan DiT (loaded through the converter from the two tiny folders; the teacher one is sharded)."""
+    from memflow_jax.convert.dit import load_wan_folder
+    from memflow_jax.nn import dit
+
+    root = fixture_dir("dmd")
+    real_cfg, real_p = load_wan_folder(os.path.join(root, META["real_score_folder"]))
+    fake_cfg, fake_p = load_wan_folder(os.path.join(root, META["fake_score_folder"]))
+    cond = {"prompt_embeds": jnp.asarray(a["cond_prompt_embeds"])}
+    uncond = {"prompt_embeds": jnp.asarray(a["uncond_prompt_embeds"])}
+    calls: list = []
+
+    def score(cfg, params, who):
+        fwd = jax.jit(lambda p, x, t, c: dit.forward(p, cfg, x, t, c))
+
+        def fn(xt, t, ctx):  # [B,F,C,H,W], t [B,F] (WanDiffusionWrapper passes t[:, 0]) -> flow [B,F,C,H,W]
+            calls.append((who, "cond" if ctx is cond else "uncond", xt, t))
+            flow = fwd(params, jnp.swapaxes(xt, 1, 2), t[:, 0], ctx["prompt_embeds"])
+            return jnp.swapaxes(flow, 1, 2)
+        return fn
+
+    return Backend(score(real_cfg, real_p, "real"), score(fake_cfg, fake_p, "fake"),
+                   score(fake_cfg, fake_p, "critic"), cond, uncond, DIT_FLOORS, calls)
+
+
+SCORE_BACKENDS: dict[str, Callable[[dict, dict], Backend]] = {"stored": _stored_backend, "dit": _dit_backend}
 
 
 def _tol(case: dict, key: str, floor: tuple[float, float]) -> dict:

@@ -5,12 +5,10 @@ import json
 import os
 import shutil
 
-import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from memflow_jax import config as config_lib
 from memflow_jax.convert import __main__ as cli
 from memflow_jax.convert.common import ConversionError, flatten, load_component, save_converted
 from memflow_jax.convert.dit import convert_tensors, load_wan_folder, read_wan_config

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import imageio.v3 as iio
 import jax
@@ -41,7 +40,8 @@ def test_ckpt_dir_and_timeline(tmp_path, capsys):
     tl.write_text(json.dumps({"prompt": "a blue circle"}) + "\n" + json.dumps({"prompt": "a red square",
                                                                                "start_frame": 3}) + "\n")
     out = tmp_path / "o.mp4"
-    assert sample.main(["--ckpt", ck, "--prompts", str(tl), "--out", str(out), "--no-vae"]) == 0
+    assert sample.main(["--ckpt", ck, "--prompts", str(tl), "--out", str(out), "--no-vae", "--text-device", "cpu",
+                        "--offload-text-encoder"]) == 0
     assert np.load(str(out).replace(".mp4", ".latents.npy")).shape[1] == 6
     assert "RANDOM" not in capsys.readouterr().out
     bad = tmp_path / "bad.jsonl"
