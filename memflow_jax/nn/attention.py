@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 
 # Largest logits block [B, H, Lq_block, Lk] the XLA path materialises at once (elements).
-_XLA_MAX_LOGITS = 1 << 27
+_XLA_MAX_LOGITS = 1 << 22
 
 
 def _resolve_impl(impl: str, q: jnp.ndarray, kv_mask: jnp.ndarray | None) -> str:

@@ -105,3 +105,20 @@ def test_bad_inputs(params):
         validate_schedule([3], 3, 12, 3)
     with pytest.raises(ValueError, match="multiple"):
         SamplerConfig(num_output_frames=10).validate()
+
+
+@pytest.mark.parametrize("query", ["zeroed", "new_prompt"])
+def test_nam_switch_query_variants(params, query):
+    """Release: the re-cache NAM scores with an all-zero text query (every score 0); paper: with the new prompt."""
+    import dataclasses
+    mem = dataclasses.replace(MODES["nam"], nam_switch_query=query)
+    s = StreamingSampler(params, MODEL, mem, SAMPLER, batch_size=1, debug=True)
+    recache_scores = None
+    for ci, x0, dbg in s.stream(_contexts(2), [9], 12, rng=jax.random.PRNGKey(3)):
+        if x0 is None:  # the re-cache forward at the switch (bank full: pointer 3 > 2 -> NAM compresses)
+            recache_scores = np.asarray(dbg["recache"]["nam_scores"])
+    assert recache_scores is not None
+    if query == "zeroed":
+        assert np.all(recache_scores == 0.0)
+    else:
+        assert np.any(recache_scores != 0.0)

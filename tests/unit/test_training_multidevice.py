@@ -22,8 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 STEPS, STOP = 4, 2
 
 
-@pytest.mark.slow
-def test_dmd_long_on_8_host_devices(tmp_path):
+def test_dmd_long_on_8_host_devices(tmp_path):  # required by the training issue: in the default run (~90 s)
     if INNER:
         pytest.skip("already inside the 8-device subprocess")
     env = dict(os.environ, MEMFLOW_8DEV="1", XLA_FLAGS="--xla_force_host_platform_device_count=8",
