@@ -181,14 +181,19 @@ def _explicit_chunk(rc, rng, ctx, p_steps, p_exit):
     return x0
 
 
-def test_generator_gradient_flows_only_through_the_exit_step():
-    cfg = _cfg("tiny_dmd_long", "sampler.denoising_step_list=[1000,500]")  # 2 steps: a small explicit graph
+def _one_chunk_setup(cfg):
+    """Rollout config (exit step = last step), params, a context, an rng and a random loss weight for one chunk."""
     rc = ro.rollout_config(cfg, 1, last_step_only=True)
     c = rc.chunk_frames
     params = _init(rc.model, 0)
     ctx = jax.random.normal(jax.random.key(1), (1, rc.model.text_len, rc.model.text_dim))
-    rng = jax.random.key(5)
     w = jax.random.normal(jax.random.key(4), (1, c) + rc.latent_shape)
+    return rc, c, params, ctx, jax.random.key(5), w
+
+
+def test_generator_gradient_flows_only_through_the_exit_step():
+    cfg = _cfg("tiny_dmd_long", "sampler.denoising_step_list=[1000,500]")  # 2 steps: a small explicit graph
+    rc, c, params, ctx, rng, w = _one_chunk_setup(cfg)
 
     def via_rollout(p):
         x, _, _ = ro.rollout(p, rc, rng, ctx, num_frames=c)
@@ -215,12 +220,7 @@ def test_no_gradient_through_the_carried_memory():
     """Chunk 2's gradient equals that of a window that starts from the (detached) memory after chunk 1, and
     the gradient w.r.t. the carried cache is exactly zero."""
     cfg = _cfg()
-    rc = ro.rollout_config(cfg, 1, last_step_only=True)
-    c = rc.chunk_frames
-    params = _init(rc.model, 0)
-    ctx = jax.random.normal(jax.random.key(1), (1, rc.model.text_len, rc.model.text_dim))
-    rng = jax.random.key(5)
-    w = jax.random.normal(jax.random.key(4), (1, c) + rc.latent_shape)
+    rc, c, params, ctx, rng, w = _one_chunk_setup(cfg)
     _, _, aux1 = ro.rollout(params, rc, rng, ctx, num_frames=c)
     state1 = aux1["state"]
 
