@@ -42,10 +42,20 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, kv_lengths: jnp
     if impl == "cudnn":
         if kv_mask is not None:
             raise ValueError("cudnn attention takes kv_lengths, not an arbitrary kv_mask")
-        return jax.nn.dot_product_attention(
-            q, k, v, key_value_seq_lengths=kv_lengths,
-            query_seq_lengths=None if kv_lengths is None else jnp.full_like(kv_lengths, q.shape[1]),
-            implementation="cudnn")
+
+        def full(_):
+            return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+
+        if kv_lengths is None:
+            return full(None)
+
+        def padded(_):
+            return jax.nn.dot_product_attention(
+                q, k, v, key_value_seq_lengths=kv_lengths,
+                query_seq_lengths=jnp.full_like(kv_lengths, q.shape[1]), implementation="cudnn")
+
+        # once a stream's memory is full every key is valid: the unmasked kernel is ~8 % faster (H100)
+        return lax.cond(jnp.all(kv_lengths >= k.shape[1]), full, padded, None)
     if impl != "xla":
         raise ValueError(f"unknown attention impl {impl!r}; use auto | xla | cudnn")
     mask = kv_mask
