@@ -57,7 +57,8 @@ def make_attend_fn(spec: CacheSpec, mem: MemoryConfig, plan: ForwardPlan, n: int
     traces when ``debug``.
     """
     S, K, N = spec.sink, spec.bank, spec.tokens_per_frame
-    src, has, new_slot_frame = effective_slots(slot_frame, plan, n, spec)
+    placement = chunk_placement(plan, n, spec)  # (target slot [n], write flag [n])
+    src, has, new_slot_frame = effective_slots(slot_frame, plan, n, spec, placement)
     valid = slot_valid(new_slot_frame, plan.start + n, spec)  # [W]
     bank_valid = jnp.arange(K) < jnp.minimum(bank_pointer, K)  # [K]
 
@@ -121,5 +122,5 @@ def make_attend_fn(spec: CacheSpec, mem: MemoryConfig, plan: ForwardPlan, n: int
         return out, outs
 
     attend.new_slot_frame = new_slot_frame  # type: ignore[attr-defined]
-    attend.placement = chunk_placement(plan, n, spec)  # type: ignore[attr-defined]
+    attend.placement = placement  # type: ignore[attr-defined]
     return attend

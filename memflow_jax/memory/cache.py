@@ -129,13 +129,15 @@ def chunk_placement(plan: ForwardPlan, n: int, spec: CacheSpec) -> tuple[jnp.nda
     return slot_of(frames, spec), in_window | in_sink
 
 
-def effective_slots(slot_frame: jnp.ndarray, plan: ForwardPlan, n: int, spec: CacheSpec
+def effective_slots(slot_frame: jnp.ndarray, plan: ForwardPlan, n: int, spec: CacheSpec,
+                    placement: tuple[jnp.ndarray, jnp.ndarray] | None = None
                     ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """Which slots take a frame of this forward, and the slot->frame map after the writes.
 
+    ``placement``: :func:`chunk_placement` of the forward, if the caller already has it.
     Returns (src [W] int32 index into the forward's frames, has [W] bool, new_slot_frame [W] int32).
     """
-    target, write = chunk_placement(plan, n, spec)
+    target, write = placement if placement is not None else chunk_placement(plan, n, spec)
     match = (target[None, :] == jnp.arange(spec.window, dtype=jnp.int32)[:, None]) & write[None, :]  # [W, n]
     has = jnp.any(match, axis=1)
     src = jnp.argmax(match, axis=1).astype(jnp.int32)

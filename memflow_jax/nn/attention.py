@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 
 # Largest logits block [B, H, Lq_block, Lk] the XLA path materialises at once (elements).
-_XLA_MAX_LOGITS = 1 << 22
+_XLA_MAX_LOGITS = 1 << 24  # 64 MiB of f32 logits: fastest block on 2 CPU cores (tuned)
 
 
 def _resolve_impl(impl: str, q: jnp.ndarray, kv_mask: jnp.ndarray | None) -> str:
@@ -54,7 +54,7 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, kv_lengths: jnp
                 q, k, v, key_value_seq_lengths=kv_lengths,
                 query_seq_lengths=jnp.full_like(kv_lengths, q.shape[1]), implementation="cudnn")
 
-        # once a stream's memory is full every key is valid: the unmasked kernel is ~8 % faster (H100)
+        # once a stream's memory is full every key is valid: the unmasked kernel is faster (H100 micro-benchmark)
         return lax.cond(jnp.all(kv_lengths >= k.shape[1]), full, padded, None)
     if impl != "xla":
         raise ValueError(f"unknown attention impl {impl!r}; use auto | xla | cudnn")
