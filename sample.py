@@ -1,6 +1,7 @@
 """Generate a (multi-prompt) long video with MemFlow.
 
-    python sample.py                                    # embedded default: tiny random-weight smoke run
+    python sample.py                                    # embedded default: the storyworld demo model + story
+    python sample.py --ckpt none                        # tiny random-weight smoke run (configs/tiny.yaml)
     python sample.py --ckpt ckpts/memflow --config configs/wan_1_3b.yaml \
         --prompts timeline.jsonl --out out.mp4 [section.key=value ...]
 
@@ -15,15 +16,21 @@ import sys
 import time
 import warnings
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.yaml")
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CONFIG = os.path.join(ROOT, "configs", "tiny.yaml")
+DEFAULT_CKPT = os.path.join(ROOT, "memflow_jax", "assets", "storyworld")  # the bundled demo model (issue #7)
+STORY_FILE = "story.jsonl"  # its default story (memflow_jax.storyworld.package)
 DEFAULT_PROMPTS = ("a red circle moves right on a sand background",
                    "the red circle leaves and the background turns blue")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="YAML config (default: configs/tiny.yaml without --ckpt)")
-    p.add_argument("--ckpt", default=None, help="converted checkpoint dir (python -m memflow_jax.convert)")
+    p.add_argument("--config", default=None,
+                   help="YAML config (with --ckpt: numerics / memory / sampler overrides; else default configs/tiny.yaml)")
+    p.add_argument("--ckpt", default=None,
+                   help="converted checkpoint dir (python -m memflow_jax.convert); default: the bundled storyworld "
+                        "demo model when no --config is given; 'none' = random weights")
     p.add_argument("--prompts", default=None, help="timeline .jsonl / interactive .jsonl / .txt")
     p.add_argument("--prompt", default=None, help="a single prompt for the whole video")
     p.add_argument("--switch-frames", default=None,
@@ -49,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     from memflow_jax.pipeline import config_from_checkpoint, generate, load_components
     from memflow_jax.sampling.timeline import Timeline, TimelineError, align_switches, load_timeline
 
+    if args.ckpt is None and args.config is None and os.path.isfile(os.path.join(DEFAULT_CKPT, "config.json")):
+        args.ckpt = DEFAULT_CKPT
+        if not (args.prompts or args.prompt):
+            args.prompts = os.path.join(DEFAULT_CKPT, STORY_FILE)
+    if args.ckpt == "none":
+        args.ckpt = None
     try:
         if args.ckpt:
             cfg = config_from_checkpoint(args.ckpt, args.overrides, args.config)
@@ -77,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     comp = load_components(cfg, args.ckpt, seed=args.seed if args.seed is not None else s.seed,
                            text_device=text_device)
     if comp.random_weights:
-        print("NOTE: no --ckpt given: running the embedded tiny config with RANDOM weights (a smoke run; the "
-              "video is noise). See README 'Real weights' for the released model.")
+        print("NOTE: running with RANDOM weights (a smoke run; the video is noise). Without --ckpt / --config, "
+              "sample.py uses the bundled storyworld model; see README 'Real weights' for the released model.")
     n_chunks = num_frames // s.chunk_frames
     print(f"prompts: {list(timeline.prompts)}  switches at latent frames {list(timeline.switch_frames)}  "
           f"{num_frames} latent frames in {n_chunks} chunks, memory={cfg.memory.mode}"

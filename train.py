@@ -1,4 +1,4 @@
-"""MemFlow training entry point (recipes: teacher | ode_init | dmd | dmd_long).
+"""MemFlow training entry point (recipes: vae | teacher | ode_init | dmd | dmd_long).
 
     python train.py --config configs/dmd_long.yaml [section.key=value ...] [--run-dir DIR]
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python train.py --config configs/tiny_dmd_long.yaml \
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-steps", type=int, default=None, help="stop after this loop step (default train.max_iters)")
     ap.add_argument("--ode-pairs", metavar="OUT", default=None,
                     help="generate teacher ODE pairs into OUT instead of training (ode_pairs defaults)")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="stop (checkpointed, resumable) once this much wall time has passed")
+    ap.add_argument("--export", metavar="DIR", default=None,
+                    help="after training, write the generator (EMA if kept, LoRA merged) as a converted checkpoint")
+    ap.add_argument("--no-ema", action="store_true", help="--export the raw weights even when EMA is kept")
     ap.add_argument("overrides", nargs="*", help="section.key=value")
     args = ap.parse_args(argv)
 
@@ -44,10 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tr.log(f"recipe {tr.recipe}: mesh {dict(tr.mesh.shape)}, global batch {tr.global_batch}, run dir {tr.run_dir}"
                f", starting at step {tr.step}")
-        history = tr.train(args.max_steps)
+        deadline = time.time() + 60.0 * args.max_minutes if args.max_minutes else None
+        history = tr.train(args.max_steps, deadline=deadline)
         if history:
             last = {k: v for k, v in history[-1].items() if isinstance(v, (int, float))}
             tr.log(f"done: step {tr.step}; last metrics {last}")
+        if args.export:
+            from memflow_jax.training.export import export_generator
+
+            tr.log(f"exported the generator (step {tr.step}) to {export_generator(tr, args.export, not args.no_ema)}")
     finally:
         tr.close()
     return 0

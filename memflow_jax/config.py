@@ -338,19 +338,38 @@ def merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Load ``path`` (YAML; may be None for all defaults) and apply ``key=value`` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
+def read_yaml(path: str | os.PathLike, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The sections of a YAML config; ``base: other.yaml`` (relative to the file) is read first and this file's
+    keys are merged over it, section by section."""
+    path = os.path.abspath(os.fspath(path))
+    if path in _chain:
+        raise ConfigError(f"{path}: `base:` chain loops back to itself ({' -> '.join(_chain + (path,))})")
+    try:
         with open(path) as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-        data.pop("name", None)
-        data.pop("description", None)
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except FileNotFoundError:
+        where = f" (the `base:` of {_chain[-1]})" if _chain else ""
+        raise ConfigError(f"config file {path} does not exist{where}") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    data = dict(data)
+    data.pop("name", None)
+    data.pop("description", None)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: `base:` must be a path to another YAML config, got {base!r}")
+    parent = read_yaml(os.path.join(os.path.dirname(path), base), _chain + (path,))
+    return merge(parent, data)
+
+
+def load(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load ``path`` (YAML, optionally on a ``base:`` YAML; None for all defaults) and apply ``key=value``
+    overrides."""
+    data = read_yaml(path) if path is not None else {}
     return from_dict(merge(data, parse_overrides(overrides)))
 
 

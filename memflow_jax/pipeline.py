@@ -82,11 +82,7 @@ def config_from_checkpoint(ckpt_dir: str, overrides: list[str] = (), base_yaml: 
     stored = read_converted_meta(ckpt_dir)["config"]
     data = dict(stored)
     if base_yaml:
-        import yaml
-
-        with open(base_yaml) as f:
-            extra = yaml.safe_load(f) or {}
-        extra.pop("name", None)
+        extra = config_lib.read_yaml(base_yaml)
         # the checkpoint defines the architecture; the YAML may set numerics and everything else
         arch = {"model": {k: v for k, v in (extra.get("model") or {}).items()
                           if k in ("dtype", "param_dtype", "attention_impl", "remat")}}

@@ -255,6 +255,24 @@ class ArrayRecordSource:
         return rec
 
 
+def write_latent_file(path: str | os.PathLike, latents: np.ndarray, prompt: str, key: str = "latents") -> str:
+    """Atomically write one ``.npz`` sample readable by :class:`LatentSource`: array ``key`` + 0-d ``prompt``.
+
+    Written to a temporary sibling (not matched by :data:`LATENT_EXTS`) and renamed, so a reader or a crash
+    never sees a partial file.
+    """
+    path = os.fspath(path)
+    if not path.endswith(".npz"):
+        raise DataError(f"{path}: latent sample files written here are .npz")
+    from memflow_jax.io.atomic import write_file
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **{key: np.asarray(latents), "prompt": np.asarray(str(prompt))})
+
+    return write_file(path, write)
+
+
 def manifest_line(path: str, prompt: str) -> str:
     """One JSONL manifest line for :meth:`LatentSource.from_manifest`."""
     return json.dumps({"path": path, "prompt": prompt}, ensure_ascii=False)

@@ -6,7 +6,16 @@ Build::
         prompts/vidprom_filtered_extended_switch.txt --out cache/text \\
         --encoder-ckpt wan_models/Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth \\
         --tokenizer-dir wan_models/Wan2.1-T2V-1.3B/google/umt5-xxl
+    python -m memflow_jax.data.text_cache build --prompts data/storyworld/clips/prompts.txt \\
+        --out data/storyworld/text_cache --converted-ckpt runs/storyworld/art/text
     python -m memflow_jax.data.text_cache info cache/text
+
+The encoder comes from a reference ``.pth`` (``--encoder-ckpt`` + ``--tokenizer-dir``), from a converted
+checkpoint folder with component ``t5``, ``tokenizer/`` and ``config.json`` (``--converted-ckpt``: its stored
+``text`` section is the config, e.g. ``memflow_jax.storyworld.text_model``'s output) or from a factory.
+The negative prompt is added unless ``--no-negative-prompt``: ``--negative-prompt``, else the converted
+checkpoint's ``negative_prompt`` (``""`` for the storyworld demo), else the reference's. The empty prompt ``""``
+is an ordinary entry (its one ``</s>`` row is stored).
 
 The encoder zeroes every row past a prompt's token count (reference ``WanTextEncoder``: ``u[v:] = 0``), so
 only rows up to the last non-zero one are stored; reading pads with zeros back to ``[text_len, dim]`` —
@@ -261,6 +270,41 @@ def _text_encoder_fn(args: argparse.Namespace) -> EncodeFn:
     return encode
 
 
+def _converted_encoder_fn(args: argparse.Namespace) -> tuple[EncodeFn, dict[str, Any]]:
+    """``encode_fn`` of a converted checkpoint folder (component ``t5`` + ``tokenizer/`` + ``config.json``) and
+    the folder's ``config.json``."""
+    from memflow_jax import config as cfg_lib
+    from memflow_jax.convert.common import ConversionError, load_component, read_converted_meta
+    from memflow_jax.nn import t5 as t5_nn
+    from memflow_jax.text.encoder import TextEncoder
+    from memflow_jax.text.tokenizer import TokenizerError, UMT5Tokenizer
+
+    ckpt = args.converted_ckpt
+    if args.config:
+        raise SystemExit(f"--config is not used with --converted-ckpt: the text config comes from {ckpt}/config.json "
+                         "(use --set text.dtype=bfloat16 for numerics)")
+    try:
+        meta = read_converted_meta(ckpt)
+        stored = meta.get("config") or {}
+        if "text" not in stored:
+            raise ConversionError(f"{ckpt}/config.json has no 'text' config section (sections: {sorted(stored)}); "
+                                  "write it with memflow_jax.storyworld.text_model or memflow_jax.convert --t5")
+        cfg = cfg_lib.from_dict(cfg_lib.merge({"text": stored["text"]}, cfg_lib.parse_overrides(args.set)))
+        tok_dir = args.tokenizer_dir or os.path.join(ckpt, "tokenizer")
+        tokenizer = UMT5Tokenizer(tok_dir, cfg.text.text_len)
+        params = load_component(ckpt, "t5", t5_nn.abstract_params(cfg.text))
+        enc = TextEncoder(tokenizer, params, cfg.text, batch_size=args.batch_size)
+    except (ConversionError, TokenizerError, cfg_lib.ConfigError, ValueError) as e:
+        raise SystemExit(f"--converted-ckpt {ckpt}: {e}") from None
+
+    def encode(prompts: list[str]) -> np.ndarray:
+        out = enc.encode_numpy(prompts)
+        enc.clear_cache()
+        return out
+
+    return encode, meta
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m memflow_jax.data.text_cache", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -269,15 +313,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--out", required=True, help="cache folder to write")
     enc = b.add_mutually_exclusive_group(required=True)
     enc.add_argument("--encoder-ckpt", help="UMT5 encoder .pth (models_t5_umt5-xxl-enc-bf16.pth)")
+    enc.add_argument("--converted-ckpt", help="converted checkpoint folder with component t5, tokenizer/ and "
+                     "config.json (its text section is the config), e.g. storyworld.text_model's output")
     enc.add_argument("--encoder-factory", help="'module:function' returning encode_fn(list[str]) -> [N, L, D]")
-    b.add_argument("--tokenizer-dir", help="umt5-xxl tokenizer folder (with --encoder-ckpt)")
-    b.add_argument("--config", help="YAML config (its text.* section); defaults: umt5-xxl")
+    b.add_argument("--tokenizer-dir", help="umt5-xxl tokenizer folder (with --encoder-ckpt; with --converted-ckpt "
+                   "default DIR/tokenizer)")
+    b.add_argument("--config", help="YAML config (its text.* section; not with --converted-ckpt); defaults: umt5-xxl")
     b.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. text.dtype=bfloat16")
     b.add_argument("--batch-size", type=int, default=8)
     b.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="storage dtype")
     b.add_argument("--shard-rows", type=int, default=1 << 15, help="token rows per shard file")
     neg = b.add_mutually_exclusive_group()
-    neg.add_argument("--negative-prompt", default=None, help="extra prompt to cache (default: train's)")
+    neg.add_argument("--negative-prompt", default=None, help="extra prompt to cache, may be '' (default: the "
+                     "converted checkpoint's negative_prompt, else train's)")
     neg.add_argument("--no-negative-prompt", action="store_true", help="do not add the negative prompt")
     b.add_argument("--on-blank", default="keep", choices=("keep", "skip", "error"),
                    help="blank lines of .txt files (reference: keep as the empty prompt)")
@@ -295,16 +343,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     prompts: list[str] = []
     for path in args.prompts:
         prompts.extend(all_prompts(path, args.on_blank))
+    ckpt_meta: dict[str, Any] = {}
+    if args.encoder_factory:
+        encode_fn = _load_factory(args.encoder_factory)()
+    elif args.converted_ckpt:
+        encode_fn, ckpt_meta = _converted_encoder_fn(args)
+    else:
+        encode_fn = _text_encoder_fn(args)
+    negative = None
     if not args.no_negative_prompt:
         negative = args.negative_prompt
+        if negative is None and isinstance(ckpt_meta.get("negative_prompt"), str):
+            negative = ckpt_meta["negative_prompt"]  # e.g. "" for the storyworld demo
+        if negative is None and isinstance((ckpt_meta.get("config", {}).get("train") or {}).get("negative_prompt"),
+                                           str):
+            negative = ckpt_meta["config"]["train"]["negative_prompt"]
         if negative is None:
             from memflow_jax.training.config import NEGATIVE_PROMPT
 
             negative = NEGATIVE_PROMPT
         prompts.append(negative)
-    encode_fn = _load_factory(args.encoder_factory)() if args.encoder_factory else _text_encoder_fn(args)
+        print(f"negative prompt: {negative[:60]!r}", file=sys.stderr, flush=True)
     meta = {"prompt_files": [os.path.abspath(p) for p in args.prompts],
-            "encoder": args.encoder_ckpt or args.encoder_factory}
+            "encoder": args.encoder_ckpt or args.encoder_factory or (args.converted_ckpt and
+                                                                      os.path.abspath(args.converted_ckpt)),
+            "negative_prompt": negative}
     out = build_cache(prompts, args.out, encode_fn, batch_size=args.batch_size, dtype=args.dtype,
                       shard_rows=args.shard_rows, meta=meta, overwrite=args.overwrite,
                       log=lambda m: print(m, file=sys.stderr, flush=True))

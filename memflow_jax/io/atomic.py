@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from typing import Callable
 
 
 def replace_dir(tmp: str, out_dir: str) -> None:
@@ -15,3 +16,18 @@ def replace_dir(tmp: str, out_dir: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out_dir)
+
+
+def write_file(path: str, write: Callable[[str], None]) -> str:
+    """Atomic file write: ``write(tmp)`` fills a temporary sibling, which then replaces ``path`` (removed on
+    failure, so a crash never leaves a half-written ``path``)."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp-{os.getpid()}{ext}"  # keep the extension: writers pick the format from it
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path

@@ -155,13 +155,6 @@ def frame_strip_png(frames: Any, path: str | os.PathLike, num_frames: Optional[i
             parts.append(np.full((h, gap, 3), 255, np.uint8))
         parts.append(u8[i])
     strip = np.concatenate(parts, axis=1)
-    path = os.fspath(path)
-    tmp = _temp_path(path, ".png")
-    try:
-        iio.imwrite(tmp, strip, extension=".png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    from memflow_jax.io.atomic import write_file
+
+    return write_file(os.fspath(path), lambda tmp: iio.imwrite(tmp, strip, extension=".png"))

@@ -8,6 +8,8 @@ Public API (pure functions, arrays in/out; ``cfg`` is a static, hashable :class:
 * :func:`decode` ``[B, T', z, h, w]`` -> pixels ``[B, 1 + 4(T'-1), 3, H, W]`` (clamped unless ``clamp=False``)
 * :func:`init_decode_cache`, :func:`decode_chunk` (traceable, ``lax.scan``), :func:`decode_chunk_jit` (eager
   driver of one compiled step): streaming decode with a fixed-shape, donatable cache.
+* Training (traceable, differentiable): :func:`encode_moments` (posterior ``mu`` / log-variance) and
+  :func:`decode_clip` (whole clip from a fresh cache: the streaming decoder step under ``lax.scan``).
 
 Mapping the reference's stateful chunking onto fixed shapes:
 
@@ -40,6 +42,7 @@ from jax import lax
 
 from memflow_jax.config import VAEConfig
 
+ENCODER_KEYS = ("encoder", "conv1")  # params of the encoder path (video -> latent moments); the rest decodes
 CACHE_T = 2  # frames of history kept per causal conv (reference constant)
 NORM_EPS = 1e-12  # F.normalize's floor on the L2 norm
 
@@ -423,6 +426,16 @@ def _space_stride(cfg: VAEConfig) -> int:
     return 2 ** (len(cfg.dim_mult) - 1)
 
 
+def time_stride(cfg: VAEConfig) -> int:
+    """Video frames per latent frame (after the first): the VAE takes ``T = 1 + stride * k`` frames."""
+    return _time_stride(cfg)
+
+
+def space_stride(cfg: VAEConfig) -> int:
+    """Pixels per latent cell along H and W."""
+    return _space_stride(cfg)
+
+
 def _f32(cfg: VAEConfig) -> VAEConfig:
     return cfg if cfg.dtype == "float32" else dataclasses.replace(cfg, dtype="float32")
 
@@ -505,8 +518,10 @@ def _check_video(cfg: VAEConfig, video: Any) -> None:
         raise ValueError(f"encode: H x W = {h} x {w} must be multiples of {ss} (the spatial stride); resize or crop")
 
 
-def _encode_mu(params: dict, cfg: VAEConfig, video: Array) -> Array:
-    """Raw ``mu`` ``[B, T', h, w, z]`` (float32) of a checked video ``[B, 3, T, H, W]``."""
+def _encode_moments(params: dict, cfg: VAEConfig, video: Array, remat: bool = False) -> Array:
+    """Posterior moments ``[B, T', h, w, 2z]`` (float32; ``mu`` = channels ``[:z]``, log-variance ``[z:]``, the
+    reference's ``conv1(x).chunk(2)``) of a checked video ``[B, 3, T, H, W]``. ``remat``: recompute each
+    encoder chunk in the backward pass (training memory)."""
     b, _, t, h, w = video.shape
     ts = _time_stride(cfg)
     model = WanVAE(cfg)
@@ -527,12 +542,18 @@ def _encode_mu(params: dict, cfg: VAEConfig, video: Array) -> Array:
             y, c = apply(xc, c, flag)
             return c, y[:, 0]
 
+        if remat:
+            step = jax.checkpoint(step)
         cache = jax.eval_shape(lambda p, xc: apply(xc, None, True)[1], params, x[:, :1])
         cache = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), cache)
         _, ys = lax.scan(step, cache, (jnp.moveaxis(chunks, 1, 0), flags))  # [k+1, B, h, w, 2z]
         enc = jnp.moveaxis(ys, 0, 1)
-    # conv1 (1x1x1) then mu = first z_dim channels (log-var dropped, no sampling)
-    return model.apply({"params": params}, enc, method=WanVAE.quant)[..., :cfg.z_dim].astype(jnp.float32)
+    return model.apply({"params": params}, enc, method=WanVAE.quant).astype(jnp.float32)  # conv1 (1x1x1)
+
+
+def _encode_mu(params: dict, cfg: VAEConfig, video: Array) -> Array:
+    """Raw ``mu`` ``[B, T', h, w, z]`` (float32) of a checked video ``[B, 3, T, H, W]`` (log-var dropped)."""
+    return _encode_moments(params, cfg, video)[..., :cfg.z_dim]
 
 
 _encode_mu_jit = jax.jit(_encode_mu, static_argnums=1)
@@ -552,6 +573,18 @@ def encode(params: dict, cfg: VAEConfig, video: Array, normalize: bool = True) -
         mean, inv_std = _stats(cfg)
         mu = (mu - mean) * inv_std
     return jnp.transpose(mu, (0, 1, 4, 2, 3))  # [B, T', z, h, w]
+
+
+def encode_moments(params: dict, cfg: VAEConfig, video: Array, remat: bool = False) -> tuple[Array, Array]:
+    """Traceable posterior of a video ``[B, 3, T, H, W]`` in [-1, 1] (VAE training): ``(mu, logvar)``, each
+    ``[B, T', z, h, w]`` float32, raw (not normalised by ``latent_mean`` / ``latent_std``).
+
+    The same chunked, cached encoder as :func:`encode` (``mu`` here equals ``encode(..., normalize=False)``).
+    """
+    _check_cfg(cfg)
+    _check_video(cfg, video)
+    moments = jnp.transpose(_encode_moments(params, cfg, video, remat), (0, 1, 4, 2, 3))  # [B, T', 2z, h, w]
+    return moments[:, :, :cfg.z_dim], moments[:, :, cfg.z_dim:]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -601,35 +634,42 @@ def _check_latents(cfg: VAEConfig, latents: Any, cache: Optional[DecodeCache]) -
                              f"the latents are batch {b}, size {(h, w)}: use init_decode_cache(cfg, {b}, {h}, {w})")
 
 
-def _decode_step(params: dict, cfg: VAEConfig, z: Array, feats: dict, first: Array) -> tuple[Array, dict]:
-    """One normalised latent frame ``[B, 1, h, w, z]`` -> ``[B, 4, H, W, 3]`` float32 and the new cache.
+def _decode_step(params: dict, cfg: VAEConfig, z: Array, feats: dict, first: Array,
+                 normalized: bool = True) -> tuple[Array, dict]:
+    """One latent frame ``[B, 1, h, w, z]`` -> ``[B, 4, H, W, 3]`` float32 and the new cache.
 
-    ``first`` (traced bool): the video's first latent frame; then only output frame 0 is real. Denormalises
-    (reference: ``z / (1/std) + mean``), applies ``conv2`` (1x1x1: per frame == on the whole sequence) and the
-    decoder in the compute dtype; the cache keeps its own dtype.
+    ``first`` (traced bool): the video's first latent frame; then only output frame 0 is real. ``normalized``
+    (static): ``z`` is a normalised latent, denormalised here (reference: ``z / (1/std) + mean``); False: a raw
+    latent (VAE training). Applies ``conv2`` (1x1x1: per frame == on the whole sequence) and the decoder in the
+    compute dtype; the cache keeps its own dtype.
     """
     dt = _dtype(cfg)
     model = WanVAE(cfg)
-    mean, inv_std = _stats(cfg)
-    x = model.apply({"params": params}, (z.astype(jnp.float32) / inv_std + mean).astype(dt),
-                    method=WanVAE.post_quant)
+    z = z.astype(jnp.float32)
+    if normalized:
+        mean, inv_std = _stats(cfg)
+        z = z / inv_std + mean
+    x = model.apply({"params": params}, z.astype(dt), method=WanVAE.post_quant)
     y, new = model.apply({"params": params}, x, jax.tree_util.tree_map(lambda a: a.astype(dt), feats), first,
                          method=WanVAE.decode_frame)
     new = jax.tree_util.tree_map(lambda a, o: a.astype(o.dtype), new, feats)
     return y.astype(jnp.float32), new
 
 
-def _decode_chunk_raw(params: dict, cfg: VAEConfig, latents: Array,
-                      cache: DecodeCache) -> tuple[Array, DecodeCache]:
-    """Unclamped chunk decode, traceable: ``[B, k, z, h, w]`` -> ``[B, F, H, W, 3]`` float32 and the new cache."""
+def _decode_chunk_raw(params: dict, cfg: VAEConfig, latents: Array, cache: DecodeCache, normalized: bool = True,
+                      remat: bool = False) -> tuple[Array, DecodeCache]:
+    """Unclamped chunk decode, traceable: ``[B, k, z, h, w]`` -> ``[B, F, H, W, 3]`` float32 and the new cache.
+    ``remat``: recompute each latent frame's decoder step in the backward pass (training memory)."""
     b, k = latents.shape[:2]
     z = jnp.moveaxis(jnp.transpose(latents, (0, 1, 3, 4, 2)), 1, 0)[:, :, None]  # [k, B, 1, h, w, z]
     flags = (jnp.arange(k) == 0) & (not cache.started)
 
     def step(c, xs):  # one latent frame -> 4 frames; one compiled decoder step, cache carried
-        y, c = _decode_step(params, cfg, xs[0], c, xs[1])
+        y, c = _decode_step(params, cfg, xs[0], c, xs[1], normalized)
         return c, y
 
+    if remat:
+        step = jax.checkpoint(step)
     feats, ys = lax.scan(step, cache.feats, (z, flags))  # ys: [k, B, 4, H, W, 3]
     ys = jnp.moveaxis(ys, 0, 1)  # [B, k, 4, H, W, 3]
     if cache.started:
@@ -704,3 +744,23 @@ def decode(params: dict, cfg: VAEConfig, latents: Array, clamp: bool = True) -> 
     _check_latents(cfg, latents, None)
     b, _, _, h, w = latents.shape
     return decode_chunk_jit(params, cfg, latents, init_decode_cache(cfg, b, h, w), clamp=clamp)[0]
+
+
+def decode_clip(params: dict, cfg: VAEConfig, latents: Array, normalized: bool = True,
+                remat: bool = False) -> Array:
+    """Traceable, differentiable whole-clip decode (VAE training): ``[B, T', z, h, w]`` -> unclamped pixels
+    ``[B, 1 + 4(T'-1), 3, H, W]`` float32. ``normalized=False`` takes raw latents (the encoder's ``mu`` / a
+    posterior sample) instead of normalised ones.
+
+    It is :func:`decode_chunk` from a fresh cache: the same per-latent-frame decoder step (traced ``first``
+    flag, no Python branching) under ``lax.scan``, so it is causal and equals the streaming decode (up to f32
+    rounding; the compiled programs differ).
+    """
+    _check_cfg(cfg)
+    _check_latents(cfg, latents, None)
+    b, _, _, h, w = latents.shape
+    cache = DecodeCache(feats=jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                                     _cache_shapes(cfg, b, h, w, _dtype(cfg))),
+                        num_latents=jnp.zeros((), jnp.int32), started=False)
+    pix, _ = _decode_chunk_raw(params, cfg, latents, cache, normalized=normalized, remat=remat)
+    return jnp.transpose(pix, (0, 1, 4, 2, 3))  # [B, F, 3, H, W]

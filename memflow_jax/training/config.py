@@ -23,13 +23,14 @@ NEGATIVE_PROMPT = (
     "合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
 
-RECIPES = ("teacher", "ode_init", "dmd", "dmd_long")
+RECIPES = ("teacher", "ode_init", "dmd", "dmd_long", "vae")
 SWITCH_MODES = ("random_choice", "fixed", "random")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Training recipe (``teacher`` fine-tune | ``ode_init`` regression | ``dmd`` | ``dmd_long`` streaming)."""
+    """Training recipe (``teacher`` fine-tune | ``ode_init`` regression | ``dmd`` | ``dmd_long`` streaming |
+    ``vae``: the Wan VAE's encoder + decoder on storyworld videos)."""
 
     recipe: str = "dmd_long"  # reference distribution_loss: dmd (-> dmd) | dmd_switch + streaming (-> dmd_long)
     # --- optimisers (torch AdamW, decoupled weight decay) ---
@@ -113,6 +114,13 @@ class TrainConfig:
     lora_ckpt: str = ""
     data_seed: int = 0
     data_workers: int = 0
+    # --- teacher: classifier-free guidance ---
+    text_dropout: float = 0.0  # per sample: prompt embedding -> negative_prompt's embedding with this probability
+    # --- vae recipe (memflow_jax.nn.vae on storyworld videos; LoRA off) ---
+    video_data_path: str = ""  # a storyworld dataset folder (python -m memflow_jax.storyworld.export)
+    vae_clip_frames: int = 17  # video frames per training window: 1 + k * (the VAE's time stride)
+    vae_kl_weight: float = 1e-6  # loss = L1 + MSE (pixel means) + vae_kl_weight * KL (nats per latent element)
+    vae_freeze_encoder: bool = False  # train the decoder only (keeps latents a trained DiT already models valid)
 
     @property
     def min_step(self) -> int:
@@ -165,6 +173,17 @@ class TrainConfig:
                 raise ConfigError("train.lora_rank must be >= 1 and train.lora_alpha > 0")
             if not 0.0 <= self.lora_dropout < 1.0:
                 raise ConfigError("train.lora_dropout must be in [0, 1)")
+        if not 0.0 <= self.text_dropout < 1.0:
+            raise ConfigError(f"train.text_dropout={self.text_dropout} must be in [0, 1)")
+        if self.text_dropout > 0 and self.recipe != "teacher":
+            raise ConfigError(f"train.text_dropout={self.text_dropout} applies to train.recipe=teacher only (it is "
+                              f"{self.recipe!r}); set it to 0")
+        if self.vae_kl_weight < 0:
+            raise ConfigError(f"train.vae_kl_weight={self.vae_kl_weight} must be >= 0")
+        if self.vae_clip_frames < 1:
+            raise ConfigError(f"train.vae_clip_frames={self.vae_clip_frames} must be >= 1")
+        if self.recipe == "vae" and self.lora_enabled:
+            raise ConfigError("train.recipe=vae trains every VAE weight: set train.lora_enabled=false")
         if self.recipe == "dmd_long" and self.streaming_training:
             if self.streaming_chunk_size < 1 or self.streaming_max_length < self.streaming_chunk_size:
                 raise ConfigError(f"train.streaming_max_length={self.streaming_max_length} must be >= "

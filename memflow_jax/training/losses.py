@@ -3,6 +3,7 @@
 * DMD generator loss (distribution matching distillation, DMD paper eqs. 7-8) and the critic (fake score)
   denoising loss, with the reference's timestep draws, shifts and mixed-table conversions.
 * Flow-matching loss for teacher training on data latents, ODE-regression loss for the causal init.
+* Text dropout for classifier-free guidance (teacher training) and the VAE's reconstruction + KL loss.
 
 Score callables
 ---------------
@@ -34,7 +35,7 @@ from memflow_jax.diffusion.scheduler import (
 
 __all__ = [
     "ScoreFn", "draw_timestep_and_noise", "kl_grad", "dmd_loss", "dmd_generator_loss", "critic_loss",
-    "flow_matching_loss", "ode_regression_loss",
+    "flow_matching_loss", "ode_regression_loss", "text_dropout", "gaussian_sample", "gaussian_kl", "vae_loss",
 ]
 
 ScoreFn = Callable[[jax.Array, jax.Array, Any], jax.Array]  # (xt [B,F,C,H,W], t [B,F], ctx) -> flow
@@ -327,3 +328,62 @@ def ode_regression_loss(pred_x0: jax.Array, target_x0: jax.Array, mask: jax.Arra
         raise ValueError(f"ode_regression_loss needs equal shapes, got {pred_x0.shape} vs {target_x0.shape}")
     err = jnp.square(pred_x0.astype(jnp.float32) - target_x0.astype(jnp.float32))
     return masked_mean(err, mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Text dropout (classifier-free guidance) and the VAE loss
+# --------------------------------------------------------------------------------------------------
+
+
+def text_dropout(ctx: jax.Array, uncond: jax.Array, p: float, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per sample, with probability ``p`` replace the prompt embedding by the unconditional one.
+
+    ctx: [B, L, D]; uncond: [B, L, D] or [L, D] (the negative prompt's embedding). ``p`` is static, in [0, 1).
+    Returns ``(ctx', dropped [B] bool)``; ``p == 0`` returns ``ctx`` untouched (no draw).
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"text dropout probability p={p} must be in [0, 1)")
+    b = ctx.shape[0]
+    if p == 0.0:
+        return ctx, jnp.zeros((b,), bool)
+    dropped = jax.random.bernoulli(rng, p, (b,))
+    out = jnp.where(dropped.reshape((b,) + (1,) * (ctx.ndim - 1)), jnp.asarray(uncond, ctx.dtype), ctx)
+    return out, dropped
+
+
+LOGVAR_RANGE = (-30.0, 20.0)  # posterior log-variance clamp (keeps exp() finite early in training)
+
+
+def gaussian_sample(mu: jax.Array, logvar: jax.Array, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Reparameterised posterior sample ``mu + exp(logvar / 2) * eps`` (float32) and the clamped log-variance."""
+    logvar = jnp.clip(logvar.astype(jnp.float32), *LOGVAR_RANGE)
+    eps = jax.random.normal(rng, mu.shape, jnp.float32)
+    return mu.astype(jnp.float32) + jnp.exp(0.5 * logvar) * eps, logvar
+
+
+def gaussian_kl(mu: jax.Array, logvar: jax.Array) -> jax.Array:
+    """``KL(N(mu, exp(logvar)) || N(0, 1))`` in nats, averaged over every latent element. Scalar float32."""
+    mu, logvar = mu.astype(jnp.float32), jnp.clip(logvar.astype(jnp.float32), *LOGVAR_RANGE)
+    return jnp.mean(0.5 * (jnp.square(mu) + jnp.exp(logvar) - 1.0 - logvar))
+
+
+def vae_loss(target: jax.Array, recon: jax.Array, mu: jax.Array, logvar: jax.Array,
+             kl_weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """VAE training loss ``L1 + MSE + kl_weight * KL`` (reconstruction terms: means over pixels).
+
+    target / recon: pixels of equal shape ``[B, ...]`` in [-1, 1] (``recon`` unclamped); mu / logvar: the
+    posterior ``[B, ...]``. Returns ``(loss, aux)`` with ``l1``, ``mse``, ``kl`` (nats per latent element) and
+    ``psnr`` (dB, of the reconstruction clamped to [-1, 1], per sample then averaged; peak-to-peak 2).
+    """
+    if target.shape != recon.shape:
+        raise ValueError(f"vae_loss: target {tuple(target.shape)} and recon {tuple(recon.shape)} differ")
+    target, recon = target.astype(jnp.float32), recon.astype(jnp.float32)
+    diff = recon - target
+    l1 = jnp.mean(jnp.abs(diff))
+    mse = jnp.mean(jnp.square(diff))
+    kl = gaussian_kl(mu, logvar)
+    loss = l1 + mse + kl_weight * kl
+    err = jnp.square(jnp.clip(recon, -1.0, 1.0) - target).reshape(target.shape[0], -1).mean(axis=1)  # [B]
+    psnr = jnp.mean(10.0 * jnp.log10(4.0 / jnp.maximum(err, 1e-10)))
+    aux = jax.lax.stop_gradient({"l1": l1, "mse": mse, "kl": kl, "psnr": psnr})
+    return loss, aux

@@ -1,4 +1,4 @@
-"""Train states, jitted steps and the training loop of the four recipes.
+"""Train states, jitted steps and the training loop of the five recipes.
 
 Recipes (``train.recipe``):
 
@@ -9,6 +9,13 @@ Recipes (``train.recipe``):
   ``dfake_gen_update_ratio`` steps) and a critic update, each on its own backward-simulated rollout.
 * ``dmd_long`` — streaming long tuning with prompt switches (reference ``train_long.yaml``): the rollout goes on
   window by window across steps, the generator and the critic each consume the next window.
+* ``vae``      — the Wan VAE (encoder + decoder, :mod:`memflow_jax.nn.vae`) on windows of storyworld videos:
+  reparameterised posterior sample -> decoder, loss ``L1 + MSE + train.vae_kl_weight * KL``
+  (:func:`losses.vae_loss`). The VAE tree takes the generator's place (state, optimizer, EMA, shardings);
+  no text encoder, teacher or critic.
+
+The ``teacher`` recipe drops the prompt (-> ``train.negative_prompt``'s embedding) per sample with probability
+``train.text_dropout``, so the teacher learns the unconditional flow for classifier-free guidance.
 
 Every step is ONE ``jax.jit`` with explicit ``in_shardings`` / ``out_shardings`` on a ``(data, fsdp)`` mesh: params
 (generator, critic, frozen teacher, LoRA, EMA, optimizer moments) sharded by :mod:`training.sharding`'s rules
@@ -59,13 +66,20 @@ sg = jax.lax.stop_gradient
 # --------------------------------------------------------------------------------------------------
 
 
+SCRATCH = "scratch"  # a checkpoint path meaning "start from the Wan initialisation"
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Trainer knobs that the ``train`` section does not cover."""
 
-    teacher_ckpt: str = ""  # real score weights (Wan folder | converted dir | .pt); "" only with synthetic_data
+    teacher_ckpt: str = ""  # real score weights (Wan folder | converted dir | .pt | "scratch"); "" only with
+    # synthetic_data
     critic_ckpt: str = ""  # fake score init; "" -> a copy of the generator's initial weights
-    vae_ckpt: str = ""  # Wan2.1_VAE.pth (first-frame re-encoding of streaming windows)
+    # VAE weights (first-frame re-encoding of streaming windows; the vae recipe's init, "" = random):
+    # Wan2.1_VAE.pth | converted checkpoint dir (component "vae") | a vae-recipe run dir (newest checkpoint, EMA
+    # params if saved) — see load_vae_host
+    vae_ckpt: str = ""
     reencode_first_frame: bool = True  # reference _process_first_frame_encoding (needs a VAE)
     score_timestep_shift: float = 8.0  # table of the score nets (reference WanDiffusionWrapper default)
     teacher_training_weight: bool = True  # teacher recipe: weight the flow loss by the table's training weights
@@ -240,6 +254,42 @@ class SyntheticOdeSource:
                 "idx": np.int64(i)}
 
 
+class VideoClipSource:
+    """Windows of ``clip_frames`` consecutive frames of a storyworld dataset's videos (the vae recipe's data).
+
+    Record ``i`` is one (video, first frame) pair: every window of every video at least ``clip_frames`` long
+    is one record, so a shuffled epoch visits each window once, and a (seeded, checkpointed) loader replays
+    the same windows on resume. Records: ``{"video": uint8 [clip_frames, H, W, 3], "idx": int64}``.
+    """
+
+    def __init__(self, path: str, clip_frames: int):
+        from memflow_jax.storyworld.dataset import StoryworldSource
+
+        self.source = StoryworldSource(path)
+        self.clip_frames = int(clip_frames)
+        self.height, self.width = int(self.source.meta["height"]), int(self.source.meta["width"])
+        index = os.path.join(self.source.path, "index.jsonl")
+        with open(index, encoding="utf-8") as f:
+            lengths = np.asarray([int(json.loads(line)["num_frames"]) for line in f if line.strip()], np.int64)
+        if len(lengths) != len(self.source):
+            raise ValueError(f"{index} lists {len(lengths)} examples, {self.source.path}/meta.json {len(self.source)}")
+        windows = np.maximum(lengths - self.clip_frames + 1, 0)  # [N] windows per video
+        if not windows.any():
+            raise ValueError(f"{path}: every video is shorter than {self.clip_frames} frames (longest "
+                             f"{int(lengths.max())}); lower train.vae_clip_frames or export longer videos")
+        self.num_skipped = int((windows == 0).sum())
+        self._video = np.repeat(np.arange(len(lengths)), windows)  # [W] video of each window
+        self._start = np.concatenate([np.arange(n) for n in windows if n])  # [W] its first frame
+
+    def __len__(self) -> int:
+        return len(self._video)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        v, s = int(self._video[i]), int(self._start[i])
+        video = self.source[v]["video"]  # [T, H, W, 3] uint8
+        return {"video": np.ascontiguousarray(video[s:s + self.clip_frames]), "idx": np.int64(i)}
+
+
 # --------------------------------------------------------------------------------------------------
 # Weights
 # --------------------------------------------------------------------------------------------------
@@ -281,6 +331,74 @@ def synthetic_init(mcfg: ModelConfig, key: jax.Array) -> Params:
     head = dict(p["head"], head=dict(p["head"]["head"], kernel=0.02 * jax.random.normal(k_head, kernel.shape,
                                                                                       kernel.dtype)))
     return dict(p, head=head)
+
+
+def _vae_run_item(path: str) -> str:
+    """The item folder of the params to read from a vae-recipe run folder (or its
+    ``checkpoints/``): the newest complete step, its ``ema`` item when saved, else ``vae``."""
+    from etils import epath
+
+    from memflow_jax.training.checkpoint import _step_complete
+
+    ckpt_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    steps = sorted((int(n) for n in os.listdir(ckpt_dir) if n.isdigit() and os.path.isdir(os.path.join(ckpt_dir, n))
+                    and _step_complete(epath.Path(ckpt_dir) / n)), reverse=True)
+    if not steps:
+        raise FileNotFoundError(f"{path}: neither a converted checkpoint (config.json listing 'components') nor a "
+                                "training run with a complete checkpoint (checkpoints/<step>/); train one with "
+                                "`python train.py --config configs/tiny_vae.yaml` or pass Wan2.1_VAE.pth")
+    step_dir = os.path.join(ckpt_dir, str(steps[0]))
+    for name in ("ema", "vae"):
+        if os.path.isdir(os.path.join(step_dir, name)):
+            return os.path.join(step_dir, name)
+    have = sorted(n for n in os.listdir(step_dir) if not n.startswith("_"))
+    raise ValueError(f"{step_dir}: no 'vae' params (items {have}): not a train.recipe=vae run")
+
+
+def load_vae_host(path: str, vae_cfg: Any, what: str = "VAE checkpoint") -> Params:
+    """Host (numpy float32) VAE params, checked against ``vae_cfg``, from any of
+
+    * a ``.pth`` / ``.pt`` Wan VAE state dict (``Wan2.1_VAE.pth``; needs torch),
+    * a converted checkpoint folder (``config.json`` + component ``vae``; :func:`convert.common.save_converted`,
+      e.g. ``OUT/vae`` of ``python -m memflow_jax.data.encode_latents``),
+    * a ``train.recipe=vae`` run folder or its ``checkpoints/``: the newest complete step's EMA params when
+      saved, else its trained params.
+
+    The one reader of VAE weights for the trainer (``run.vae_ckpt``) and the latent encoder CLI.
+    """
+    from memflow_jax.convert import common as conv
+    from memflow_jax.nn import vae as vae_lib
+
+    if not path:
+        raise ValueError(f"{what}: no path given")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what}: {path} does not exist")
+    abstract = vae_lib.abstract_params(vae_cfg)
+    if os.path.isfile(path):
+        if path.endswith((".pth", ".pt")):
+            from memflow_jax.convert.vae import convert_vae_state_dict
+
+            return jax.tree_util.tree_map(np.asarray, convert_vae_state_dict(path, vae_cfg))
+        raise ValueError(f"{what}: {path}: unsupported file (a Wan VAE .pth, a converted checkpoint folder or a "
+                         "vae-recipe run folder)")
+    meta_path = os.path.join(path, conv.CONFIG_FILE)
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if "components" in meta:  # converted (Orbax) checkpoint; a run folder's config.json has no components
+            return jax.tree_util.tree_map(np.asarray, conv.load_component(path, "vae", abstract))
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    item = _vae_run_item(path)
+    handler = ocp.StandardCheckpointHandler()
+    stored = handler.metadata(epath.Path(item))
+    stored = getattr(stored, "tree", stored)
+    shapes = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.float32), dict(stored),
+                                    is_leaf=lambda m: hasattr(m, "shape"))
+    conv.validate_against(conv.flatten(shapes), abstract, f"{what}: {item}")
+    params = handler.restore(epath.Path(item), args=ocp.args.StandardRestore(abstract))
+    return jax.tree_util.tree_map(np.asarray, params)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -412,6 +530,8 @@ class Trainer:
                                         ctx_noise_always=self.run_cfg.ctx_noise_always,
                                         ctx_qbank_quirk=self.run_cfg.ctx_qbank_quirk,
                                         reset_cache_at_switch=self.run_cfg.reset_cache_at_switch)
+        # vae recipe: check the videos against the config before anything compiles
+        self.video_source = self._video_source() if self.recipe == "vae" else None
         self._build_models()
         self._build_data()
         from memflow_jax.training.checkpoint import TrainCheckpointer
@@ -421,21 +541,24 @@ class Trainer:
         self._restore()
 
     # ------------------------------------------------------------------ models
-    def _shard_params(self, host: Params | None, mcfg: ModelConfig, key: jax.Array) -> Params:
+    def _shard_params(self, host: Params | None, mcfg: ModelConfig, key: jax.Array, scratch: bool = False) -> Params:
         abstract = dit.abstract_params(mcfg)
         shardings = sh.param_shardings(abstract, self.mesh)
         if host is None:
-            return jax.jit(lambda k: synthetic_init(mcfg, k), out_shardings=shardings)(key)
+            init = (lambda k: dit.init_params(mcfg, k)) if scratch else (lambda k: synthetic_init(mcfg, k))
+            return jax.jit(init, out_shardings=shardings)(key)
         host = jax.tree_util.tree_map(lambda x, a: np.asarray(x, a.dtype), host, abstract)
         return sh.shard_params(host, shardings)
 
     def _weights(self, path: str, mcfg: ModelConfig, what: str, key: jax.Array) -> Params:
         synthetic = self.run_cfg.synthetic_data
+        if path == SCRATCH:  # train from the Wan initialisation (e.g. a small teacher on a new domain)
+            return self._shard_params(None, mcfg, key, scratch=True)
         if path and (os.path.exists(path) or not synthetic):
             return self._shard_params(load_dit_host(path, mcfg, what), mcfg, key)
         if not synthetic:
-            raise ConfigError(f"{what}: no checkpoint configured; set it (or run.synthetic_data=true for a random "
-                              "init)")
+            raise ConfigError(f"{what}: no checkpoint configured; set it (or '{SCRATCH}' for the Wan "
+                              "initialisation, or run.synthetic_data=true for a random init)")
         return self._shard_params(None, mcfg, key)
 
     def _copy(self, tree: Params) -> Params:
@@ -462,6 +585,9 @@ class Trainer:
         self.gen_opt, self.critic_opt = gen_opt, critic_opt
         self.lora = t.lora_enabled
         self.lora_scale = t.lora_scale if self.lora else 1.0
+        if self.recipe == "vae":
+            self._build_vae(keys[0])
+            return
         if self.recipe == "teacher":
             base = self._weights(r.teacher_ckpt, self.gen_cfg, "run.teacher_ckpt (model to fine-tune)", keys[0])
         else:
@@ -503,14 +629,35 @@ class Trainer:
         abstract = vae_lib.abstract_params(vcfg)
         shardings = jax.tree_util.tree_map(lambda _: self.rep, abstract)  # small: replicated
         if self.run_cfg.vae_ckpt:
-            from memflow_jax.convert.vae import convert_vae_state_dict
-
-            host = convert_vae_state_dict(self.run_cfg.vae_ckpt, vcfg)
-            return sh.shard_params(host, shardings)
+            return sh.shard_params(load_vae_host(self.run_cfg.vae_ckpt, vcfg, "run.vae_ckpt"), shardings)
         if not self.run_cfg.synthetic_data:
-            raise ConfigError("run.reencode_first_frame=true needs run.vae_ckpt (Wan2.1_VAE.pth); set it or disable "
-                              "the re-encoding with run.reencode_first_frame=false")
+            raise ConfigError("run.reencode_first_frame=true needs run.vae_ckpt (Wan2.1_VAE.pth, a converted "
+                              "checkpoint or a vae run); set it or disable the re-encoding with "
+                              "run.reencode_first_frame=false")
         return jax.jit(lambda k: vae_lib.init_params(vcfg, k), out_shardings=shardings)(key)
+
+    def _build_vae(self, key: jax.Array) -> None:
+        """vae recipe: the VAE tree is the trained model (``self.gen``), initialised from ``run.vae_ckpt`` or
+        randomly; params FSDP-sharded by the same rules as the DiT's, compute in bf16 with mixed precision."""
+        from memflow_jax.nn import vae as vae_lib
+
+        t, r = self.train_cfg, self.run_cfg
+        vcfg = self.cfg.vae
+        self.vae_cfg = dataclasses.replace(vcfg, dtype="bfloat16") if t.mixed_precision else vcfg
+        abstract = vae_lib.abstract_params(vcfg)
+        shardings = sh.param_shardings(abstract, self.mesh)
+        if r.vae_ckpt:
+            params = sh.shard_params(load_vae_host(r.vae_ckpt, vcfg, "run.vae_ckpt (vae recipe init)"), shardings)
+        else:
+            params = jax.jit(lambda k: vae_lib.init_params(vcfg, k), out_shardings=shardings)(key)
+        self.gen_base = None
+        self.gen, self.gen_sh = self._make_state(params, self.gen_opt)
+        self.use_ema = optim.ema_enabled(t)
+        self.ema = jax.jit(optim.ema_init, out_shardings=self.gen_sh.params)(self.gen.params) if self.use_ema \
+            else None
+        self.critic = self.critic_base = self.teacher = None
+        self.critic_sh = None
+        self.reencode_fn = None
 
     def _load_lora(self, path: str, name: str, like: Params) -> Params:
         abstract = jax.eval_shape(lambda x: x, like)
@@ -568,10 +715,44 @@ class Trainer:
         rc = ro.rollout_config(self.cfg, 1, model=self.gen_cfg)
         return np.asarray(rc.timesteps, np.float32)
 
+    def _video_source(self) -> VideoClipSource:
+        """vae recipe data, checked against the VAE strides and the sampler's resolution."""
+        from memflow_jax.nn import vae as vae_lib
+
+        t, s, vcfg = self.train_cfg, self.cfg.sampler, self.cfg.vae
+        if not t.video_data_path:
+            raise ConfigError("train.video_data_path is empty: export a storyworld dataset (`python -m "
+                              "memflow_jax.storyworld.export --out DIR --kind clips --clip-frames 33 --height H "
+                              "--width W`) and set train.video_data_path=DIR")
+        ts, ss = vae_lib.time_stride(vcfg), vae_lib.space_stride(vcfg)
+        n = t.vae_clip_frames
+        if (n - 1) % ts:
+            lo = 1 + (n - 1) // ts * ts
+            raise ConfigError(f"train.vae_clip_frames={n} is not 1 + {ts}k (the VAE's time stride is {ts}): use "
+                              f"{lo} or {lo + ts}")
+        if tuple(s.vae_stride) != (ts, ss, ss):
+            raise ConfigError(f"sampler.vae_stride={list(s.vae_stride)} does not match the VAE (time stride {ts}, "
+                              f"space stride {ss}): set sampler.vae_stride=[{ts},{ss},{ss}]")
+        src = VideoClipSource(t.video_data_path, n)
+        if (src.height, src.width) != (s.height, s.width):
+            raise ConfigError(f"{t.video_data_path}: videos are {src.height}x{src.width} px, the config's "
+                              f"sampler.height x width is {s.height}x{s.width}; export the dataset at that size or "
+                              "set sampler.height / sampler.width")
+        if src.num_skipped:
+            self.log(f"vae data: {src.num_skipped} video(s) shorter than {n} frames skipped")
+        return src
+
     def _build_data(self) -> None:
         from memflow_jax import data
 
         t = self.train_cfg
+        if self.recipe == "vae":  # videos only: no prompts, no text embeddings
+            self.embedder = self.uncond = None
+            self.source = self.video_source
+            self.data_iter = data.make_loader(self.source, self.global_batch // jax.process_count(),
+                                              seed=t.data_seed, shuffle=True, worker_count=t.data_workers,
+                                              num_threads=2, prefetch_buffer_size=2)
+            return
         if self.recipe in ("teacher", "ode_init"):
             source = self._latent_source(self.recipe == "ode_init")
         elif self.run_cfg.synthetic_data and not (t.text_cache_dir and os.path.exists(t.data_path)):
@@ -589,15 +770,22 @@ class Trainer:
         local = np.ascontiguousarray(np.broadcast_to(neg, (per_process,) + neg.shape))
         self.uncond = sh.make_global_batch({"uncond": local}, self.mesh)["uncond"]
 
-    def _next_batch(self, keys: tuple[str, ...]) -> dict[str, jax.Array]:
+    def _next_batch(self, keys: tuple[str, ...], dtype: Any = np.float32) -> dict[str, jax.Array]:
+        """The next global batch of ``keys``, cast to ``dtype`` on the host (None: as stored)."""
         batch = next(self.data_iter)
-        local = {k: np.asarray(batch[k], np.float32) for k in keys}
+        local = {k: np.asarray(batch[k], dtype) for k in keys}
         return sh.make_global_batch(local, self.mesh)
 
     # ------------------------------------------------------------------ checkpoint
+    def _gen_item_names(self) -> tuple[str, str]:
+        """Checkpoint item names of the trained model's params and optimizer state."""
+        if self.recipe == "vae":
+            return "vae", "vae_opt"
+        return ("generator_lora" if self.lora else "generator"), "generator_opt"
+
     def _state_items(self) -> dict[str, Any]:
-        gen_name = "generator_lora" if self.lora else "generator"
-        items = {gen_name: self.gen.params, "generator_opt": self.gen.opt_state, "rng": self.base_key}
+        gen_name, opt_name = self._gen_item_names()
+        items = {gen_name: self.gen.params, opt_name: self.gen.opt_state, "rng": self.base_key}
         if self.ema is not None:
             items["ema"] = self.ema
         if self.critic is not None:
@@ -625,8 +813,8 @@ class Trainer:
         if restored is None:
             return
         st = restored.state
-        gen_name = "generator_lora" if self.lora else "generator"
-        self.gen = TrainState(st[gen_name], st["generator_opt"])
+        gen_name, opt_name = self._gen_item_names()
+        self.gen = TrainState(st[gen_name], st[opt_name])
         if self.ema is not None and st.get("ema") is not None:
             self.ema = st["ema"]
         if self.critic is not None:
@@ -786,20 +974,54 @@ class Trainer:
     def _teacher_step_fn(self) -> Callable:
         t, r = self.train_cfg, self.run_cfg
         mcfg = self.gen_cfg
+        p_drop = t.text_dropout
 
         def step(gen: TrainState, ema, gen_base, batch, rng, loop_step):
+            ctx = batch["prompt_embeds"]  # [B, L, D]
+            metrics = {}
+            if p_drop > 0:  # own key: the flow-matching draws stay those of a run without dropout
+                ctx, dropped = losses.text_dropout(ctx, batch["uncond"], p_drop, jax.random.fold_in(rng, 0x7E47))
+                metrics["text_dropped_frac"] = jnp.mean(dropped.astype(jnp.float32))
+
             def loss_fn(trainable):
                 params = lora_lib.merge_lora_params(sg(gen_base), trainable, self.lora_scale) \
                     if gen_base is not None else trainable
                 loss, _ = losses.flow_matching_loss(
                     batch["latents"], pred_fn=self._score(params, mcfg), schedule=self.score_schedule,
-                    ctx=batch["prompt_embeds"], rng=rng, use_training_weight=r.teacher_training_weight)
+                    ctx=ctx, rng=rng, use_training_weight=r.teacher_training_weight)
                 return loss
 
             loss, grads = jax.value_and_grad(loss_fn)(gen.params)
-            return self._apply(gen, ema, grads, loop_step, {"teacher_loss": loss})
+            return self._apply(gen, ema, grads, loop_step, dict(metrics, teacher_loss=loss))
 
-        return self._simple_jit(step, {"latents": self.bsh, "prompt_embeds": self.bsh})
+        batch_sh = {"latents": self.bsh, "prompt_embeds": self.bsh}
+        if p_drop > 0:
+            batch_sh["uncond"] = self.bsh
+        return self._simple_jit(step, batch_sh)
+
+    def _vae_step_fn(self) -> Callable:
+        from memflow_jax.nn import vae as vae_lib
+
+        t = self.train_cfg
+        vcfg, remat = self.vae_cfg, t.gradient_checkpointing
+
+        def step(gen: TrainState, ema, gen_base, batch, rng, loop_step):
+            video = self._pin(batch["video"])  # [B, T, H, W, 3] uint8
+            x = jnp.transpose(video, (0, 4, 1, 2, 3)).astype(jnp.float32) / 127.5 - 1.0  # [B, 3, T, H, W]
+            target = jnp.transpose(x, (0, 2, 1, 3, 4))  # [B, T, 3, H, W]
+
+            def loss_fn(params):
+                if t.vae_freeze_encoder:  # decoder-only fine-tune: the latents (and their statistics) stay fixed
+                    params = dict(params, **{k: sg(params[k]) for k in vae_lib.ENCODER_KEYS})
+                mu, logvar = vae_lib.encode_moments(params, vcfg, x, remat=remat)  # [B, T', z, h, w] each
+                z, logvar = losses.gaussian_sample(mu, logvar, rng)
+                recon = vae_lib.decode_clip(params, vcfg, z, normalized=False, remat=remat)  # [B, T, 3, H, W]
+                return losses.vae_loss(target, self._pin(recon), mu, logvar, t.vae_kl_weight)
+
+            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(gen.params)
+            return self._apply(gen, ema, grads, loop_step, dict(aux, vae_loss=loss), grad_metric="vae_grad_norm")
+
+        return self._simple_jit(step, {"video": self.bsh})
 
     def _ode_step_fn(self) -> Callable:
         mcfg = self.gen_cfg
@@ -830,13 +1052,14 @@ class Trainer:
 
         return self._simple_jit(step, {"ode_latent": self.bsh, "prompt_embeds": self.bsh})
 
-    def _apply(self, gen: TrainState, ema, grads, loop_step, metrics: dict):
+    def _apply(self, gen: TrainState, ema, grads, loop_step, metrics: dict,
+               grad_metric: str = "generator_grad_norm"):
         t = self.train_cfg
         updates, opt_state = self.gen_opt.update(grads, gen.opt_state, gen.params)
         params = optax.apply_updates(gen.params, updates)
         if ema is not None:
             ema = optim.ema_update(ema, params, loop_step + 1, t.ema_weight, t.ema_start_step)
-        metrics = dict(metrics, generator_grad_norm=_global_norm(grads))
+        metrics = dict(metrics, **{grad_metric: _global_norm(grads)})
         return TrainState(params, opt_state), ema, metrics
 
     def _simple_jit(self, step: Callable, batch_sh: dict) -> Callable:
@@ -917,8 +1140,14 @@ class Trainer:
         metrics: dict[str, Any] = {}
         if self.recipe == "teacher":
             fn = self._jit("teacher", self._teacher_step_fn)
-            self.gen, self.ema, metrics = fn(self.gen, self.ema, self.gen_base,
-                                             self._next_batch(("latents", "prompt_embeds")), rng, loop)
+            batch = self._next_batch(("latents", "prompt_embeds"))
+            if t.text_dropout > 0:
+                batch["uncond"] = self.uncond
+            self.gen, self.ema, metrics = fn(self.gen, self.ema, self.gen_base, batch, rng, loop)
+        elif self.recipe == "vae":
+            fn = self._jit("vae", self._vae_step_fn)
+            self.gen, self.ema, metrics = fn(self.gen, self.ema, self.gen_base, self._next_batch(("video",), None),
+                                             rng, loop)
         elif self.recipe == "ode_init":
             fn = self._jit("ode", self._ode_step_fn)
             self.gen, self.ema, metrics = fn(self.gen, self.ema, self.gen_base,
@@ -963,45 +1192,81 @@ class Trainer:
 
             self._writer = SummaryWriter(os.path.join(self.run_dir, "tb"))
 
-    def _log_metrics(self, metrics: dict[str, Any], dt: float) -> dict[str, Any]:
-        host = {k: _to_py(v) for k, v in jax.device_get(metrics).items()}
+    def _log_metrics(self, step: int, metrics: dict[str, Any], dt: float) -> dict[str, Any]:
+        host = {k: _to_py(v) for k, v in metrics.items()}
         host["step_time_s"] = dt
-        if self.recipe == "dmd_long":
-            host["stream_length"] = self.stream_host.length
         if self.is_main:
-            rec = {"step": self.step, **host}
+            rec = {"step": step, **host}
             self._metrics_file.write(json.dumps(rec) + "\n")
-            self._metrics_file.flush()
             if self._writer is not None:
                 for k, v in host.items():
                     if isinstance(v, (int, float)):
-                        self._writer.add_scalar(k, v, self.step)
+                        self._writer.add_scalar(k, v, step)
         return host
 
-    def train(self, max_iters: int | None = None) -> list[dict[str, Any]]:
-        """Run until ``train.max_iters`` (or ``max_iters``) loop steps are done; returns the per-step metrics."""
+    def _flush_metrics(self, pending: list[tuple[int, Any]], t_start: float, history: list, bar: Any) -> float:
+        """Fetch the metrics of the steps run since the last flush (one host sync for all of them), log them
+        per step, stop on a non-finite value; returns the new interval start time."""
+        if not pending:
+            return t_start
+        now = time.perf_counter()
+        dt = (now - t_start) / len(pending)
+        fetched = jax.device_get([m for _, m in pending])
+        host = {}
+        for (step, _), metrics in zip(pending, fetched):
+            host = self._log_metrics(step, metrics, dt)
+            history.append({"step": step, **host})
+            bad = [k for k, v in host.items() if isinstance(v, float) and not math.isfinite(v)]
+            if bad:
+                raise FloatingPointError(f"step {step}: non-finite {bad}: {host}")
+        pending.clear()
+        if self.is_main:
+            self._metrics_file.flush()
+        if bar is not None:
+            bar.set_postfix({k: f"{v:.4g}" for k, v in host.items() if k.endswith("loss")})
+        return now
+
+    def _past(self, deadline: float | None) -> bool:
+        """Whether the wall-clock deadline has passed (process 0 decides for every process, so all stop at the
+        same step)."""
+        if deadline is None:
+            return False
+        past = time.time() >= deadline
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            past = bool(multihost_utils.broadcast_one_to_all(np.asarray(past)))
+        return past
+
+    def train(self, max_iters: int | None = None, deadline: float | None = None) -> list[dict[str, Any]]:
+        """Run until ``train.max_iters`` (or ``max_iters``) loop steps are done, or until the wall-clock
+        ``deadline`` (``time.time()`` seconds) passes; returns the per-step metrics.
+
+        Metrics stay on the device between ``train.log_interval`` boundaries and checkpoint saves, so steps are
+        dispatched back to back without a host sync each; they are still logged per step."""
         t = self.train_cfg
         end = t.max_iters if max_iters is None else max_iters
         self._open_logs()
-        history = []
+        history: list[dict[str, Any]] = []
+        pending: list[tuple[int, Any]] = []
         bar = None
         if self.is_main and self.run_cfg.progress:
             from tqdm import tqdm
 
             bar = tqdm(total=end, initial=min(self.step, end), desc=self.recipe, dynamic_ncols=True)
         try:
-            while self.step < end:
-                t0 = time.perf_counter()
-                metrics = jax.device_get(self.train_step())
-                host = self._log_metrics(metrics, time.perf_counter() - t0)
-                history.append({"step": self.step, **host})
-                bad = [k for k, v in host.items() if isinstance(v, float) and not math.isfinite(v)]
-                if bad:
-                    raise FloatingPointError(f"step {self.step}: non-finite {bad}: {host}")
+            t_start = time.perf_counter()
+            while self.step < end and not self._past(deadline):
+                metrics = self.train_step()
+                if self.recipe == "dmd_long":
+                    metrics["stream_length"] = self.stream_host.length  # host state after this step
+                pending.append((self.step, metrics))  # logged as steps done, 1-based
+                if self.step % t.log_interval == 0 or self.step % t.save_interval == 0 or self.step >= end:
+                    t_start = self._flush_metrics(pending, t_start, history, bar)
                 self.save()
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in host.items() if k.endswith("loss")})
+            self._flush_metrics(pending, t_start, history, bar)
             if self.ckpt.latest_step() != self.step:
                 self.ckpt.wait_until_finished()
                 if self.ckpt.latest_step() != self.step:
@@ -1041,5 +1306,6 @@ def init_distributed() -> bool:
 
 
 __all__ = ["EmbeddingSource", "RunConfig", "SyntheticEmbedder", "SyntheticLatentSource", "SyntheticOdeSource",
-           "SyntheticPromptSource", "TrainState", "Trainer", "block_causal_forward", "init_distributed",
-           "load_dit_host", "make_reencode_fn", "score_fn", "stream_shardings", "with_numerics"]
+           "SyntheticPromptSource", "TrainState", "Trainer", "VideoClipSource", "block_causal_forward",
+           "init_distributed", "load_dit_host", "load_vae_host", "make_reencode_fn", "score_fn", "stream_shardings",
+           "with_numerics"]

@@ -53,3 +53,40 @@ def test_roundtrip_json():
     cfg = config_lib.load("configs/tiny.yaml")
     again = config_lib.from_dict(cfg.to_dict())
     assert again.to_dict() == cfg.to_dict()
+
+
+def test_base_yaml_is_merged_under_the_file(tmp_path):
+    (tmp_path / "parent.yaml").write_text("model:\n  dim: 64\n  num_heads: 2\nmemory:\n  sink_size: 2\n")
+    (tmp_path / "sub").mkdir()
+    child = tmp_path / "sub" / "child.yaml"
+    child.write_text("base: ../parent.yaml\nname: child\nmodel:\n  dim: 32\n")
+    cfg = config_lib.load(str(child), ["memory.bank_size=4"])
+    assert (cfg.model.dim, cfg.model.num_heads) == (32, 2)  # child wins, parent's other keys kept
+    assert (cfg.memory.sink_size, cfg.memory.bank_size) == (2, 4)
+
+
+def test_base_yaml_errors(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("base: b.yaml\n")
+    b.write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        config_lib.load(str(a))
+    a.write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
+        config_lib.load(str(a))
+    a.write_text("base: [1, 2]\n")
+    with pytest.raises(ConfigError, match="must be a path"):
+        config_lib.load(str(a))
+
+
+def test_storyworld_configs_share_the_architecture():
+    import glob
+
+    import memflow_jax.training.trainer  # noqa: F401  (registers the run / teacher_model sections)
+
+    base = config_lib.load("configs/storyworld.yaml")
+    for path in sorted(glob.glob("configs/storyworld_*.yaml")):
+        cfg = config_lib.load(path)
+        assert cfg.model == base.model and cfg.text == base.text and cfg.vae == base.vae, path
+        if cfg.train.recipe not in ("vae", "teacher"):
+            assert cfg.teacher_model == base.model, path  # the storyworld teacher has the generator's shape

@@ -15,9 +15,9 @@ from memflow_jax.nn import dit, t5 as t5_nn, vae as vae_nn
 from memflow_jax.pipeline import TINY_TOKENIZER
 
 
-def test_default_run_writes_a_playable_mp4(tmp_path, capsys):
+def test_random_weight_run_writes_a_playable_mp4(tmp_path, capsys):
     out = tmp_path / "v.mp4"
-    assert sample.main(["--out", str(out), "--save-latents"]) == 0
+    assert sample.main(["--ckpt", "none", "--out", str(out), "--save-latents"]) == 0
     log = capsys.readouterr().out
     assert "RANDOM weights" in log
     cfg = config_lib.load(sample.DEFAULT_CONFIG)

@@ -1,0 +1,648 @@
+"""Storyworld memory evaluation: does the streaming model keep a returning object's hidden attribute?
+
+For N held-out narrative scripts (an object leaves and later comes back), every memory mode and every sampling
+seed: generate the video from the script's prompts (prompt switches on chunk boundaries), decode it, and score it
+against the script's ground truth (``memflow_jax.storyworld.metrics``): prompt adherence per segment,
+re-appearance consistency of the hidden attribute (hue / pattern) and temporal smoothness; plus the generation
+speed. The DiT / VAE / text params are loaded once; only the sampler's memory config changes between modes.
+
+    python benchmarks/storyworld_eval.py --ckpt memflow_jax/assets/storyworld --num-scripts 8 --seeds 0,1,2 \
+        --modes none,sink,nam,nam+sma --json outputs/storyworld_eval.json
+    python benchmarks/storyworld_eval.py --tiny --json /tmp/sw_tiny.json   # CPU smoke run, random weights
+
+Held-out split. Training scripts come from ``storyworld.dataset.make_example``:
+``SeedSequence([dataset_seed, index])`` with dataset seeds >= 0 and no spawn key. Evaluation script ``i`` uses
+``SeedSequence([split_seed, i], spawn_key=(EVAL_SPAWN_KEY,))``: the spawn key enters numpy's seed hash, so the
+streams are distinct from every training stream whatever the dataset seed (``--split-seed`` picks another
+held-out set; 0 is the reported one).
+
+Alignment (derived from ``cfg.sampler.vae_stride[0]`` = s and ``cfg.sampler.chunk_frames`` = c): latent frame 0
+decodes to 1 video frame and each later latent frame to s, so ``n`` latent frames are ``1 + s(n - 1)`` video
+frames and a prompt switch at latent frame L (a multiple of c) starts at video frame ``sL - (s - 1)``. A script
+is sampled with segments of whole chunks (``s * c`` video frames each) and then its first segment is shortened
+by ``s - 1`` frames, so every segment boundary of the ground truth is exactly where the model switches prompt.
+
+Spread: each metric is first averaged over the scripts for one sampling seed; the table shows the mean over
+seeds ± the sample standard deviation over seeds (ddof 1) and [min, max] of the per-seed means. FPS = video
+frames / seconds of ``pipeline.generate`` (text encoding, streaming DiT, streaming VAE decode), measured after
+one untimed warm-up generation per mode that compiles every step (its time is reported separately).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `python benchmarks/storyworld_eval.py` without an installed package
+    sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+
+from memflow_jax.storyworld import captions as C  # noqa: E402
+from memflow_jax.storyworld import metrics as M  # noqa: E402
+from memflow_jax.storyworld import render as R  # noqa: E402
+from memflow_jax.storyworld import scene as S  # noqa: E402
+from memflow_jax.storyworld import scripts as SC  # noqa: E402
+
+EVAL_SPAWN_KEY = 0x5E7E7A1  # spawn key of the held-out evaluation scripts (training streams have none)
+DEFAULT_CKPT = os.path.join(ROOT, "memflow_jax", "assets", "storyworld")
+TINY_CONFIG = os.path.join(ROOT, "configs", "tiny.yaml")
+# tiny.yaml is 64 x 64 with a VAE of spatial stride 8 and temporal stride 4: storyworld renders that natively
+# (render.check_resolution wants multiples of 8); pinned here so the smoke run survives edits of tiny.yaml.
+TINY_OVERRIDES = ("sampler.height=64", "sampler.width=64")
+ALL_MODES = ("none", "sink", "nam", "nam+sma")
+BASELINES = ("none", "sink")  # the memory-less / sink-only modes the memory modes are compared against
+MAX_SCRIPT_TRIES = 64
+# (key, table header, better direction: +1 higher is better, -1 lower, 0 no direction)
+METRICS: tuple[tuple[str, str, int], ...] = (
+    ("adherence", "adherence", +1),
+    ("consistency_pass_rate", "reappear. pass", +1),
+    ("consistency_distance", "reappear. dist", -1),
+    ("smoothness", "smoothness (|dF|)", 0),
+)
+
+
+class EvalError(RuntimeError):
+    """A setup that cannot produce a meaningful evaluation (message says what to change)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Latent <-> video frame alignment
+# --------------------------------------------------------------------------------------------------
+
+
+def video_frames(num_latent: int, t_stride: int) -> int:
+    """Video frames decoded from ``num_latent`` latent frames: ``1 + s(n - 1)``."""
+    if num_latent < 1 or t_stride < 1:
+        raise ValueError(f"num_latent={num_latent} and t_stride={t_stride} must be >= 1")
+    return 1 + t_stride * (num_latent - 1)
+
+
+def latent_to_video_start(latent_frame: int, t_stride: int) -> int:
+    """First video frame decoded from latent frame ``L``: 0 for L = 0, else ``sL - (s - 1)``."""
+    return 0 if latent_frame == 0 else t_stride * latent_frame - (t_stride - 1)
+
+
+def video_to_latent_start(video_frame: int, t_stride: int) -> int:
+    """Inverse of :func:`latent_to_video_start` (raises for a frame that starts no latent frame)."""
+    if video_frame == 0:
+        return 0
+    latent, rem = divmod(video_frame + t_stride - 1, t_stride)
+    if rem or latent < 1:
+        raise ValueError(f"video frame {video_frame} is not the first frame of a latent frame (stride {t_stride})")
+    return latent
+
+
+def eval_rng(split_seed: int, index: int) -> np.random.Generator:
+    """The generator of held-out script ``index`` (see the module docstring for the split convention)."""
+    if split_seed < 0 or index < 0:
+        raise ValueError(f"split_seed={split_seed} and index={index} must be >= 0")
+    return np.random.default_rng(np.random.SeedSequence([int(split_seed), int(index)],
+                                                        spawn_key=(EVAL_SPAWN_KEY,)))
+
+
+@dataclasses.dataclass
+class EvalScript:
+    """One held-out script, its model timeline and its ground truth."""
+
+    index: int
+    script: S.Script
+    render_seed: int
+    prompts: list[str]
+    latent_switch_frames: tuple[int, ...]  # where prompts[1:] start, latent frames (multiples of the chunk)
+    video_start_frames: tuple[int, ...]  # where every segment starts, video frames (first is 0)
+    num_latent_frames: int
+    video: np.ndarray  # [T, H, W, 3] uint8 ground truth
+    annotations: dict[str, Any]
+    returning: list[tuple[int, int, int]]  # (object, leave segment, return segment)
+    tries: int
+
+    @property
+    def num_video_frames(self) -> int:
+        return int(self.video.shape[0])
+
+
+def sample_aligned_script(rng: np.random.Generator, *, num_latent: int, chunk: int, t_stride: int,
+                          max_objects: int = 3) -> S.Script:
+    """A 3..min(6, chunks) segment narrative whose segment boundaries fall on the model's chunk boundaries in
+    video frames: segment lengths ``k * s * c`` except the first, ``k * s * c - (s - 1)``; total
+    ``video_frames(num_latent, s)``."""
+    if num_latent % chunk:
+        raise ValueError(f"num_latent={num_latent} is not a multiple of the chunk size {chunk}")
+    n_chunks = num_latent // chunk
+    if n_chunks < 3:
+        raise EvalError(f"{n_chunks} chunks ({num_latent} latent frames) cannot hold 3 segments (a leave and a "
+                        f"later return); give >= 3 chunks (--max-chunks / sampler.num_output_frames)")
+    unit = t_stride * chunk  # video frames of a chunk after the first
+    n_seg = int(rng.integers(3, min(6, n_chunks) + 1))
+    script = SC.sample_script(rng, num_segments=n_seg, max_objects=max_objects, segment_frames=(unit, unit),
+                              num_frames=t_stride * num_latent, frame_multiple=unit)
+    segs = list(script.segments)
+    segs[0] = dataclasses.replace(segs[0], duration=segs[0].duration - (t_stride - 1))
+    return S.Script(script.objects, tuple(segs))
+
+
+def latent_switches(script: S.Script, t_stride: int, chunk: int) -> tuple[int, ...]:
+    """The latent frames where the script's segments 2.. start (checked to be chunk boundaries)."""
+    out = tuple(video_to_latent_start(v, t_stride) for v in script.switch_frames)
+    bad = [f for f in out if f % chunk]
+    if bad:
+        raise ValueError(f"switches at latent frames {bad} are not chunk boundaries (chunk {chunk})")
+    return out
+
+
+def _gt_measurable(video: np.ndarray, ann: dict[str, Any]) -> bool:
+    """The ground truth itself shows a returning object whole on both sides of its gap."""
+    recs = M.reappearance_consistency(video, ann)
+    return any(np.isfinite(r["distance"]) for r in recs)
+
+
+def make_eval_script(index: int, *, split_seed: int, num_latent: int, chunk: int, t_stride: int, height: int,
+                     width: int, fps: int) -> EvalScript:
+    """Held-out script ``index``: re-drawn (same generator) until an object leaves and returns and the ground
+    truth measures that return."""
+    rng = eval_rng(split_seed, index)
+    for tries in range(1, MAX_SCRIPT_TRIES + 1):
+        script = sample_aligned_script(rng, num_latent=num_latent, chunk=chunk, t_stride=t_stride)
+        render_seed = int(rng.integers(0, 2**31 - 1))
+        returning = SC.returning_objects(script)
+        if not returning:
+            continue
+        video, ann = R.render_video(script, render_seed, None, height, width, fps)
+        if not _gt_measurable(video, ann):
+            continue
+        want = video_frames(num_latent, t_stride)
+        if video.shape[0] != want:  # guards the alignment arithmetic above
+            raise AssertionError(f"ground truth has {video.shape[0]} frames, the model makes {want}")
+        return EvalScript(index, script, render_seed, C.script_prompts(script),
+                          latent_switches(script, t_stride, chunk), tuple(script.start_frames), num_latent,
+                          video, ann, returning, tries)
+    raise EvalError(f"script {index}: no script with a measurable return in {MAX_SCRIPT_TRIES} draws for "
+                    f"{num_latent} latent frames; use more chunks")
+
+
+# --------------------------------------------------------------------------------------------------
+# Config, modes, components
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_mode(name: str) -> dict[str, Any]:
+    """``none`` | ``sink`` | ``nam`` with an optional ``+sma`` -> memory overrides."""
+    base, _, extra = name.partition("+")
+    if base not in ("none", "sink", "nam") or extra not in ("", "sma"):
+        raise EvalError(f"memory mode {name!r}: use none | sink | nam, optionally with +sma (e.g. nam+sma)")
+    return {"mode": base, "sma": extra == "sma"}
+
+
+def mode_overrides(name: str) -> list[str]:
+    m = parse_mode(name)
+    return [f"memory.mode={m['mode']}", f"memory.sma={'true' if m['sma'] else 'false'}"]
+
+
+def resolve_source(args: argparse.Namespace) -> tuple[str | None, str | None, list[str]]:
+    """(checkpoint dir or None for random weights, config YAML, base overrides)."""
+    overrides = ["sampler.batch_size=1"] + list(args.overrides)
+    if args.tiny:
+        if args.ckpt:
+            raise EvalError("--tiny runs random weights: drop --ckpt (or drop --tiny to evaluate the checkpoint)")
+        return None, args.config or TINY_CONFIG, list(TINY_OVERRIDES) + overrides
+    ckpt = args.ckpt
+    if ckpt is None:
+        if not os.path.isdir(DEFAULT_CKPT):
+            raise EvalError(f"no --ckpt given and the demo checkpoint {DEFAULT_CKPT} does not exist (not trained / "
+                            f"shipped yet): pass --ckpt DIR (a converted checkpoint) or --tiny for a random-weight "
+                            f"smoke run")
+        ckpt = DEFAULT_CKPT
+    elif not os.path.isdir(ckpt):
+        raise EvalError(f"--ckpt {ckpt}: no such directory")
+    return ckpt, args.config, overrides
+
+
+def build_config(ckpt: str | None, config: str | None, overrides: Sequence[str]):
+    from memflow_jax import config as config_lib
+    from memflow_jax.pipeline import config_from_checkpoint
+
+    if ckpt is not None:
+        return config_from_checkpoint(ckpt, list(overrides), config)
+    return config_lib.load(config, list(overrides))
+
+
+def check_config(cfg) -> tuple[int, int]:
+    """(temporal stride, chunk) after checking that storyworld can render the config's frames."""
+    s = cfg.sampler
+    t_stride = int(s.vae_stride[0])
+    vae_t = 2 ** sum(bool(t) for t in cfg.vae.temporal_downsample)
+    if vae_t != t_stride:
+        raise EvalError(f"sampler.vae_stride[0]={t_stride} but the VAE's temporal stride is {vae_t} "
+                        f"(vae.temporal_downsample={cfg.vae.temporal_downsample}): fix one of them")
+    try:
+        R.check_resolution(s.height, s.width)
+    except ValueError as e:
+        raise EvalError(f"storyworld cannot render sampler.height x width = {s.height}x{s.width}: {e}") from None
+    return t_stride, int(s.chunk_frames)
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation and scoring
+# --------------------------------------------------------------------------------------------------
+
+
+def randomise_zero_head(params: Any, seed: int) -> tuple[Any, bool]:
+    """(params, changed): Wan initialises the DiT's output projection to zero, so a random-weight DiT predicts
+    the same flow whatever it attends to and every memory mode would give the same video. For random-weight
+    smoke runs this draws that kernel (normal, Xavier scale) so the modes' outputs differ."""
+    import jax
+
+    try:
+        kernel = params["head"]["head"]["kernel"]  # [dim, out_dim * prod(patch)]
+    except (KeyError, TypeError):
+        return params, False
+    if np.any(np.asarray(kernel)):
+        return params, False
+    fan_in, fan_out = kernel.shape
+    new = jax.random.normal(jax.random.PRNGKey(seed), kernel.shape, kernel.dtype) * np.sqrt(2.0 / (fan_in + fan_out))
+    out = dict(params)
+    out["head"] = dict(out["head"])
+    out["head"]["head"] = dict(out["head"]["head"], kernel=new.astype(kernel.dtype))
+    return out, True
+
+
+def generate_video(comp, prompts: Sequence[str], switches: Sequence[int], num_latent: int, seed: int
+                   ) -> tuple[np.ndarray, float]:
+    """(decoded video uint8 [T, H, W, 3] of batch item 0, seconds of ``pipeline.generate``)."""
+    from memflow_jax.io.video import pixels_to_uint8
+    from memflow_jax.pipeline import generate
+    from memflow_jax.sampling.timeline import Timeline
+
+    chunks: list[np.ndarray] = []
+
+    def on_chunk(i: int, lat: np.ndarray, pix: np.ndarray | None) -> None:
+        if pix is None:
+            raise EvalError("the pipeline returned no pixels (no VAE params): the evaluation needs decoded frames")
+        chunks.append(pix[0])  # [F, 3, H, W]
+
+    t0 = time.perf_counter()
+    generate(comp, Timeline(tuple(prompts), tuple(switches)), num_frames=num_latent, seed=seed, on_chunk=on_chunk)
+    seconds = time.perf_counter() - t0  # generate returns host arrays: all work is done
+    return pixels_to_uint8(np.concatenate(chunks, axis=0)), seconds
+
+
+def _f(x: Any) -> float:
+    return float(x) if x is not None else float("nan")
+
+
+def score(video: np.ndarray, ann: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """(metrics, reasons for non-finite values) of one video against its ground truth."""
+    t_ann = len(ann["segment_id"])
+    if video.shape[0] != t_ann:
+        raise EvalError(f"the generated video has {video.shape[0]} frames but the ground truth has {t_ann}: the "
+                        f"latent->video frame mapping (sampler.vae_stride[0]) does not match the VAE decoder")
+    ev = M.evaluate(video, ann)
+    events = [{"object": int(r["object"]), "gap": [int(g) for g in r["gap"]],
+               "frames_before": int(r["frames_before"]), "frames_after": int(r["frames_after"]),
+               "hue_distance": _f(r["hue_distance"]), "pattern_distance": _f(r["pattern_distance"]),
+               "distance": _f(r["distance"]), "passed": bool(r["passed"])} for r in ev["consistency"]]
+    out = {"adherence": float(ev["adherence"]),
+           "adherence_per_segment": [float(p["score"]) for p in ev["adherence_detail"]["per_segment"]],
+           "adherence_checks": {k: float(ev["adherence_detail"][k])
+                                for k in ("present", "shape", "absent", "background") if k in ev["adherence_detail"]},
+           "consistency_pass_rate": float(ev["consistency_pass_rate"]),
+           "consistency_distance": float(ev["consistency_distance"]),
+           "consistency_events": events,
+           "smoothness": float(ev["smoothness"])}
+    reasons = {}
+    if not events:
+        reasons["consistency_pass_rate"] = "the ground truth shows no object whole on both sides of a gap"
+        reasons["consistency_distance"] = reasons["consistency_pass_rate"]
+    elif not np.isfinite(out["consistency_distance"]):
+        reasons["consistency_distance"] = ("no return event measurable in the video: the returning object's "
+                                           "colour covers < half its area before or after the gap")
+    return out, reasons
+
+
+def _finite_mean(values: Sequence[float]) -> float:
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else float("nan")
+
+
+def _std(v: np.ndarray) -> float:
+    return float(np.std(v, ddof=1)) if v.size >= 2 else float("nan")
+
+
+def aggregate(runs: list[dict[str, Any]], seeds: Sequence[int]) -> dict[str, Any]:
+    """Per-seed means over scripts, then mean / std / min / max over seeds (NaN values carry a reason)."""
+    out: dict[str, Any] = {}
+    for key, _, _ in METRICS:
+        per_seed, reasons = [], set()
+        for sd in seeds:
+            vals = np.asarray([r["metrics"][key] for r in runs if r["seed"] == sd], np.float64)
+            reasons |= {r["reasons"][key] for r in runs if r["seed"] == sd and key in r["reasons"]}
+            finite = vals[np.isfinite(vals)]
+            per_seed.append(float(finite.mean()) if finite.size else float("nan"))
+        out[key] = _summary(per_seed, sorted(reasons))
+    per_seed_fps = []
+    for sd in seeds:
+        rs = [r for r in runs if r["seed"] == sd]
+        per_seed_fps.append(sum(r["video_frames"] for r in rs) / sum(r["seconds"] for r in rs))
+    out["fps"] = _summary(per_seed_fps, [])
+    return out
+
+
+def _summary(per_seed: list[float], reasons: list[str]) -> dict[str, Any]:
+    v = np.asarray(per_seed, np.float64)
+    fin = v[np.isfinite(v)]
+    s = {"mean": float(fin.mean()) if fin.size else float("nan"), "std": _std(fin),
+         "min": float(fin.min()) if fin.size else float("nan"), "max": float(fin.max()) if fin.size else float("nan"),
+         "per_seed": per_seed, "n_seeds": int(fin.size)}
+    why = {}
+    if not fin.size:
+        why["mean"] = why["min"] = why["max"] = "; ".join(reasons) or "no finite value"
+    if fin.size == 1:
+        why["std"] = "one seed with a finite value: no seed-to-seed spread (pass --seeds with >= 2 seeds)"
+    elif not fin.size:
+        why["std"] = why["mean"]
+    if fin.size < v.size and fin.size:
+        why["per_seed"] = "; ".join(reasons) or "some seeds have no finite value"
+    if why:
+        s["reasons"] = why
+    return s
+
+
+def compare(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each memory mode against each baseline (none / sink) per metric with a direction: mean difference, the
+    per-seed paired differences, and whether the gain exceeds the seed-to-seed spread (better on every seed
+    and by more than the larger of the two seed stds)."""
+    out = []
+    bases = [b for b in BASELINES if b in summary]
+    for mode in summary:
+        if mode in BASELINES:
+            continue
+        for base in bases:
+            for key, _, sign in METRICS:
+                if sign == 0:
+                    continue
+                a, b = summary[mode][key], summary[base][key]
+                pa, pb = np.asarray(a["per_seed"], np.float64), np.asarray(b["per_seed"], np.float64)
+                paired = sign * (pa - pb)
+                ok = np.isfinite(paired)
+                gain = float(sign * (a["mean"] - b["mean"]))
+                stds = [x for x in (a["std"], b["std"]) if np.isfinite(x)]
+                spread = max(stds) if len(stds) == 2 else float("nan")
+                if not np.isfinite(gain) or not ok.any():
+                    verdict = "n/a (no finite values)"
+                elif ok.sum() < 2 or not np.isfinite(spread):
+                    verdict = "n/a (needs >= 2 seeds for a spread)"
+                elif (paired[ok] > 0).all() and gain > spread:
+                    verdict = "better by more than the seed spread"
+                elif gain > 0:
+                    verdict = "better, within the seed spread"
+                else:
+                    verdict = "not better"
+                out.append({"mode": mode, "baseline": base, "metric": key, "gain": gain, "spread": spread,
+                            "paired_gain_min": float(np.min(paired[ok])) if ok.any() else float("nan"),
+                            "paired_gain_max": float(np.max(paired[ok])) if ok.any() else float("nan"),
+                            "verdict": verdict})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+
+
+def _cell(s: dict[str, Any], fmt: str = "{:.3f}") -> str:
+    if not np.isfinite(s["mean"]):
+        return "n/a"
+    txt = fmt.format(s["mean"])
+    if np.isfinite(s["std"]):
+        txt += f" ± {fmt.format(s['std'])} [{fmt.format(s['min'])}, {fmt.format(s['max'])}]"
+    return txt
+
+
+def format_table(summary: dict[str, dict[str, Any]], gt: dict[str, float]) -> str:
+    heads = ["mode"] + [h for _, h, _ in METRICS] + ["FPS"]
+    rows = [heads, ["---"] * len(heads)]
+    for mode, s in summary.items():
+        rows.append([mode] + [_cell(s[k]) for k, _, _ in METRICS] + [_cell(s["fps"], "{:.1f}")])
+    rows.append(["ground truth"] + [f"{gt[k]:.3f}" if np.isfinite(gt[k]) else "n/a" for k, _, _ in METRICS]
+                + ["–"])
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+def _jsonable(x: Any) -> Any:
+    """Strict JSON: non-finite floats -> None (their reasons sit beside them), numpy -> Python."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(float(x)) else None
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+def write_json(path: str, report: dict[str, Any]) -> None:
+    """Atomic: a temporary sibling, then ``os.replace``."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(_jsonable(report), f, indent=1, allow_nan=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=None, help=f"converted checkpoint dir (default: {DEFAULT_CKPT} if present)")
+    p.add_argument("--config", default=None, help="YAML: with --ckpt, sections layered on the stored config; with "
+                                                  "--tiny, the random-weight config (default configs/tiny.yaml)")
+    p.add_argument("--num-scripts", type=int, default=None, help="held-out scripts (default 8; --tiny: 1)")
+    p.add_argument("--seeds", default=None, help="comma-separated sampling seeds (default 0,1,2; --tiny: 0,1)")
+    p.add_argument("--modes", default=",".join(ALL_MODES), help="memory modes: none|sink|nam[+sma], comma-separated")
+    p.add_argument("--split-seed", type=int, default=0, help="held-out split (see the module docstring)")
+    p.add_argument("--json", default=None, help="write every per-script per-seed number and the summary here")
+    p.add_argument("--tiny", action="store_true", help="configs/tiny.yaml, random weights: a CPU smoke run")
+    p.add_argument("--max-chunks", type=int, default=None, help="generate at most this many chunks (>= 3)")
+    p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run per mode (FPS then "
+                                                            "includes compilation)")
+    p.add_argument("overrides", nargs="*", help="config overrides section.key=value (memory.mode/sma are set "
+                                                "per mode)")
+    return p.parse_args(argv)
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise EvalError(f"--seeds {text!r}: give comma-separated integers, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise EvalError(f"--seeds {text!r}: give one or more distinct integers")
+    return seeds
+
+
+def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The evaluation; returns the report (also written to ``--json``)."""
+    t_start = time.perf_counter()
+    ckpt, config, overrides = resolve_source(args)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or len(set(modes)) != len(modes):
+        raise EvalError(f"--modes {args.modes!r}: give one or more distinct modes")
+    for m in modes:
+        parse_mode(m)
+    seeds = _seeds(args.seeds or ("0,1" if args.tiny else "0,1,2"))
+    num_scripts = args.num_scripts if args.num_scripts is not None else (1 if args.tiny else 8)
+    if num_scripts < 1:
+        raise EvalError("--num-scripts must be >= 1")
+    if any(o.split("=", 1)[0] in ("memory.mode", "memory.sma") for o in args.overrides):
+        raise EvalError("memory.mode / memory.sma are set per mode: choose them with --modes")
+
+    cfg = build_config(ckpt, config, overrides)
+    mode_cfgs = {m: build_config(ckpt, config, overrides + mode_overrides(m)) for m in modes}
+    for m, c in mode_cfgs.items():  # the params are shared: only the memory section may differ
+        for name, section in cfg.sections:
+            if name != "memory" and getattr(c, name) != section:
+                raise AssertionError(f"mode {m} changed config section {name!r}")
+    t_stride, chunk = check_config(cfg)
+    s = cfg.sampler
+    num_latent = int(s.num_output_frames)
+    if args.max_chunks is not None:
+        if args.max_chunks < 3:
+            raise EvalError(f"--max-chunks {args.max_chunks}: a script needs >= 3 chunks (3 segments)")
+        num_latent = min(num_latent, args.max_chunks * chunk)
+    n_video = video_frames(num_latent, t_stride)
+
+    # ground truth
+    t0 = time.perf_counter()
+    scripts = [make_eval_script(i, split_seed=args.split_seed, num_latent=num_latent, chunk=chunk,
+                                t_stride=t_stride, height=s.height, width=s.width, fps=s.fps)
+               for i in range(num_scripts)]
+    gt_metrics = [score(e.video, e.annotations) for e in scripts]
+    log(f"{num_scripts} held-out script(s) (split seed {args.split_seed}): {num_latent} latent frames = "
+        f"{num_latent // chunk} chunks = {n_video} video frames at {s.height}x{s.width}, {s.fps} fps; rendered "
+        f"and scored in {time.perf_counter() - t0:.1f}s")
+    for e in scripts:
+        log(f"  script {e.index}: {len(e.prompts)} segments, video starts {list(e.video_start_frames)}, latent "
+            f"switches {list(e.latent_switch_frames)}, returning (object, leave, return) {e.returning}")
+
+    from memflow_jax.pipeline import load_components
+
+    t0 = time.perf_counter()
+    comp = load_components(cfg, ckpt, seed=s.seed)
+    load_s = time.perf_counter() - t0
+    random_head = False
+    if comp.random_weights:
+        params, random_head = randomise_zero_head(comp.dit_params, s.seed)
+        comp = dataclasses.replace(comp, dit_params=params)
+    import jax
+
+    device = str(jax.devices()[0])
+    note = " (zero-init DiT head drawn at random so the modes differ)" if random_head else ""
+    log(f"components {'RANDOM weights (smoke run: metrics are meaningless)' if comp.random_weights else ckpt} "
+        f"loaded in {load_s:.1f}s on {device}{note}")
+
+    runs: list[dict[str, Any]] = []
+    warmup: dict[str, float] = {}
+    for mode in modes:
+        mcomp = dataclasses.replace(comp, cfg=mode_cfgs[mode])
+        if not args.no_warmup:  # a switch at every chunk: compiles the chunk step and every re-cache length
+            e0 = scripts[0]
+            n_chunks = num_latent // chunk
+            prompts = [e0.prompts[i % len(e0.prompts)] for i in range(n_chunks)]
+            _, warmup[mode] = generate_video(mcomp, prompts, [i * chunk for i in range(1, n_chunks)], num_latent,
+                                             seeds[0])
+            log(f"[{mode}] warm-up (compile + one run) {warmup[mode]:.1f}s")
+        for e in scripts:
+            for sd in seeds:
+                video, sec = generate_video(mcomp, e.prompts, e.latent_switch_frames, num_latent, sd)
+                metrics, reasons = score(video, e.annotations)
+                runs.append({"mode": mode, "script": e.index, "seed": sd, "seconds": sec,
+                             "video_frames": int(video.shape[0]), "fps": video.shape[0] / sec,
+                             "video_sha1": hashlib.sha1(video.tobytes()).hexdigest(),
+                             "metrics": metrics, "reasons": reasons})
+                log(f"[{mode}] script {e.index} seed {sd}: adherence {metrics['adherence']:.3f}, reappearance "
+                    f"pass {metrics['consistency_pass_rate']:.2f} dist {metrics['consistency_distance']:.3f}, "
+                    f"smoothness {metrics['smoothness']:.4f}, {video.shape[0] / sec:.1f} FPS ({sec:.2f}s)")
+
+    summary = {m: aggregate([r for r in runs if r["mode"] == m], seeds) for m in modes}
+    gt = {k: _finite_mean([g[0][k] for g in gt_metrics]) for k, _, _ in METRICS}
+    comparisons = compare(summary)
+    table = format_table(summary, gt)
+    log("")
+    log(table)
+    log(f"cells: mean over {len(seeds)} sampling seed(s) of the per-seed mean over {num_scripts} script(s); "
+        f"± = sample std over seeds (ddof 1); [min, max] of the per-seed means. adherence / reappear. pass: "
+        f"higher is better (ground truth ~1); reappear. dist: lower is better (<= 1 passes); smoothness = mean "
+        f"|frame difference| (lower = smoother; compare with the ground truth's). FPS excludes the warm-up"
+        f"{' (none: FPS includes compilation)' if args.no_warmup else ''}.")
+    for c in comparisons:
+        log(f"  {c['mode']} vs {c['baseline']} {c['metric']}: gain {c['gain']:+.3f} (per-seed "
+            f"{c['paired_gain_min']:+.3f}..{c['paired_gain_max']:+.3f}, seed spread {c['spread']:.3f}) -> "
+            f"{c['verdict']}")
+    if comp.random_weights:
+        log("NOTE: random weights: the generated metrics only exercise the code path.")
+
+    report = {
+        "benchmark": "storyworld_eval",
+        "setup": {"ckpt": ckpt, "config": config, "overrides": overrides, "random_weights": comp.random_weights,
+                  "random_head": random_head,
+                  "modes": modes, "mode_overrides": {m: mode_overrides(m) for m in modes}, "seeds": seeds,
+                  "num_scripts": num_scripts, "num_latent_frames": num_latent, "num_video_frames": n_video,
+                  "chunk_frames": chunk, "vae_temporal_stride": t_stride, "height": s.height, "width": s.width,
+                  "fps": s.fps, "device": device, "platform": platform.platform(), "load_seconds": load_s,
+                  "warmup": not args.no_warmup},
+        "split": {"split_seed": args.split_seed, "eval_spawn_key": EVAL_SPAWN_KEY,
+                  "convention": "eval script i: SeedSequence([split_seed, i], spawn_key=(eval_spawn_key,)); "
+                                "training (storyworld.dataset): SeedSequence([dataset_seed, index]), no spawn key"},
+        "spread": "std = sample std (ddof 1) over the per-seed means (mean over scripts); min/max of those",
+        "scripts": [{"index": e.index, "render_seed": e.render_seed, "prompts": e.prompts,
+                     "latent_switch_frames": list(e.latent_switch_frames),
+                     "video_start_frames": list(e.video_start_frames), "num_video_frames": e.num_video_frames,
+                     "returning_objects": [list(r) for r in e.returning], "draws": e.tries,
+                     "script": S.script_to_dict(e.script), "ground_truth": g, "ground_truth_reasons": why}
+                    for e, (g, why) in zip(scripts, gt_metrics)],
+        "ground_truth": gt,
+        "warmup_seconds": warmup,
+        "runs": runs,
+        "summary": summary,
+        "comparisons": comparisons,
+        "table": table,
+        "total_seconds": time.perf_counter() - t_start,
+    }
+    if args.json:
+        write_json(args.json, report)
+        log(f"wrote {args.json}")
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from memflow_jax.config import ConfigError
+
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (EvalError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Encode a storyworld dataset to normalised VAE latents (the data of the teacher / ODE recipes).
+
+    python -m memflow_jax.data.encode_latents --config configs/storyworld.yaml --vae RUN_OR_CONVERTED_DIR \\
+        --data STORYWORLD_DATASET_DIR --out OUT_DIR [--batch-size 8] [--stats-from-samples 512] [--frames N] \\
+        [section.key=value ...]
+
+``--vae``: a ``train.recipe=vae`` run folder (newest checkpoint, EMA params if saved), a converted checkpoint
+folder or a ``Wan2.1_VAE.pth`` (:func:`memflow_jax.training.trainer.load_vae_host`); its architecture is the
+config's ``vae`` section.
+
+Pass 1 encodes (posterior mean ``mu``, no sampling) a seeded subset of ``--stats-from-samples`` clips and
+measures the per-channel mean / std of their latents; pass 2 encodes every clip and writes
+``(mu - mean) * (1 / std)``, the convention of ``vae.encode(normalize=True)`` with ``vae.latent_mean`` /
+``vae.latent_std`` set to the measured values (so a sampler decoding with that config inverts it).
+
+Output folder::
+
+    latents/<i>.npz    ``latents`` float32 [F, C, h, w] + ``prompt`` (the clip's first prompt): LatentSource
+                       (of ``OUT_DIR`` or ``OUT_DIR/latents``: the only sample files in the folder)
+    latents.jsonl      the same as a manifest (LatentSource.from_manifest)
+    vae/               converted checkpoint: component "vae" + config.json whose vae section has the statistics
+    vae_stats.json     {"latent_mean": [...], "latent_std": [...], ...}; written last (a finished run)
+
+and it prints the config overrides ``vae.latent_mean=[...] vae.latent_std=[...]`` for later stages. Every file is
+written atomically; a rerun overwrites.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+CORE_SECTIONS = ("model", "memory", "sampler", "text", "vae")  # what a converted checkpoint's config holds
+STD_FLOOR = 1e-6
+
+
+class EncodeError(ValueError):
+    """Inputs that do not fit together (resolution, clip length, VAE architecture, ...)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m memflow_jax.data.encode_latents", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML whose vae / sampler sections describe the VAE and video")
+    p.add_argument("--vae", required=True, help="vae-recipe run folder | converted checkpoint folder | .pth")
+    p.add_argument("--data", required=True, help="storyworld dataset folder (python -m memflow_jax.storyworld.export)")
+    p.add_argument("--out", required=True, help="output folder (created; existing files are replaced)")
+    p.add_argument("--batch-size", type=int, default=8, help="clips per encoder call")
+    p.add_argument("--stats-from-samples", type=int, default=512,
+                   help="clips (seeded random subset) whose latents give the per-channel mean / std")
+    p.add_argument("--frames", type=int, default=None,
+                   help="encode the first N frames of every video (N = 1 + k * time stride); default: the whole "
+                        "video, which must then have that form and the same length for every clip")
+    p.add_argument("--seed", type=int, default=0, help="seed of the statistics subset")
+    p.add_argument("--workers", type=int, default=4, help="threads reading / decoding records")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    return p
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks and batching
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_lengths(data_dir: str, n: int) -> np.ndarray:
+    path = os.path.join(data_dir, "index.jsonl")
+    with open(path, encoding="utf-8") as f:
+        lengths = np.asarray([int(json.loads(line)["num_frames"]) for line in f if line.strip()], np.int64)
+    if len(lengths) != n:
+        raise EncodeError(f"{path} lists {len(lengths)} examples, meta.json {n}: the dataset folder is incomplete")
+    return lengths
+
+
+def clip_frames(lengths: np.ndarray, frames: int | None, time_stride: int) -> int:
+    """Frames encoded per clip: ``frames`` or the common video length; checked to be ``1 + time_stride * k``."""
+    if frames is None:
+        distinct = sorted(set(int(x) for x in lengths))
+        if len(distinct) > 1:
+            raise EncodeError(f"videos have different lengths ({distinct[:8]}{' ...' if len(distinct) > 8 else ''} "
+                              f"frames); pass --frames N (N = 1 + {time_stride}k <= {distinct[0]}) to encode the "
+                              "first N frames of each")
+        frames = distinct[0]
+        where = f"the videos have {frames} frames"
+    else:
+        where = f"--frames {frames}"
+    if frames < 1 or (frames - 1) % time_stride:
+        lo = 1 + max(frames - 1, 0) // time_stride * time_stride
+        raise EncodeError(f"{where}, but the VAE encodes T = 1 + {time_stride}k frames (1, {1 + time_stride}, "
+                          f"{1 + 2 * time_stride}, ...): pass --frames {lo}, or export clips of such a length "
+                          f"(storyworld.export --clip-frames {lo + time_stride})")
+    short = int((lengths < frames).sum())
+    if short:
+        raise EncodeError(f"{short} video(s) are shorter than {frames} frames (shortest {int(lengths.min())}); pass "
+                          "a smaller --frames")
+    return int(frames)
+
+
+def _batches(indices: Sequence[int], batch_size: int) -> list[list[int]]:
+    return [list(indices[i:i + batch_size]) for i in range(0, len(indices), batch_size)]
+
+
+def _prefetch(fn: Callable[[list[int]], Any], batches: list[list[int]], workers: int,
+              depth: int = 2) -> Iterator[Any]:
+    """``fn(batch)`` for every batch in order, at most ``depth`` batches read ahead in a thread pool."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        queue: collections.deque = collections.deque()
+        it = iter(batches)
+        for b in it:
+            queue.append(pool.submit(fn, b))
+            if len(queue) > depth:
+                break
+        while queue:
+            yield queue.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                queue.append(pool.submit(fn, nxt))
+
+
+def _format_floats(values: Sequence[float]) -> str:
+    """``[a,b,...]`` with the shortest digits that round-trip each value as float32 (no spaces: one shell word)."""
+    return "[" + ",".join(np.format_float_positional(np.float32(v), unique=True, trim="0") for v in values) + "]"
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoding
+# --------------------------------------------------------------------------------------------------
+
+
+def make_encoder(params: Any, vae_cfg: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """``fn(uint8 video [B, T, H, W, 3]) -> raw mu [B, T', z, h, w]`` float32 (one compile per batch shape)."""
+    import jax
+    import jax.numpy as jnp
+
+    from memflow_jax.nn import vae as vae_lib
+
+    params = jax.device_put(params)
+
+    @jax.jit
+    def enc(p, video):
+        x = jnp.transpose(video, (0, 4, 1, 2, 3)).astype(jnp.float32) / 127.5 - 1.0  # [B, 3, T, H, W] in [-1, 1]
+        return vae_lib.encode(p, vae_cfg, x, normalize=False)  # [B, T', z, h, w]
+
+    return lambda video: np.asarray(enc(params, video), np.float32)
+
+
+def encode_dataset(cfg: Any, vae_params: Any, data_dir: str, out_dir: str, batch_size: int = 8,
+                   stats_from_samples: int = 512, frames: int | None = None, seed: int = 0, workers: int = 4,
+                   progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Both passes (see the module docstring); returns the statistics record written to ``vae_stats.json``."""
+    from memflow_jax.convert.common import save_converted
+    from memflow_jax.data.latents import manifest_line, write_latent_file
+    from memflow_jax.nn import vae as vae_lib
+    from memflow_jax.storyworld.dataset import StoryworldSource
+
+    if batch_size < 1:
+        raise EncodeError(f"--batch-size {batch_size} must be >= 1")
+    if stats_from_samples < 1:
+        raise EncodeError(f"--stats-from-samples {stats_from_samples} must be >= 1")
+    vcfg, s = cfg.vae, cfg.sampler
+    ts, ss = vae_lib.time_stride(vcfg), vae_lib.space_stride(vcfg)
+    src = StoryworldSource(data_dir)
+    h, w = int(src.meta["height"]), int(src.meta["width"])
+    if (h, w) != (s.height, s.width):
+        raise EncodeError(f"{data_dir}: videos are {h}x{w} px, the config's sampler.height x width is "
+                          f"{s.height}x{s.width}; export the dataset at that size (storyworld.export --height "
+                          f"{s.height} --width {s.width}) or fix the config")
+    if h % ss or w % ss:
+        raise EncodeError(f"{h}x{w} px is not a multiple of the VAE's spatial stride {ss}")
+    n = len(src)
+    nf = clip_frames(_read_lengths(src.path, n), frames, ts)
+    encode = make_encoder(vae_params, vcfg)
+
+    def load(batch: list[int]) -> tuple[list[int], np.ndarray, list[str]]:
+        recs = [src[i] for i in batch]
+        video = np.stack([r["video"][:nf] for r in recs])  # [b, nf, H, W, 3] uint8
+        if len(batch) < batch_size:  # pad: one compiled shape for every batch
+            video = np.concatenate([video, np.repeat(video[-1:], batch_size - len(batch), axis=0)])
+        return batch, video, [str(r["prompts"][0]) for r in recs]
+
+    def bar(total: int, desc: str):
+        if not progress:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit="clip", dynamic_ncols=True)
+
+    # pass 1: per-channel statistics of mu over a seeded subset (float64 accumulators)
+    rng = np.random.default_rng(seed)
+    subset = np.sort(rng.choice(n, size=min(stats_from_samples, n), replace=False)).tolist()
+    z = vcfg.z_dim
+    s1, s2, count = np.zeros(z), np.zeros(z), 0
+    pb = bar(len(subset), "stats")
+    for batch, video, _ in _prefetch(load, _batches(subset, batch_size), workers):
+        mu = encode(video)[:len(batch)].astype(np.float64)  # [b, T', z, h, w]
+        s1 += mu.sum(axis=(0, 1, 3, 4))
+        s2 += np.square(mu).sum(axis=(0, 1, 3, 4))
+        count += mu.size // z
+        if pb is not None:
+            pb.update(len(batch))
+    if pb is not None:
+        pb.close()
+    mean = s1 / count
+    std = np.sqrt(np.maximum(s2 / count - np.square(mean), 0.0))
+    if (std < STD_FLOOR).any():
+        log(f"warning: latent channel(s) {np.flatnonzero(std < STD_FLOOR).tolist()} are constant over the "
+            f"statistics subset (std < {STD_FLOOR}); their std is floored to {STD_FLOOR}")
+        std = np.maximum(std, STD_FLOOR)
+    mean32, std32 = mean.astype(np.float32), std.astype(np.float32)
+    inv_std = np.float32(1.0) / std32  # the float32 factor vae.encode(normalize=True) multiplies by
+
+    # pass 2: every clip, normalised, one file each
+    lat_dir = os.path.join(out_dir, "latents")
+    os.makedirs(lat_dir, exist_ok=True)
+    lines, shape = [], None
+    pb = bar(n, "encode")
+    for batch, video, prompts in _prefetch(load, _batches(list(range(n)), batch_size), workers):
+        mu = encode(video)[:len(batch)]  # [b, T', z, h, w]
+        lat = (mu - mean32[None, None, :, None, None]) * inv_std[None, None, :, None, None]
+        for i, x, prompt in zip(batch, lat, prompts):
+            name = f"{i:06d}.npz"
+            write_latent_file(os.path.join(lat_dir, name), x.astype(np.float32), prompt)
+            lines.append(manifest_line(os.path.join("latents", name), prompt))
+        shape = tuple(lat.shape[1:])
+        if pb is not None:
+            pb.update(len(batch))
+    if pb is not None:
+        pb.close()
+    _write_text(os.path.join(out_dir, "latents.jsonl"), "\n".join(lines) + "\n")
+
+    stats_cfg = cfg.replace(vae=dataclasses.replace(
+        vcfg, latent_mean=tuple(float(v) for v in mean32), latent_std=tuple(float(v) for v in std32)))
+    config_dict = {k: v for k, v in stats_cfg.to_dict().items() if k in CORE_SECTIONS}
+    stats = {"latent_mean": [float(v) for v in mean32], "latent_std": [float(v) for v in std32],
+             "num_clips": n, "stats_from_samples": len(subset), "frames": nf, "latent_shape": list(shape),
+             "data": os.path.abspath(data_dir)}
+    save_converted(os.path.join(out_dir, "vae"), {"vae": vae_params}, config_dict,
+                   extra_meta={"latent_stats": {k: stats[k] for k in ("latent_mean", "latent_std")}})
+    _write_json(os.path.join(out_dir, "vae_stats.json"), stats)
+    return stats
+
+
+def overrides_line(stats: dict[str, Any]) -> str:
+    """``vae.latent_mean=[...] vae.latent_std=[...]`` for later stages' command lines."""
+    mean, std = _format_floats(stats["latent_mean"]), _format_floats(stats["latent_std"])
+    return f"vae.latent_mean={mean} vae.latent_std={std}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from memflow_jax import config as config_lib
+    from memflow_jax.convert.common import ConversionError
+    from memflow_jax.training import trainer as trainer_lib  # registers the train / run sections; load_vae_host
+
+    t0 = time.time()
+    try:
+        cfg = config_lib.load(args.config, args.overrides)
+        params = trainer_lib.load_vae_host(args.vae, cfg.vae, "--vae")
+        stats = encode_dataset(cfg, params, args.data, args.out, batch_size=args.batch_size,
+                               stats_from_samples=args.stats_from_samples, frames=args.frames, seed=args.seed,
+                               workers=args.workers)
+    except (EncodeError, ConversionError, config_lib.ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {stats['num_clips']} latent clips {stats['latent_shape']} [F, C, h, w] to "
+          f"{os.path.join(args.out, 'latents')} in {time.time() - t0:.1f}s; VAE + statistics in "
+          f"{os.path.join(args.out, 'vae')}")
+    print(f"teacher data: train.latent_data_path={args.out} (its latents/ files; train.num_training_frames="
+          f"{stats['latent_shape'][0]})")
+    print(overrides_line(stats))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

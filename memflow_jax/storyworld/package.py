@@ -1,0 +1,125 @@
+"""Assemble the shipped storyworld demo checkpoint from the training stages' outputs.
+
+    python -m memflow_jax.storyworld.package --dit runs/storyworld/art/dmd_long --text runs/storyworld/art/text \
+        --vae data/storyworld/latents/vae --out memflow_jax/assets/storyworld
+
+Inputs are converted checkpoints (``config.json`` + Orbax components): the generator (``train.py --export``),
+the tokenizer + UMT5 (``memflow_jax.storyworld.text_model``) and the VAE with its measured latent statistics
+(``memflow_jax.data.encode_latents``). The output is one converted checkpoint with components ``dit``, ``t5``,
+``vae``, the ``tokenizer/`` folder and ``story.jsonl``: the default story of ``python sample.py`` (a held-out
+narrative of the world, one prompt per segment, switches on chunk boundaries). Written atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+import numpy as np
+
+from memflow_jax import config as config_lib
+from memflow_jax.convert.common import load_component, read_converted_meta, save_converted
+
+DEMO_STORY_TAG = 0x5709  # SeedSequence tag of the default story (training datasets use plain integer seeds)
+STORY_FILE = "story.jsonl"
+
+
+def demo_story(num_frames: int, chunk: int, seed: int = 0, num_segments: int = 4,
+               min_chunks: int = 2) -> list[dict[str, Any]]:
+    """A narrative of ``num_segments`` prompts over ``num_frames`` latent frames: ``[{"prompt", "start_frame"}]``.
+
+    Segments are whole chunks (``chunk`` latent frames each, at least ``min_chunks``); an object leaves and
+    later comes back (the storyworld script sampler guarantees it), so the story exercises the memory.
+    """
+    from memflow_jax.storyworld import captions, scripts
+
+    n_chunks = num_frames // chunk
+    if n_chunks < num_segments * min_chunks:
+        raise ValueError(f"{num_frames} latent frames = {n_chunks} chunks cannot hold {num_segments} segments of "
+                         f">= {min_chunks} chunks; raise sampler.num_output_frames")
+    rng = np.random.default_rng(np.random.SeedSequence([DEMO_STORY_TAG, int(seed)]))
+    # sample in chunk units: a "frame" of the script is one chunk here (only prompts and durations are used)
+    script = scripts.sample_script(rng, num_segments=num_segments, num_frames=n_chunks,
+                                   segment_frames=(min_chunks, n_chunks))
+    prompts = captions.script_prompts(script)
+    return [{"prompt": p, "start_frame": int(s) * chunk} for p, s in zip(prompts, script.start_frames)]
+
+
+def _sections(ckpt: str, names: Sequence[str], what: str) -> dict[str, Any]:
+    cfg = read_converted_meta(ckpt)["config"]
+    missing = [n for n in names if n not in cfg]
+    if missing:
+        raise ValueError(f"{what} checkpoint {ckpt}: its config.json lacks section(s) {missing}; was it written by "
+                         f"the matching storyworld stage?")
+    return {n: cfg[n] for n in names}
+
+
+def package(dit_dir: str, text_dir: str, vae_dir: str, out_dir: str, story_seed: int = 0) -> str:
+    """Merge the three converted checkpoints into ``out_dir`` (validated against the merged config)."""
+    from memflow_jax.nn import dit, t5, vae
+    from memflow_jax.pipeline import check_compatible
+
+    data = _sections(dit_dir, ("model", "memory", "sampler"), "DiT")
+    data.update(_sections(text_dir, ("text",), "text"))
+    data.update(_sections(vae_dir, ("vae",), "VAE"))
+    cfg = config_lib.from_dict(data)
+    check_compatible(cfg)
+    tok = os.path.join(text_dir, "tokenizer")
+    if not os.path.isdir(tok):
+        raise ValueError(f"text checkpoint {text_dir} has no tokenizer/ folder (run memflow_jax.storyworld.text_model)")
+    comps = {
+        "dit": load_component(dit_dir, "dit", dit.abstract_params(dataclasses.replace(
+            cfg.model, dtype="float32", param_dtype="float32"))),
+        "t5": load_component(text_dir, "t5", t5.abstract_params(cfg.text)),
+        "vae": load_component(vae_dir, "vae", vae.abstract_params(cfg.vae)),
+    }
+    sources = {}
+    for name, d in (("dit", dit_dir), ("text", text_dir), ("vae", vae_dir)):
+        meta = read_converted_meta(d)
+        sources[name] = {"path": os.path.relpath(d), **{k: v for k, v in meta.items()
+                                                        if k not in ("config", "components")}}
+    counts = {k: int(sum(np.prod(x.shape) for x in _leaves(v))) for k, v in comps.items()}
+    save_converted(out_dir, comps, cfg.to_dict(), extra_meta={"sources": sources, "param_counts": counts},
+                   copy_dirs={"tokenizer": tok})
+    story = demo_story(cfg.sampler.num_output_frames, cfg.sampler.chunk_frames, story_seed)
+    tmp = os.path.join(out_dir, STORY_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(seg) + "\n" for seg in story)
+    os.replace(tmp, os.path.join(out_dir, STORY_FILE))
+    return out_dir
+
+
+def _leaves(tree: Any) -> list[Any]:
+    import jax
+
+    return jax.tree_util.tree_leaves(tree)
+
+
+def dir_size(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m memflow_jax.storyworld.package", description=__doc__.split("\n")[0])
+    ap.add_argument("--dit", required=True, help="generator checkpoint (train.py --export)")
+    ap.add_argument("--text", required=True, help="tokenizer + UMT5 checkpoint (storyworld.text_model)")
+    ap.add_argument("--vae", required=True, help="VAE checkpoint with latent statistics (data.encode_latents)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--story-seed", type=int, default=0, help="which held-out story sample.py shows by default")
+    args = ap.parse_args(argv)
+    try:
+        out = package(args.dit, args.text, args.vae, args.out, args.story_seed)
+    except (ValueError, config_lib.ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({dir_size(out) / 2**20:.1f} MiB)")
+    with open(os.path.join(out, STORY_FILE)) as f:
+        print(f.read(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Train the storyworld demo model end to end with our own recipes (issue #7). Every stage is one command below;
+# storyworld/TRAINING.md records the exact runs (GPU, wall time, steps, metrics) that made the shipped weights.
+#
+#   bash memflow_jax/storyworld/train_demo.sh STAGE [STAGE ...]       (run from the repository root)
+#
+# Stages, in order (each reads what the previous ones wrote; datasets are deterministic, so a stage that needs
+# them on a fresh machine just re-runs `data`):
+#   data      storyworld datasets: single-prompt clips (VAE / teacher / ODE prompts) and narrative scripts
+#   text      sentencepiece tokenizer on the world's captions + the small UMT5 encoder  -> $ART/text
+#   vae       Wan-architecture VAE (recipe vae)                                          -> $RUNS/vae
+#   latents   encode the clips with the VAE, measure latent statistics                  -> $DATA/latents (+ vae/)
+#   textcache UMT5 embeddings of every prompt (and of the empty negative prompt)         -> $DATA/text_cache
+#   teacher   bidirectional teacher (recipe teacher)                                     -> $ART/teacher
+#   odepairs  teacher ODE trajectories (48 Euler steps, guidance)                        -> $DATA/ode_pairs
+#   odeinit   causal 4-step generator regressed on the trajectories (recipe ode_init)    -> $ART/ode_init
+#   dmd       DMD with memory (recipe dmd)                                               -> $ART/dmd
+#   dmdlong   streaming long tuning with prompt switches (recipe dmd_long)               -> $ART/dmd_long
+#   package   assemble tokenizer + UMT5 + DiT + VAE into the shipped checkpoint         -> $PACKAGE
+# Environment: DATA (data/storyworld), RUNS (runs/storyworld), ART ($RUNS/art), PACKAGE
+# (memflow_jax/assets/storyworld), VAE_SRC (the VAE the latents stage encodes with: $RUNS/vae), N_CLIPS, N_SCRIPTS, WORKERS, MINUTES (wall-clock cap of each train.py run: it
+# stops checkpointed and resumable), ODE_SAMPLES (ODE pairs; default every clip prompt) and EXTRA (overrides
+# appended to every train.py call, e.g. EXTRA="train.max_iters=2 train.batch_size=2" for a smoke run).
+set -euo pipefail
+
+DATA=${DATA:-data/storyworld}
+RUNS=${RUNS:-runs/storyworld}
+ART=${ART:-$RUNS/art}
+PACKAGE=${PACKAGE:-memflow_jax/assets/storyworld}
+N_CLIPS=${N_CLIPS:-6000}
+N_SCRIPTS=${N_SCRIPTS:-2000}
+WORKERS=${WORKERS:-$(python -c 'import os; print(max(1, min(16, os.cpu_count() or 1)))')}
+EXTRA=${EXTRA:-}
+PY=${PYTHON:-python}
+# every path the configs name, redirected when DATA / RUNS / ART differ from the defaults
+PATHS="train.text_cache_dir=$DATA/text_cache"
+
+stage() {
+  local name=$1
+  echo "=== storyworld stage: $name ($(date -u +%H:%M:%S))"
+  local t0=$SECONDS
+  case $name in
+    data)
+      # clips: 33 video frames = 9 latent frames (1 + 4 * 8); scripts: chunk-aligned segments (12 video frames)
+      $PY -m memflow_jax.storyworld.export --out "$DATA/clips" --kind clips --num "$N_CLIPS" --seed 0 \
+        --clip-frames 33 --workers "$WORKERS"
+      $PY -m memflow_jax.storyworld.export --out "$DATA/scripts" --kind scripts --num "$N_SCRIPTS" --seed 1 \
+        --segment-frames 24 48 --frame-multiple 12 --workers "$WORKERS" ;;
+    text)
+      $PY -m memflow_jax.storyworld.text_model --config configs/storyworld.yaml --out "$ART/text" ;;
+    vae)
+      $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_vae.yaml --run-dir "$RUNS/vae" \
+        train.video_data_path="$DATA/clips" $EXTRA ;;
+    latents)
+      $PY -m memflow_jax.data.encode_latents --config configs/storyworld.yaml --vae "${VAE_SRC:-$RUNS/vae}" \
+        --data "$DATA/clips" --out "$DATA/latents" ;;
+    textcache)
+      $PY -m memflow_jax.data.text_cache build --converted-ckpt "$ART/text" --out "$DATA/text_cache" \
+        --prompts "$DATA/clips/prompts.txt" "$DATA/scripts/prompts.txt" "$DATA/scripts/switch_prompts.txt" ;;
+    teacher)
+      $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_teacher.yaml --run-dir "$RUNS/teacher" --export "$ART/teacher" \
+        "$PATHS" train.latent_data_path="$DATA/latents" $EXTRA ;;
+    odepairs)
+      $PY -m memflow_jax.training.ode_pairs --config configs/storyworld_ode_init.yaml --out "$DATA/ode_pairs" \
+        --steps 48 --guidance-scale 3.0 ${ODE_SAMPLES:+--num-samples $ODE_SAMPLES} \
+        "$PATHS" train.data_path="$DATA/clips/prompts.txt" run.teacher_ckpt="$ART/teacher" ;;
+    odeinit)
+      $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_ode_init.yaml --run-dir "$RUNS/ode_init" --export "$ART/ode_init" \
+        "$PATHS" train.latent_data_path="$DATA/ode_pairs" train.generator_ckpt="$ART/teacher" \
+        run.teacher_ckpt="$ART/teacher" $EXTRA ;;
+    dmd)
+      $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_dmd.yaml --run-dir "$RUNS/dmd" --export "$ART/dmd" \
+        "$PATHS" train.data_path="$DATA/clips/prompts.txt" train.generator_ckpt="$ART/ode_init" \
+        run.teacher_ckpt="$ART/teacher" run.critic_ckpt="$ART/teacher" $EXTRA ;;
+    dmdlong)
+      $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_dmd_long.yaml --run-dir "$RUNS/dmd_long" --export "$ART/dmd_long" \
+        "$PATHS" train.data_path="$DATA/scripts/prompts.txt" train.switch_prompt_path="$DATA/scripts/switch_prompts.txt" \
+        train.generator_ckpt="$ART/dmd" run.teacher_ckpt="$ART/teacher" run.critic_ckpt="$ART/teacher" \
+        run.vae_ckpt="$DATA/latents/vae" $EXTRA ;;
+    package)
+      $PY -m memflow_jax.storyworld.package --dit "${PACKAGE_DIT:-$ART/dmd_long}" --text "$ART/text" \
+        --vae "$DATA/latents/vae" --out "$PACKAGE" ;;
+    *)
+      echo "unknown stage '$name' (data text vae latents textcache teacher odepairs odeinit dmd dmdlong package)" >&2
+      exit 2 ;;
+  esac
+  echo "=== stage $name done in $((SECONDS - t0)) s"
+}
+
+if [ $# -eq 0 ]; then
+  sed -n '2,25p' "$0"
+  exit 2
+fi
+for s in "$@"; do stage "$s"; done

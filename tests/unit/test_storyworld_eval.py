@@ -1,0 +1,141 @@
+"""Storyworld evaluation benchmark: script / latent alignment, the held-out split, and the --tiny run end to end
+(random weights: the metric values are meaningless; the test checks structure and consistency)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from benchmarks import storyworld_eval as E
+from memflow_jax import config as config_lib
+from memflow_jax.storyworld import dataset as D
+from memflow_jax.storyworld import scripts as SC
+
+TINY_CFG = config_lib.load(E.TINY_CONFIG, list(E.TINY_OVERRIDES))
+
+
+@pytest.mark.parametrize("t_stride,chunk,num_latent", [
+    (TINY_CFG.sampler.vae_stride[0], TINY_CFG.sampler.chunk_frames, TINY_CFG.sampler.num_output_frames),
+    (TINY_CFG.sampler.vae_stride[0], TINY_CFG.sampler.chunk_frames, 6 * TINY_CFG.sampler.chunk_frames),
+    (2, 2, 8), (1, 3, 9)])
+def test_script_segments_start_where_the_model_switches(t_stride, chunk, num_latent):
+    """Every segment of an eval script starts at video frame s*L - (s-1) of a chunk-aligned latent switch L,
+    and the script is exactly as long as the decoded video of num_latent latent frames."""
+    height, width = TINY_CFG.sampler.height, TINY_CFG.sampler.width
+    for index in range(3):
+        e = E.make_eval_script(index, split_seed=0, num_latent=num_latent, chunk=chunk, t_stride=t_stride,
+                               height=height, width=width, fps=TINY_CFG.sampler.fps)
+        n_video = 1 + t_stride * (num_latent - 1)
+        assert e.num_video_frames == e.script.num_frames == len(e.annotations["segment_id"]) == n_video
+        assert len(e.prompts) == len(e.script.segments) == len(e.latent_switch_frames) + 1
+        assert 3 <= len(e.prompts) <= min(6, num_latent // chunk)
+        latent_starts = (0,) + e.latent_switch_frames
+        assert all(L % chunk == 0 for L in latent_starts)
+        assert list(np.diff(latent_starts)) and all(d > 0 for d in np.diff(latent_starts))
+        assert latent_starts[-1] < num_latent
+        for L, v in zip(latent_starts, e.video_start_frames):
+            assert v == (0 if L == 0 else t_stride * L - (t_stride - 1))
+            assert E.latent_to_video_start(L, t_stride) == v and E.video_to_latent_start(v, t_stride) == L
+        np.testing.assert_array_equal(e.annotations["start_frames"], e.video_start_frames)
+        seg_id = e.annotations["segment_id"]
+        for s, v in enumerate(e.video_start_frames):  # the ground truth's segment changes exactly there
+            assert seg_id[v] == s and (v == 0 or seg_id[v - 1] == s - 1)
+        assert e.returning and SC.returning_objects(e.script) == e.returning
+
+
+def test_video_to_latent_start_rejects_misaligned_frames():
+    s = TINY_CFG.sampler.vae_stride[0]
+    assert E.video_frames(1, s) == 1 and E.video_frames(3, s) == 1 + 2 * s
+    with pytest.raises(ValueError, match="not the first frame"):
+        E.video_to_latent_start(s, s)  # frame s lies inside latent frame 1 when s > 1
+
+
+def test_eval_split_is_deterministic_and_distinct_from_training():
+    a = E.eval_rng(0, 0).integers(0, 2**62, size=4)
+    np.testing.assert_array_equal(a, E.eval_rng(0, 0).integers(0, 2**62, size=4))
+    assert not np.array_equal(a, E.eval_rng(1, 0).integers(0, 2**62, size=4))
+    # the training stream of the same (seed, index) numbers (storyworld.dataset.make_example) is another one
+    train = np.random.default_rng(np.random.SeedSequence([0, 0])).integers(0, 2**62, size=4)
+    assert not np.array_equal(a, train)
+    ex = D.make_example("scripts", 0, 0)
+    e = E.make_eval_script(0, split_seed=0, num_latent=TINY_CFG.sampler.num_output_frames,
+                           chunk=TINY_CFG.sampler.chunk_frames, t_stride=TINY_CFG.sampler.vae_stride[0],
+                           height=64, width=64, fps=16)
+    assert e.prompts != ex["prompts"]
+
+
+def test_mode_parsing_and_source_errors():
+    assert E.parse_mode("nam+sma") == {"mode": "nam", "sma": True}
+    assert E.mode_overrides("sink") == ["memory.mode=sink", "memory.sma=false"]
+    with pytest.raises(E.EvalError, match="none | sink | nam"):
+        E.parse_mode("bank")
+    with pytest.raises(E.EvalError, match="--tiny"):
+        E.resolve_source(E.parse_args(["--tiny", "--ckpt", "x"]))
+    if not os.path.isdir(E.DEFAULT_CKPT):
+        assert E.main(["--num-scripts", "1"]) == 2  # no shipped checkpoint: a clear error, not a crash
+
+
+def test_score_rejects_a_video_of_another_length():
+    cfg = TINY_CFG.sampler
+    e = E.make_eval_script(0, split_seed=0, num_latent=cfg.num_output_frames, chunk=cfg.chunk_frames,
+                           t_stride=cfg.vae_stride[0], height=cfg.height, width=cfg.width, fps=cfg.fps)
+    metrics, reasons = E.score(e.video, e.annotations)  # the ground truth against itself
+    assert metrics["adherence"] > 0.95 and metrics["consistency_pass_rate"] == 1.0 and not reasons
+    with pytest.raises(E.EvalError, match="frames but the ground truth has"):
+        E.score(e.video[:-1], e.annotations)
+
+
+def _finite_or_reasoned(block: dict, where: str) -> None:
+    for key in ("mean", "std", "min", "max"):
+        v = block[key]
+        if v is None:
+            assert block.get("reasons", {}).get(key), f"{where}.{key} is null without a reason"
+        else:
+            assert math.isfinite(v), f"{where}.{key}={v}"
+
+
+def test_tiny_end_to_end_json(tmp_path):
+    out = tmp_path / "eval.json"
+    modes, seeds, chunks = ["none", "nam"], [0, 1], 3
+    # a 6-frame window (< the 9 latent frames of 3 chunks) so that the modes' caches differ by the last chunk
+    rc = E.main(["--tiny", "--num-scripts", "1", "--seeds", ",".join(map(str, seeds)), "--modes", ",".join(modes),
+                 "--max-chunks", str(chunks), "--json", str(out), "memory.local_attn_size=6"])
+    assert rc == 0
+    rep = json.loads(out.read_text())  # strict JSON: json.dump ran with allow_nan=False
+    setup = rep["setup"]
+    assert setup["random_weights"] and setup["modes"] == modes and setup["seeds"] == seeds
+    cfg = TINY_CFG.sampler
+    n_latent = min(cfg.num_output_frames, chunks * cfg.chunk_frames)
+    assert setup["num_latent_frames"] == n_latent
+    assert setup["num_video_frames"] == 1 + cfg.vae_stride[0] * (n_latent - 1)
+    assert set(rep["summary"]) == set(modes) == set(rep["warmup_seconds"])
+
+    metric_keys = [k for k, _, _ in E.METRICS]
+    for mode in modes:
+        for key in metric_keys + ["fps"]:
+            block = rep["summary"][mode][key]
+            assert len(block["per_seed"]) == len(seeds)
+            _finite_or_reasoned(block, f"{mode}.{key}")
+        assert rep["summary"][mode]["fps"]["mean"] > 0
+    assert len(rep["runs"]) == len(modes) * len(seeds) * setup["num_scripts"]
+    n_segments = len(rep["scripts"][0]["prompts"])
+    for r in rep["runs"]:
+        m = r["metrics"]
+        assert r["video_frames"] == setup["num_video_frames"] and r["seconds"] > 0
+        assert 0.0 <= m["adherence"] <= 1.0 and 0.0 <= m["smoothness"] <= 1.0
+        assert len(m["adherence_per_segment"]) == n_segments
+        assert m["consistency_events"], "the eval script has a measurable return: events must be listed"
+        for key in metric_keys:
+            assert m[key] is not None or r["reasons"].get(key), (key, r["reasons"])
+    # the memory mode reaches the sampler: same script and seed, different video
+    by = {(r["mode"], r["seed"]): r["video_sha1"] for r in rep["runs"]}
+    assert all(by[("none", sd)] != by[("nam", sd)] for sd in seeds)
+    assert by[("none", 0)] != by[("none", 1)]
+    # the ground truth scores as it should: full adherence and every return consistent
+    gt = rep["ground_truth"]
+    assert gt["adherence"] > 0.95 and gt["consistency_pass_rate"] == 1.0
+    assert "| ground truth |" in rep["table"] and all(f"| {m} |" in rep["table"] for m in modes)
+    assert {(c["mode"], c["baseline"]) for c in rep["comparisons"]} == {("nam", "none")}
