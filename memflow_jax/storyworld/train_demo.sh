@@ -19,8 +19,9 @@
 #   package   assemble tokenizer + UMT5 + DiT + VAE into the shipped checkpoint         -> $PACKAGE
 # Environment: DATA (data/storyworld), RUNS (runs/storyworld), ART ($RUNS/art), PACKAGE
 # (memflow_jax/assets/storyworld), VAE_SRC (the VAE the latents stage encodes with: $RUNS/vae), N_CLIPS, N_SCRIPTS,
-# WORKERS, MINUTES (wall-clock cap of each train.py run: it stops checkpointed and resumable), ODE_SAMPLES (ODE pairs; default every clip prompt) and EXTRA (overrides
-# appended to every train.py call, e.g. EXTRA="train.max_iters=2 train.batch_size=2" for a smoke run).
+# WORKERS, MINUTES (wall-clock cap of each train.py run: it stops checkpointed and resumable), ODE_SAMPLES (ODE
+# pairs; default every clip prompt) and EXTRA (overrides appended to every train.py call, e.g.
+# EXTRA="train.max_iters=2 train.batch_size=2" for a smoke run).
 set -euo pipefail
 
 DATA=${DATA:-data/storyworld}
