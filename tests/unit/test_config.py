@@ -39,14 +39,18 @@ def test_bad_overrides_name_the_key(override, match):
         config_lib.load("configs/tiny.yaml", [override])
 
 
-def test_unknown_key_in_yaml(tmp_path):
-    p = tmp_path / "c.yaml"
-    p.write_text("model:\n  dim: 32\n  num_head: 2\n")
-    with pytest.raises(ConfigError, match="model.num_head"):
-        config_lib.load(str(p))
-    p.write_text("- a\n- b\n")
-    with pytest.raises(ConfigError, match="mapping"):
-        config_lib.load(str(p))
+@pytest.mark.parametrize("files,match", [
+    ({"c.yaml": "model:\n  dim: 32\n  num_head: 2\n"}, "model.num_head"),
+    ({"c.yaml": "- a\n- b\n"}, "mapping"),
+    ({"c.yaml": "base: b.yaml\n", "b.yaml": "base: c.yaml\n"}, "loops back"),
+    ({"c.yaml": "base: missing.yaml\n"}, "missing.yaml does not exist"),
+    ({"c.yaml": "base: [1, 2]\n"}, "must be a path"),
+])
+def test_bad_yaml_files_name_the_problem(tmp_path, files, match):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        config_lib.load(str(tmp_path / "c.yaml"))
 
 
 def test_roundtrip_json():
@@ -63,20 +67,6 @@ def test_base_yaml_is_merged_under_the_file(tmp_path):
     cfg = config_lib.load(str(child), ["memory.bank_size=4"])
     assert (cfg.model.dim, cfg.model.num_heads) == (32, 2)  # child wins, parent's other keys kept
     assert (cfg.memory.sink_size, cfg.memory.bank_size) == (2, 4)
-
-
-def test_base_yaml_errors(tmp_path):
-    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
-    a.write_text("base: b.yaml\n")
-    b.write_text("base: a.yaml\n")
-    with pytest.raises(ConfigError, match="loops back"):
-        config_lib.load(str(a))
-    a.write_text("base: missing.yaml\n")
-    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
-        config_lib.load(str(a))
-    a.write_text("base: [1, 2]\n")
-    with pytest.raises(ConfigError, match="must be a path"):
-        config_lib.load(str(a))
 
 
 def test_storyworld_configs_share_the_architecture():
