@@ -418,22 +418,14 @@ def _dtype(cfg: VAEConfig) -> Any:
     return jnp.dtype(cfg.dtype)
 
 
-def _time_stride(cfg: VAEConfig) -> int:
-    return 2 ** sum(bool(t) for t in cfg.temporal_downsample)
-
-
-def _space_stride(cfg: VAEConfig) -> int:
-    return 2 ** (len(cfg.dim_mult) - 1)
-
-
 def time_stride(cfg: VAEConfig) -> int:
     """Video frames per latent frame (after the first): the VAE takes ``T = 1 + stride * k`` frames."""
-    return _time_stride(cfg)
+    return 2 ** sum(bool(t) for t in cfg.temporal_downsample)
 
 
 def space_stride(cfg: VAEConfig) -> int:
     """Pixels per latent cell along H and W."""
-    return _space_stride(cfg)
+    return 2 ** (len(cfg.dim_mult) - 1)
 
 
 def _f32(cfg: VAEConfig) -> VAEConfig:
@@ -454,7 +446,7 @@ def abstract_params(cfg: VAEConfig) -> dict:
 
 @functools.lru_cache(maxsize=32)
 def _abstract_params(cfg: VAEConfig) -> dict:
-    ts, ss = _time_stride(cfg), _space_stride(cfg)
+    ts, ss = time_stride(cfg), space_stride(cfg)
     video = jax.ShapeDtypeStruct((1, ts, ss, ss, 3), jnp.float32)
     z = jax.ShapeDtypeStruct((1, 1, 1, 1, cfg.z_dim), jnp.float32)
     init = functools.partial(WanVAE(_f32(cfg)).init, method=WanVAE.init_all)
@@ -510,7 +502,7 @@ def _check_video(cfg: VAEConfig, video: Any) -> None:
     if video.ndim != 5 or video.shape[1] != 3:
         raise ValueError(f"encode: video must be [B, 3, T, H, W] in [-1, 1], got shape {tuple(video.shape)}")
     _, _, t, h, w = video.shape
-    ts, ss = _time_stride(cfg), _space_stride(cfg)
+    ts, ss = time_stride(cfg), space_stride(cfg)
     if t < 1 or (t - 1) % ts:
         raise ValueError(f"encode: T={t} frames, but the Wan VAE needs T = 1 + {ts}k (1, {1 + ts}, {1 + 2 * ts}, "
                          f"...); trim the video to {1 + max(t - 1, 0) // ts * ts} frames")
@@ -523,7 +515,7 @@ def _encode_moments(params: dict, cfg: VAEConfig, video: Array, remat: bool = Fa
     reference's ``conv1(x).chunk(2)``) of a checked video ``[B, 3, T, H, W]``. ``remat``: recompute each
     encoder chunk in the backward pass (training memory)."""
     b, _, t, h, w = video.shape
-    ts = _time_stride(cfg)
+    ts = time_stride(cfg)
     model = WanVAE(cfg)
     apply = functools.partial(model.apply, {"params": params}, method=WanVAE.encode_chunk)
     x = jnp.transpose(video, (0, 2, 3, 4, 1)).astype(_dtype(cfg))  # [B, T, H, W, 3]

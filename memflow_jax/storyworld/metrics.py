@@ -218,16 +218,17 @@ def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
 
 
 def measure_appearance(segmentation: tuple[np.ndarray, ...], frames: np.ndarray, colour_id: int,
-                       min_pixels: float) -> tuple[float, np.ndarray | None, int]:
+                       min_pixels: float, shape_id: int | None = None) -> tuple[float, np.ndarray | None, int]:
     """(mean hue, mean pattern features, frames measured) of the pixels of ``colour_id`` over ``frames``
-    (``segmentation = colour_classes(video)``); frames with fewer than ``min_pixels`` such pixels are skipped.
+    (``segmentation = colour_classes(video)``); frames with fewer than ``min_pixels`` such pixels, or (given
+    ``shape_id``) whose pixels do not form that shape, are skipped, so colour noise is never measured as the object.
     Only the interior (eroded mask) is measured, so blending with a changed background does not count."""
     hues, feats = [], []
     classes, hue, value = segmentation
     for t in frames:
         mask = classes[t] == colour_id
         h, v = hue[t], value[t]
-        if mask.sum() < min_pixels:
+        if mask.sum() < min_pixels or (shape_id is not None and classify_shape(mask) != shape_id):
             continue
         inner = _erode(mask)
         mask = inner if inner.sum() >= 4 else mask
@@ -247,8 +248,8 @@ def reappearance_consistency(video: np.ndarray, annotations: Mapping[str, Any], 
     For every object whose ground-truth visibility has a gap, compares the last ``max_frames`` fully visible
     frames before the gap with the first ``max_frames`` after it: hue distance (degrees, circular) of the mean
     hue and L2 distance of the pattern features. ``distance = max(hue / hue_tol, pattern / pattern_tol)``
-    (0 = identical; passed iff <= 1). An object the video does not show on either side is not measured
-    (distance inf, passed False). ``segmentation``: ``colour_classes(video)`` if already computed.
+    (0 = identical; passed iff <= 1). An object the video does not show (its colour in its shape) on either side
+    is not measured (distance inf, passed False). ``segmentation``: ``colour_classes(video)`` if already computed.
     """
     scale = _check_inputs(video, annotations)
     seg = colour_classes(video) if segmentation is None else segmentation
@@ -263,8 +264,9 @@ def reappearance_consistency(video: np.ndarray, annotations: Mapping[str, Any], 
             after = np.arange(b0, b1)[vis_frac[b0:b1, k] >= FULLY_VISIBLE][:max_frames]
             if not before.size or not after.size:
                 continue  # the ground truth never shows it whole on one side: nothing to compare
-            h0, p0, n0 = measure_appearance(seg, before, int(c), min_pixels)
-            h1, p1, n1 = measure_appearance(seg, after, int(c), min_pixels)
+            shape = int(annotations["shape_id"][k])
+            h0, p0, n0 = measure_appearance(seg, before, int(c), min_pixels, shape)
+            h1, p1, n1 = measure_appearance(seg, after, int(c), min_pixels, shape)
             rec = {"object": k, "gap": (a1, b0), "frames_before": n0, "frames_after": n1,
                    "hue_before": h0, "hue_after": h1}
             if n0 and n1:

@@ -8,7 +8,8 @@
 # them on a fresh machine just re-runs `data`):
 #   data      storyworld datasets: single-prompt clips (VAE / teacher / ODE prompts) and narrative scripts
 #   text      sentencepiece tokenizer on the world's captions + the small UMT5 encoder  -> $ART/text
-#   vae       Wan-architecture VAE (recipe vae)                                          -> $RUNS/vae
+#   vae       Wan-architecture VAE on whole clips (recipe vae)                           -> $RUNS/vae
+#   vaedec    its decoder fine-tuned on 141-frame script windows (encoder frozen)        -> $RUNS/vae_decoder
 #   latents   encode the clips with the VAE, measure latent statistics                  -> $DATA/latents (+ vae/)
 #   textcache UMT5 embeddings of every prompt (and of the empty negative prompt)         -> $DATA/text_cache
 #   teacher   bidirectional teacher (recipe teacher)                                     -> $ART/teacher
@@ -18,9 +19,9 @@
 #   dmdlong   streaming long tuning with prompt switches (recipe dmd_long)               -> $ART/dmd_long
 #   package   assemble tokenizer + UMT5 + DiT + VAE into the shipped checkpoint         -> $PACKAGE
 # Environment: DATA (data/storyworld), RUNS (runs/storyworld), ART ($RUNS/art), PACKAGE
-# (memflow_jax/assets/storyworld), VAE_SRC (the VAE the latents stage encodes with: $RUNS/vae), N_CLIPS, N_SCRIPTS,
-# WORKERS, MINUTES (wall-clock cap of each train.py run: it stops checkpointed and resumable), ODE_SAMPLES (ODE
-# pairs; default every clip prompt) and EXTRA (overrides appended to every train.py call, e.g.
+# (memflow_jax/assets/storyworld), VAE_SRC (the VAE the latents stage encodes with: $RUNS/vae_decoder),
+# N_CLIPS, N_SCRIPTS, WORKERS, MINUTES (wall-clock cap of each train.py run: it stops checkpointed and resumable),
+# ODE_SAMPLES (ODE pairs; default every clip prompt) and EXTRA (overrides appended to every train.py call, e.g.
 # EXTRA="train.max_iters=2 train.batch_size=2" for a smoke run).
 set -euo pipefail
 
@@ -52,8 +53,11 @@ stage() {
     vae)
       $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_vae.yaml --run-dir "$RUNS/vae" \
         train.video_data_path="$DATA/clips" $EXTRA ;;
+    vaedec)
+      $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_vae_decoder.yaml \
+        --run-dir "$RUNS/vae_decoder" train.video_data_path="$DATA/scripts" run.vae_ckpt="$RUNS/vae" $EXTRA ;;
     latents)
-      $PY -m memflow_jax.data.encode_latents --config configs/storyworld.yaml --vae "${VAE_SRC:-$RUNS/vae}" \
+      $PY -m memflow_jax.data.encode_latents --config configs/storyworld.yaml --vae "${VAE_SRC:-$RUNS/vae_decoder}" \
         --data "$DATA/clips" --out "$DATA/latents" ;;
     textcache)
       $PY -m memflow_jax.data.text_cache build --converted-ckpt "$ART/text" --out "$DATA/text_cache" \
@@ -82,7 +86,7 @@ stage() {
       $PY -m memflow_jax.storyworld.package --dit "${PACKAGE_DIT:-$ART/dmd_long}" --text "$ART/text" \
         --vae "$DATA/latents/vae" --out "$PACKAGE" ;;
     *)
-      echo "unknown stage '$name' (data text vae latents textcache teacher odepairs odeinit dmd dmdlong package)" >&2
+      echo "unknown stage '$name' (data text vae vaedec latents textcache teacher odepairs odeinit dmd dmdlong package)" >&2
       exit 2 ;;
   esac
   echo "=== stage $name done in $((SECONDS - t0)) s"

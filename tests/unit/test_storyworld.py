@@ -327,6 +327,22 @@ def test_metrics_detect_swapped_hidden_attribute(change):
     assert M.prompt_adherence(corrupted, ann)["mean"] == 1.0
 
 
+
+def test_reappearance_needs_the_objects_shape():
+    """A returning object's colour without its shape (e.g. colour noise) is not measured as the object."""
+    script, video, ann = _story(0)
+    k, _, ret = SC.returning_objects(script)[0]
+    objs = list(script.objects)
+    other = next(sh for sh in S.SHAPES if sh != objs[k].shape)
+    objs[k] = dataclasses.replace(objs[k], shape=other)
+    reshaped, _ = R.render_video(dataclasses.replace(script, objects=tuple(objs)), 0,
+                                 hidden=S.sample_hidden(script, 0))
+    corrupted = video.copy()
+    start = script.start_frames[ret]
+    corrupted[start:] = reshaped[start:]
+    rec = next(r for r in M.reappearance_consistency(corrupted, ann) if r["object"] == k)
+    assert rec["frames_before"] > 0 and rec["frames_after"] == 0 and not rec["passed"]
+
 def test_temporal_smoothness():
     _, video, _ = _story(1)
     shuffled = video[np.random.default_rng(0).permutation(len(video))]
