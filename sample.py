@@ -19,7 +19,6 @@ import warnings
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "tiny.yaml")
 DEFAULT_CKPT = os.path.join(ROOT, "memflow_jax", "assets", "storyworld")  # the bundled demo model (issue #7)
-STORY_FILE = "story.jsonl"  # its default story (memflow_jax.storyworld.package)
 DEFAULT_PROMPTS = ("a red circle moves right on a sand background",
                    "the red circle leaves and the background turns blue")
 
@@ -59,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.ckpt is None and args.config is None and os.path.isfile(os.path.join(DEFAULT_CKPT, "config.json")):
         args.ckpt = DEFAULT_CKPT
         if not (args.prompts or args.prompt):
+            from memflow_jax.storyworld.package import STORY_FILE  # the default story
+
             args.prompts = os.path.join(DEFAULT_CKPT, STORY_FILE)
     if args.ckpt == "none":
         args.ckpt = None

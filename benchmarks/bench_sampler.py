@@ -142,7 +142,9 @@ def log(msg: str) -> None:
 
 def frames_per_chunk(cfg: dict) -> int:
     """Output video frames of one chunk: chunk latents x the VAE's time stride (3 x 4 = 12)."""
-    return cfg["sampler"].chunk_frames * 2 ** sum(cfg["vae"].temporal_downsample)
+    from memflow_jax.nn import vae as vae_lib
+
+    return cfg["sampler"].chunk_frames * vae_lib.time_stride(cfg["vae"])
 
 
 def run_mode(name: str, params: dit.Params, cfg: dict, args: argparse.Namespace) -> dict[str, Any]:

@@ -239,7 +239,9 @@ def check_config(cfg) -> tuple[int, int]:
     """(temporal stride, chunk) after checking that storyworld can render the config's frames."""
     s = cfg.sampler
     t_stride = int(s.vae_stride[0])
-    vae_t = 2 ** sum(bool(t) for t in cfg.vae.temporal_downsample)
+    from memflow_jax.nn import vae as vae_nn
+
+    vae_t = vae_nn.time_stride(cfg.vae)
     if vae_t != t_stride:
         raise EvalError(f"sampler.vae_stride[0]={t_stride} but the VAE's temporal stride is {vae_t} "
                         f"(vae.temporal_downsample={cfg.vae.temporal_downsample}): fix one of them")
@@ -454,14 +456,17 @@ def _jsonable(x: Any) -> Any:
 
 
 def write_json(path: str, report: dict[str, Any]) -> None:
-    """Atomic: a temporary sibling, then ``os.replace``."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_jsonable(report), f, indent=1, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Atomic (:func:`memflow_jax.io.atomic.write_file`)."""
+    from memflow_jax.io.atomic import write_file
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    text = json.dumps(_jsonable(report), indent=1, allow_nan=False) + "\n"
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    write_file(os.path.abspath(path), write)
 
 
 # --------------------------------------------------------------------------------------------------

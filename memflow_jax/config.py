@@ -196,6 +196,8 @@ SECTIONS: dict[str, type] = {
     "text": TextConfig,
     "vae": VAEConfig,
 }
+# what a converted (sampling) checkpoint's config.json holds; training registers train / run / teacher_model
+CHECKPOINT_SECTIONS: tuple[str, ...] = tuple(SECTIONS)
 
 
 def register_section(name: str, cls: type) -> None:

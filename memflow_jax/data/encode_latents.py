@@ -38,7 +38,6 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-CORE_SECTIONS = ("model", "memory", "sampler", "text", "vae")  # what a converted checkpoint's config holds
 STD_FLOOR = 1e-6
 
 
@@ -68,15 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------------
 # Checks and batching
 # --------------------------------------------------------------------------------------------------
-
-
-def _read_lengths(data_dir: str, n: int) -> np.ndarray:
-    path = os.path.join(data_dir, "index.jsonl")
-    with open(path, encoding="utf-8") as f:
-        lengths = np.asarray([int(json.loads(line)["num_frames"]) for line in f if line.strip()], np.int64)
-    if len(lengths) != n:
-        raise EncodeError(f"{path} lists {len(lengths)} examples, meta.json {n}: the dataset folder is incomplete")
-    return lengths
 
 
 def clip_frames(lengths: np.ndarray, frames: int | None, time_stride: int) -> int:
@@ -129,18 +119,14 @@ def _format_floats(values: Sequence[float]) -> str:
     return "[" + ",".join(np.format_float_positional(np.float32(v), unique=True, trim="0") for v in values) + "]"
 
 
-def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    from memflow_jax.io.atomic import write_file
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+
+    write_file(path, write)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,6 +155,7 @@ def encode_dataset(cfg: Any, vae_params: Any, data_dir: str, out_dir: str, batch
                    stats_from_samples: int = 512, frames: int | None = None, seed: int = 0, workers: int = 4,
                    progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Both passes (see the module docstring); returns the statistics record written to ``vae_stats.json``."""
+    from memflow_jax.config import CHECKPOINT_SECTIONS
     from memflow_jax.convert.common import save_converted
     from memflow_jax.data.latents import manifest_line, write_latent_file
     from memflow_jax.nn import vae as vae_lib
@@ -189,7 +176,11 @@ def encode_dataset(cfg: Any, vae_params: Any, data_dir: str, out_dir: str, batch
     if h % ss or w % ss:
         raise EncodeError(f"{h}x{w} px is not a multiple of the VAE's spatial stride {ss}")
     n = len(src)
-    nf = clip_frames(_read_lengths(src.path, n), frames, ts)
+    try:
+        lengths = src.num_frames()
+    except ValueError as e:
+        raise EncodeError(str(e)) from None
+    nf = clip_frames(lengths, frames, ts)
     encode = make_encoder(vae_params, vcfg)
 
     def load(batch: list[int]) -> tuple[list[int], np.ndarray, list[str]]:
@@ -251,13 +242,13 @@ def encode_dataset(cfg: Any, vae_params: Any, data_dir: str, out_dir: str, batch
 
     stats_cfg = cfg.replace(vae=dataclasses.replace(
         vcfg, latent_mean=tuple(float(v) for v in mean32), latent_std=tuple(float(v) for v in std32)))
-    config_dict = {k: v for k, v in stats_cfg.to_dict().items() if k in CORE_SECTIONS}
+    config_dict = {k: v for k, v in stats_cfg.to_dict().items() if k in CHECKPOINT_SECTIONS}
     stats = {"latent_mean": [float(v) for v in mean32], "latent_std": [float(v) for v in std32],
              "num_clips": n, "stats_from_samples": len(subset), "frames": nf, "latent_shape": list(shape),
              "data": os.path.abspath(data_dir)}
     save_converted(os.path.join(out_dir, "vae"), {"vae": vae_params}, config_dict,
                    extra_meta={"latent_stats": {k: stats[k] for k in ("latent_mean", "latent_std")}})
-    _write_json(os.path.join(out_dir, "vae_stats.json"), stats)
+    _write_text(os.path.join(out_dir, "vae_stats.json"), json.dumps(stats, indent=1, sort_keys=True) + "\n")
     return stats
 
 

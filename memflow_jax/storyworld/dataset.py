@@ -269,6 +269,16 @@ class StoryworldSource:
     def __len__(self) -> int:
         return self._len
 
+    def num_frames(self) -> np.ndarray:
+        """``[N]`` int64 frame count of every video, from ``index.jsonl`` (no video is decoded)."""
+        index = os.path.join(self.path, "index.jsonl")
+        with open(index, encoding="utf-8") as f:
+            lengths = np.asarray([int(json.loads(line)["num_frames"]) for line in f if line.strip()], np.int64)
+        if len(lengths) != self._len:
+            raise ValueError(f"{index} lists {len(lengths)} examples, {self.path}/meta.json {self._len}: the "
+                             "dataset folder is incomplete")
+        return lengths
+
     def _raw(self, index: int) -> bytes:
         if self._files is not None:
             with open(os.path.join(self.path, self._files[index]), "rb") as f:

@@ -22,6 +22,7 @@ import numpy as np
 
 from memflow_jax import config as config_lib
 from memflow_jax.convert.common import load_component, read_converted_meta, save_converted
+from memflow_jax.io.atomic import write_file
 
 DEMO_STORY_TAG = 0x5709  # SeedSequence tag of the default story (training datasets use plain integer seeds)
 STORY_FILE = "story.jsonl"
@@ -82,13 +83,15 @@ def package(dit_dir: str, text_dir: str, vae_dir: str, out_dir: str, story_seed:
         sources[name] = {"path": os.path.relpath(d), **{k: v for k, v in meta.items()
                                                         if k not in ("config", "components")}}
     counts = {k: int(sum(np.prod(x.shape) for x in _leaves(v))) for k, v in comps.items()}
+    story = demo_story(cfg.sampler.num_output_frames, cfg.sampler.chunk_frames, story_seed)  # fails before writing
     save_converted(out_dir, comps, cfg.to_dict(), extra_meta={"sources": sources, "param_counts": counts},
                    copy_dirs={"tokenizer": tok})
-    story = demo_story(cfg.sampler.num_output_frames, cfg.sampler.chunk_frames, story_seed)
-    tmp = os.path.join(out_dir, STORY_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(seg) + "\n" for seg in story)
-    os.replace(tmp, os.path.join(out_dir, STORY_FILE))
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(seg) + "\n" for seg in story)
+
+    write_file(os.path.join(out_dir, STORY_FILE), write)
     return out_dir
 
 

@@ -439,9 +439,10 @@ def _pretrain_step(cfg: TextConfig, steps: int, lr: float) -> tuple[Any, Callabl
     import optax
 
     from memflow_jax.nn import t5 as t5_nn
+    from memflow_jax.training import optim
 
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), max(steps, 1), lr * 0.05)
-    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(sched))
+    opt = optim.make_optimizer(sched, beta1=0.9, beta2=0.999, weight_decay=0.0, clip=1.0)  # Adam, clipped
 
     @jax.jit
     def step(trainable, state, i, m, y, w):  # ids / mask [B, L]; targets / weights [B, L, H]

@@ -268,11 +268,7 @@ class VideoClipSource:
         self.source = StoryworldSource(path)
         self.clip_frames = int(clip_frames)
         self.height, self.width = int(self.source.meta["height"]), int(self.source.meta["width"])
-        index = os.path.join(self.source.path, "index.jsonl")
-        with open(index, encoding="utf-8") as f:
-            lengths = np.asarray([int(json.loads(line)["num_frames"]) for line in f if line.strip()], np.int64)
-        if len(lengths) != len(self.source):
-            raise ValueError(f"{index} lists {len(lengths)} examples, {self.source.path}/meta.json {len(self.source)}")
+        lengths = self.source.num_frames()
         windows = np.maximum(lengths - self.clip_frames + 1, 0)  # [N] windows per video
         if not windows.any():
             raise ValueError(f"{path}: every video is shorter than {self.clip_frames} frames (longest "
@@ -447,7 +443,7 @@ def make_reencode_fn(vae_params: Params, vae_cfg: Any) -> ro.ReencodeFn:
     last of latent ``j``) is picked."""
     from memflow_jax.nn import vae as vae_lib
 
-    stride = 2 ** sum(bool(x) for x in vae_cfg.temporal_downsample)
+    stride = vae_lib.time_stride(vae_cfg)
 
     def fn(latents, j):
         b, _, _, h, w = latents.shape
@@ -1227,16 +1223,17 @@ class Trainer:
         return now
 
     def _past(self, deadline: float | None) -> bool:
-        """Whether the wall-clock deadline has passed (process 0 decides for every process, so all stop at the
-        same step)."""
+        """Whether the wall-clock deadline has passed. With several processes, process 0 decides for all (so all
+        stop at the same step), and only on ``train.log_interval`` boundaries: no collective every step."""
         if deadline is None:
             return False
-        past = time.time() >= deadline
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
+        if jax.process_count() == 1:
+            return time.time() >= deadline
+        if self.step % self.train_cfg.log_interval:
+            return False
+        from jax.experimental import multihost_utils
 
-            past = bool(multihost_utils.broadcast_one_to_all(np.asarray(past)))
-        return past
+        return bool(multihost_utils.broadcast_one_to_all(np.asarray(time.time() >= deadline)))
 
     def train(self, max_iters: int | None = None, deadline: float | None = None) -> list[dict[str, Any]]:
         """Run until ``train.max_iters`` (or ``max_iters``) loop steps are done, or until the wall-clock
