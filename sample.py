@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from memflow_jax.runtime import apply_xla_defaults
+
+    apply_xla_defaults()  # before the first JAX computation
     import numpy as np
     from tqdm import tqdm
 

@@ -31,6 +31,9 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python benchmarks/bench_sampler.py` without an installed package
     sys.path.insert(0, ROOT)
+from memflow_jax.runtime import apply_xla_defaults  # noqa: E402
+
+apply_xla_defaults()  # before jax creates its backend (children of --isolate inherit the environment)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -104,13 +104,14 @@ def slot_of(frame: jnp.ndarray, spec: CacheSpec) -> jnp.ndarray:
 class ForwardPlan:
     """Dynamic description of one forward over ``n`` frames starting at frame ``start``.
 
-    ``q_bank``: insert / NAM-compress the pending prototype before attention (step 0 and recache forwards).
+    ``q_bank``: insert / NAM-compress the pending prototype before attention (step 0 and recache forwards); a
+    Python ``False`` says statically that the bank is only read (the sampler updates it before the chunk).
     ``recompute``: re-encoding already cached frames with ``start > 0`` (sink slots protected).
     ``zero_text_query``: NAM scores with an all-zero text query (release behaviour right after a switch).
     """
 
     start: jnp.ndarray  # [] int32
-    q_bank: jnp.ndarray  # [] bool
+    q_bank: jnp.ndarray | bool  # [] bool
     recompute: jnp.ndarray  # [] bool
     zero_text_query: jnp.ndarray  # [] bool
 
@@ -153,11 +154,6 @@ def slot_valid(slot_frame: jnp.ndarray, end: jnp.ndarray, spec: CacheSpec) -> jn
     sink_ok = (idx < spec.sink) & (slot_frame >= 0) & (slot_frame < end)
     ring_ok = (idx >= spec.sink) & (slot_frame >= lo) & (slot_frame < end)
     return sink_ok | ring_ok
-
-
-def place_frames(cache_kv: jnp.ndarray, new_kv: jnp.ndarray, src: jnp.ndarray, has: jnp.ndarray) -> jnp.ndarray:
-    """Copy of one layer's cache [B, W, N, H, D] with the forward's frames [B, n, N, H, D] placed in their slots."""
-    return jnp.where(has[None, :, None, None, None], jnp.take(new_kv, src, axis=1), cache_kv)
 
 
 def reference_slot_order(slot_frame: jnp.ndarray, spec: CacheSpec) -> jnp.ndarray:

@@ -86,3 +86,14 @@ def bank_update(bank_k: jnp.ndarray, bank_v: jnp.ndarray, bank_frame: jnp.ndarra
     compress = pointer > kk
     return (jnp.where(compress, ck, ik), jnp.where(compress, cv, iv), jnp.where(compress, cf, i_f),
             scores, top)
+
+
+def bank_update_layers(bank_k: jnp.ndarray, bank_v: jnp.ndarray, bank_frame: jnp.ndarray, proto_k: jnp.ndarray,
+                       proto_v: jnp.ndarray, proto_frame: jnp.ndarray, pointer: jnp.ndarray,
+                       text_query: jnp.ndarray, aggregate: str = "logits_mean"
+                       ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """:func:`bank_update` of every layer at once (arrays with a leading [L] axis; ``proto_frame`` and ``pointer``
+    shared). It reads only the cache and the prompt, so a sampler runs it once before a chunk's forwards instead of
+    inside the first one (same result, no NAM work in the layer scans)."""
+    return jax.vmap(bank_update, in_axes=(0, 0, 0, 0, 0, None, None, 0, None))(
+        bank_k, bank_v, bank_frame, proto_k, proto_v, proto_frame, pointer, text_query, aggregate)

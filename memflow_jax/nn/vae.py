@@ -74,7 +74,20 @@ def _select(first: First, if_first: Array, otherwise: Array) -> Array:
 
 def _conv(x: Array, kernel: Array, bias: Array, strides: tuple[int, ...],
           padding: tuple[tuple[int, int], ...]) -> Array:
-    """Channels-last N-d conv (N = kernel.ndim - 2) in x's dtype."""
+    """Channels-last N-d conv (N = kernel.ndim - 2) in x's dtype.
+
+    A 3-D conv with time stride 1 and no time padding (every causal conv: its padding is the explicit cache) runs
+    as ONE 2-D conv over the output frames with the ``kt`` time taps stacked on the input channels: cuDNN's 2-D
+    channels-last kernels are much faster than its 3-D ones (streaming decode on an H100: benchmarks/RESULTS.md).
+    """
+    if kernel.ndim == 5 and strides[0] == 1 and tuple(padding[0]) == (0, 0):
+        b, t, h, w, c = x.shape
+        kt, kh, kw, _, cout = kernel.shape
+        to = t - kt + 1
+        taps = x if kt == 1 else jnp.concatenate([x[:, i:i + to] for i in range(kt)], axis=-1)  # [B, To, H, W, kt*C]
+        k2 = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kt * c, cout)  # (tap, channel) order
+        y = _conv(taps.reshape((b * to,) + taps.shape[2:]), k2, bias, tuple(strides[1:]), tuple(padding[1:]))
+        return y.reshape((b, to) + y.shape[1:])
     nd = kernel.ndim - 2
     spatial = "DHW"[-nd:]
     dn = lax.conv_dimension_numbers(x.shape, kernel.shape, (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))

@@ -18,6 +18,7 @@ import numpy as np
 
 from memflow_jax.config import Config, MemoryConfig, ModelConfig, SamplerConfig
 from memflow_jax.diffusion import scheduler as sch
+from memflow_jax.memory import nam as nam_lib
 from memflow_jax.memory.attend import LayerMemory, make_attend_fn
 from memflow_jax.memory.cache import (CacheSpec, ForwardPlan, KVCache, commit, init_cache, record_chunk,
                                       with_bank)
@@ -90,9 +91,9 @@ class ChunkSteps:
 
     # ------------------------------------------------------------------ one forward
     def _forward(self, params, cache: KVCache, x: jnp.ndarray, t: float | jnp.ndarray, plan: ForwardPlan,
-                 text: PromptKV, update_cache: bool, bank=None):
+                 text: PromptKV, update_cache: bool):
         return memory_forward(params, self.mcfg, self.spec, self.mem, cache, x, t, plan, text, update_cache,
-                              bank=bank, debug=self.debug)
+                              debug=self.debug)
 
     # ------------------------------------------------------------------ chunk step (jitted)
     def _chunk_impl(self, params, state: StreamState, text: PromptKV, noise: jnp.ndarray,
@@ -105,33 +106,38 @@ class ChunkSteps:
         nsteps = len(self.timesteps)
         ts = jnp.asarray(self.timesteps)
         f = noise.shape[1]
-        bank0 = (cache.bank_k, cache.bank_v, cache.bank_frame)
+        nam_dbg = {}
+        if self.spec.bank:  # NAM (release: lazily at step 0) once, for every layer, before the forwards
+            tq = text.k.astype(cache.k.dtype)
+            tq = jnp.where(state.zero_query_next, jnp.zeros_like(tq), tq)
+            bk, bv, bf, scores, kept = nam_lib.bank_update_layers(
+                cache.bank_k, cache.bank_v, cache.bank_frame, cache.proto_k, cache.proto_v, cache.proto_frame,
+                cache.bank_pointer, tq, self.mem.nam_aggregate)
+            cache = with_bank(cache, {"bank": (bk, bv, bf)})
+            if self.debug:  # as if recorded by step 0: [1, L, ...]
+                nam_dbg = {"nam_scores": scores[None], "nam_kept": kept[None]}
 
-        def body(carry, s):
-            x, bank = carry
-            plan = ForwardPlan(start=cs, q_bank=s == 0, recompute=jnp.array(False),
+        def body(x, s):
+            plan = ForwardPlan(start=cs, q_bank=False, recompute=jnp.array(False),
                                zero_text_query=state.zero_query_next)
-            flow, tt, outs, _ = self._forward(params, cache, x, ts[s], plan, text, False, bank)
+            flow, tt, outs, _ = self._forward(params, cache, x, ts[s], plan, text, False)
             x0 = sch.flow_to_x0(self.schedule, flow, x, tt)
             nxt = jnp.minimum(s + 1, nsteps - 1)
             renoised = sch.add_noise(self.schedule, x0, step_noise[jnp.minimum(s, nsteps - 2)],
                                      jnp.full_like(tt, ts[nxt]))
             x = jnp.where(s < nsteps - 1, renoised, x)
-            if "bank" in outs:
-                bank = outs["bank"]
-            dbg = {k: v for k, v in outs.items() if k.startswith(("nam_", "sma_"))}
-            return (x, bank), (x0, dbg)
+            dbg = {k: v for k, v in outs.items() if k.startswith("sma_")}
+            return x, (x0, dbg)
 
-        (_, bank), (x0s, dbg_steps) = jax.lax.scan(body, (noise, bank0), jnp.arange(nsteps))
+        _, (x0s, dbg_steps) = jax.lax.scan(body, noise, jnp.arange(nsteps))
+        dbg_steps = {**dbg_steps, **nam_dbg}
         x0 = x0s[-1]
-        cache = with_bank(cache, {"bank": bank} if self.spec.bank else {})
         # clean-context pass: writes the chunk's K/V (and records the bank prototype)
         x_ctx = x0
         if self.scfg.context_noise > 0:
             tctx = jnp.full((x0.shape[0], f), self.scfg.context_noise, jnp.float32)
             x_ctx = sch.add_noise(self.schedule, x0, ctx_noise, tctx)
-        plan = ForwardPlan(start=cs, q_bank=jnp.array(False), recompute=jnp.array(False),
-                           zero_text_query=jnp.array(False))
+        plan = ForwardPlan(start=cs, q_bank=False, recompute=jnp.array(False), zero_text_query=jnp.array(False))
         _, _, outs, (new_slots, placement) = self._forward(params, cache, x_ctx, self.scfg.context_noise, plan,
                                                             text, True)
         cache = commit(cache, outs, new_slots, cs + f, placement)

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import attention_variants, bench_sampler
+from benchmarks import attention_variants, bench_sampler, profile_chunk
+from memflow_jax import runtime
 from memflow_jax.sampling.streaming import StreamingSampler
 
 TABLE_HEAD = "| mode | key frames | compile s | s/chunk |"
@@ -50,7 +51,8 @@ def tiny():
 @pytest.mark.parametrize("mode", list(bench_sampler.MODES))
 def test_flop_formula_matches_traced_matmuls(tiny, mode):
     """Analytic chunk / switch FLOPs == every matmul of the traced sampler, minus the NAM and SMA scoring
-    einsums the formula leaves out (per layer and forward: NAM 2·B·K·H·D, SMA 2·B·H·(S+K)·D)."""
+    einsums the formula leaves out (per layer: NAM 2·B·K·H·D once per chunk and per re-cache, SMA 2·B·H·(S+K)·D
+    per forward)."""
     cfg, params = tiny
     m, scfg = cfg["model"], cfg["sampler"]
     mem = dataclasses.replace(cfg["memory"], **bench_sampler.MODES[mode])
@@ -66,12 +68,12 @@ def test_flop_formula_matches_traced_matmuls(tiny, mode):
     prompt = _dot_flops(jax.make_jaxpr(s.prompt_kv)(text).jaxpr)
 
     sp, d = s.spec, m.head_dim
-    per_forward = m.num_layers * (2 * sp.bank * m.num_heads * d
-                                  + (2 * m.num_heads * (sp.sink + sp.bank) * d if mem.sma else 0))
+    nam_once = m.num_layers * 2 * sp.bank * m.num_heads * d  # NAM: once before a chunk, once in a re-cache
+    sma = m.num_layers * 2 * m.num_heads * (sp.sink + sp.bank) * d if mem.sma else 0  # SMA: every forward
     want = bench_sampler.chunk_flops(m, sp, mem, len(s.timesteps))
     steps = len(s.timesteps)
-    assert chunk == want["chunk"] + (steps + 1) * per_forward
-    assert chunk + recache + prompt == want["switch"] + (steps + 2) * per_forward
+    assert chunk == want["chunk"] + nam_once + (steps + 1) * sma
+    assert chunk + recache + prompt == want["switch"] + 2 * nam_once + (steps + 2) * sma
     assert bench_sampler.key_frames(sp, mem) == {"nam": 8, "nam+sma": 7, "sink": 6, "local": 6}[mode]
 
 
@@ -155,3 +157,36 @@ def test_attention_variants_tiny(tmp_path):
     # the warm-up mask is not trivial: ignoring it changes the result
     assert rows["xla_nomask"]["warmup"]["max_abs_err"] > 0.1
     assert not all(report["shapes"]["warmup_valid_frames"])
+
+
+def test_profile_chunk_tiny(tmp_path, capsys):
+    path = tmp_path / "prof.json"
+    report = profile_chunk.main(["--tiny", "--warmup", "1", "--chunks", "1", "--switch", "--vae", "--top", "3",
+                                 "--json", str(path)])
+    assert json.loads(path.read_text())["mode"] == report["mode"] == "nam"
+    for part in ("chunk", "recache", "vae"):
+        s = report[part]
+        assert set(s["by_kind_s"]) == set(profile_chunk.KINDS) and s["total_s"] > 0
+        chex.assert_trees_all_close(sum(s["by_kind_s"].values()), s["total_s"])
+        assert 0 < len(s["top"]) <= 3 and all(t["kind"] in profile_chunk.KINDS for t in s["top"])
+    assert "## per chunk" in capsys.readouterr().out
+
+
+def test_profile_op_kinds():
+    """Kernel names as an H100 trace shows them (benchmarks/results/h100_profile_nam.json)."""
+    kind = profile_chunk.op_kind
+    assert kind("command_buffer_35", "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7") == "attention"
+    assert kind("command_buffer_35", "nvjet_sm90_tst_128x216_64x4_2x1_v_bz_coopA_bias_NNT") == "gemm"
+    assert kind("cudnn-conv-bias-activation.96", "void cudnn::engines_precompiled::nchwToNhwcKernel") == "conv"
+    assert kind("copy.1", "MemcpyD2D") == "copy/gather"
+    assert kind("command_buffer_35", "loop_add_fusion_4") == "other"
+
+
+def test_xla_defaults_respect_user_flags():
+    env = {}
+    assert runtime.apply_xla_defaults(env) == "--xla_gpu_enable_triton_gemm=false"
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    runtime.apply_xla_defaults(env)
+    assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8 --xla_gpu_enable_triton_gemm=false"
+    env = {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=true"}  # the user's choice wins
+    assert runtime.apply_xla_defaults(env) == "--xla_gpu_enable_triton_gemm=true"

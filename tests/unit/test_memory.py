@@ -76,6 +76,21 @@ def test_bank_update_lazy_insert(pointer, expect):
         assert nf.tolist() == [expect]
 
 
+def test_bank_update_layers_equals_each_layer():
+    """The sampler's once-per-chunk NAM over stacked layers == bank_update layer by layer."""
+    rng = np.random.default_rng(5)
+    L, b, kk, n, h, d, t = 2, 2, 3, 4, 2, 8, 5
+    bk, bv = (jnp.asarray(rng.normal(size=(L, b, kk, n, h, d)), jnp.float32) for _ in range(2))
+    pk, pv = (jnp.asarray(rng.normal(size=(L, b, n, h, d)), jnp.float32) for _ in range(2))
+    bf = jnp.broadcast_to(jnp.array([0, 3, 6]), (L, b, kk))
+    tq = jnp.asarray(rng.normal(size=(L, b, t, h, d)), jnp.float32)
+    got = nam.bank_update_layers(bk, bv, bf, pk, pv, jnp.array(9), jnp.array(4), tq)
+    for layer in range(L):
+        want = nam.bank_update(bk[layer], bv[layer], bf[layer], pk[layer], pv[layer], jnp.array(9), jnp.array(4),
+                               tq[layer])
+        chex.assert_trees_all_close(jax.tree_util.tree_map(lambda x: x[layer], got), want)
+
+
 def test_sma_select_sorted_valid_first_and_gather():
     rng = np.random.default_rng(2)
     q = jnp.asarray(rng.normal(size=(2, 6, 3, 8)), jnp.float32)

@@ -1,0 +1,198 @@
+"""Where a chunk's time goes: a ``jax.profiler`` trace of steady-state chunks, summed per op kind.
+
+Builds the same sampler as :mod:`benchmarks.bench_sampler` (Wan2.1-1.3B size, random bf16 weights), runs
+``--warmup`` chunks (memory full: every key valid), traces ``--chunks`` chunks (with ``--switch`` also one prompt
+switch's re-cache, with ``--vae`` the streaming VAE decode), reads the trace back with
+``jax.profiler.ProfileData`` and prints, per chunk, device time by kind (attention, GEMM, convolution,
+copies/gathers, other fusions) and the top ops. On GPU the device plane's kernels are counted; on CPU (``--tiny``)
+the host's XLA thunks.
+
+    python -m benchmarks.profile_chunk [--mode nam] [--chunks 3] [--top 20] [--switch] [--vae] [--json out.json]
+    python -m benchmarks.profile_chunk --tiny    # CPU smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import glob
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import bench_sampler as bench  # noqa: E402
+from memflow_jax.sampling.streaming import StreamingSampler  # noqa: E402
+
+KINDS = ("attention", "gemm", "conv", "copy/gather", "other")
+
+
+def op_kind(op: str, kernel: str) -> str:
+    """Classify one device op by its HLO op name and kernel name."""
+    o, k = op.lower(), kernel.lower()
+    if any(s in k for s in ("sdpa", "fmha", "flash")) or "fmha" in o:
+        return "attention"
+    if any(s in k for s in ("conv", "fprop", "implicit", "dgrad", "wgrad")) or "conv" in o:
+        return "conv"
+    if (any(s in k for s in ("gemm", "nvjet", "xmma", "cutlass", "dot")) or o.startswith(("gemm", "cublas", "dot"))
+            or "triton_gemm" in o):
+        return "gemm"
+    if any(s in o for s in ("copy", "gather", "dynamic-update-slice", "dynamic_update_slice", "concatenate",
+                            "transpose", "scatter", "slice")):
+        return "copy/gather"
+    return "other"
+
+
+def _stats(event) -> dict[str, Any]:
+    try:
+        return {name: value for name, value in event.stats}
+    except (TypeError, ValueError):
+        return {}
+
+
+def device_ops(xplane: str) -> list[tuple[str, str, float]]:
+    """(hlo op, kernel name, seconds) of every device op in a trace file (GPU kernels, else CPU XLA thunks)."""
+    from jax.profiler import ProfileData
+
+    data = ProfileData.from_file(xplane)
+    gpu = [p for p in data.planes if p.name.startswith("/device:GPU")]
+    out = []
+    for plane in gpu or [p for p in data.planes if p.name == "/host:CPU"]:
+        for line in plane.lines:
+            if gpu and not line.name.lower().startswith("stream"):
+                continue  # device planes also hold "XLA Modules"/"XLA Ops" summary lines: count kernels once
+            for ev in line.events:
+                st = _stats(ev)
+                op = st.get("hlo_op")
+                if op is None or (not gpu and str(op).startswith(("while", "conditional", "call"))):
+                    continue  # CPU thunks of control flow contain the ops they run: count those once
+                out.append((str(op), ev.name, ev.duration_ns * 1e-9))
+    return out
+
+
+def summarize(ops: list[tuple[str, str, float]], per: int, top: int) -> dict[str, Any]:
+    """Per-``per`` (chunk) seconds by kind and the ``top`` ops by time."""
+    by_kind = collections.Counter()
+    by_op: dict[str, list] = {}
+    for op, kernel, s in ops:
+        kind = op_kind(op, kernel)
+        by_kind[kind] += s
+        # kernels inside CUDA graphs all carry their command buffer's name: group those by kernel instead
+        key = kernel if op.startswith("command_buffer") else op
+        e = by_op.setdefault(key, [0.0, 0, kernel, kind])
+        e[0] += s
+        e[1] += 1
+    total = sum(by_kind.values())
+    tops = sorted(by_op.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"total_s": total / per, "by_kind_s": {k: by_kind.get(k, 0.0) / per for k in KINDS},
+            "top": [{"op": op[:60], "kind": e[3], "s": e[0] / per, "calls": e[1] / per, "kernel": e[2][:80]}
+                    for op, e in tops]}
+
+
+def format_summary(title: str, s: dict[str, Any]) -> str:
+    tot = s["total_s"] or 1.0
+    lines = [f"## {title}: {s['total_s'] * 1e3:.1f} ms of device time", "",
+             "| kind | ms | share |", "|---|---|---|"]
+    lines += [f"| {k} | {v * 1e3:.1f} | {100 * v / tot:.1f} % |" for k, v in s["by_kind_s"].items()]
+    lines += ["", "| op | kind | ms | calls | kernel |", "|---|---|---|---|---|"]
+    lines += [f"| {t['op']} | {t['kind']} | {t['s'] * 1e3:.2f} | {t['calls']:.0f} | `{t['kernel']}` |"
+              for t in s["top"]]
+    return "\n".join(lines)
+
+
+def _trace(fn, trace_dir: str) -> list[tuple[str, str, float]]:
+    with jax.profiler.trace(trace_dir):
+        fn()
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
+    if not files:
+        raise RuntimeError(f"jax.profiler wrote no .xplane.pb under {trace_dir}")
+    return device_ops(files[-1])
+
+
+def vae_decoder(cfg: dict, chunks: int):
+    """A warmed-up streaming VAE decode of ``chunks`` later chunks (same setup as ``bench_sampler.run_vae``)."""
+    from memflow_jax.nn import vae as vae_lib
+
+    v, scfg = cfg["vae"], cfg["sampler"]
+    (h, w), f = scfg.latent_hw, scfg.chunk_frames
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, v.dtype), vae_lib.init_params(v, jax.random.PRNGKey(7)))
+    lat = jnp.asarray(np.random.default_rng(8).standard_normal((1, f, v.z_dim, h, w), np.float32))
+    box = {"cache": vae_lib.init_decode_cache(v, 1, h, w)}
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            pix, box["cache"] = vae_lib.decode_chunk_jit(params, v, lat, box["cache"])
+        jax.block_until_ready(box["cache"])
+
+    run(3)  # first chunk and a later chunk compile separately
+    return lambda: run(chunks)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", default="nam", choices=list(bench.MODES))
+    p.add_argument("--warmup", type=int, default=6, help="chunks before tracing (fill the window and bank)")
+    p.add_argument("--chunks", type=int, default=3, help="traced chunks")
+    p.add_argument("--switch", action="store_true", help="also trace one prompt switch's re-cache")
+    p.add_argument("--vae", action="store_true", help="also trace the streaming VAE decode of --chunks chunks")
+    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--tiny", action="store_true", help="tiny float32 model on CPU (smoke test)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    cfg = bench.build_configs(args.tiny)
+    m, scfg = cfg["model"], cfg["sampler"]
+    mem = dataclasses.replace(cfg["memory"], **bench.MODES[args.mode])
+    params = bench.init_dit(m, seed=0)
+    s = StreamingSampler(params, m, mem, scfg, batch_size=1, latent_hw=scfg.latent_hw)
+    f, (h, w) = scfg.chunk_frames, scfg.latent_hw
+    rng = np.random.default_rng(1)
+    text = jnp.asarray(rng.standard_normal((1, m.text_len, m.text_dim), np.float32))
+    noise = jnp.asarray(rng.standard_normal((1, f, m.in_dim, h, w), np.float32))
+    step_noise = jnp.asarray(rng.standard_normal((len(s.timesteps) - 1,) + noise.shape, np.float32))
+    kv = jax.block_until_ready(s.prompt_kv(text))
+    box = {"state": s.init_state()}
+
+    def chunks(n: int) -> None:
+        for _ in range(n):
+            box["state"] = s.chunk(box["state"], kv, noise, step_noise)[0]
+        jax.block_until_ready(box["state"])
+
+    chunks(max(args.warmup, 1))
+    report: dict[str, Any] = {"mode": args.mode, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                              "xla_flags": os.environ.get("XLA_FLAGS")}
+    with tempfile.TemporaryDirectory() as d:
+        report["chunk"] = summarize(_trace(lambda: chunks(args.chunks), os.path.join(d, "chunk")), args.chunks,
+                                    args.top)
+        if args.switch:
+            def recache() -> None:
+                box["state"] = s.recache(box["state"], kv)[0]
+                jax.block_until_ready(box["state"])
+
+            recache()  # compile outside the trace
+            report["recache"] = summarize(_trace(recache, os.path.join(d, "recache")), 1, args.top)
+        if args.vae:
+            report["vae"] = summarize(_trace(vae_decoder(cfg, args.chunks), os.path.join(d, "vae")), args.chunks,
+                                      args.top)
+    print(f"# chunk profile: {args.mode}, {report['device']}, jax {report['jax']}, XLA_FLAGS={report['xla_flags']}")
+    print(format_summary("per chunk", report["chunk"]))
+    if "recache" in report:
+        print(format_summary("prompt-switch re-cache", report["recache"]))
+    if "vae" in report:
+        print(format_summary("streaming VAE decode per chunk", report["vae"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
