@@ -38,8 +38,11 @@ KINDS = ("attention", "gemm", "conv", "copy/gather", "other")
 
 
 def op_kind(op: str, kernel: str) -> str:
-    """Classify one device op by its HLO op name and kernel name."""
+    """Classify one device op by its HLO op name and kernel name (kernels inside a CUDA graph carry the command
+    buffer's op name, so the kernel name, which names XLA's fusion, decides for those)."""
     o, k = op.lower(), kernel.lower()
+    if o.startswith("command_buffer"):
+        o = k
     if any(s in k for s in ("sdpa", "fmha", "flash")) or "fmha" in o:
         return "attention"
     if any(s in k for s in ("conv", "fprop", "implicit", "dgrad", "wgrad")) or "conv" in o:
@@ -47,8 +50,8 @@ def op_kind(op: str, kernel: str) -> str:
     if (any(s in k for s in ("gemm", "nvjet", "xmma", "cutlass", "dot")) or o.startswith(("gemm", "cublas", "dot"))
             or "triton_gemm" in o):
         return "gemm"
-    if any(s in o for s in ("copy", "gather", "dynamic-update-slice", "dynamic_update_slice", "concatenate",
-                            "transpose", "scatter", "slice")):
+    if any(s in o for s in ("copy", "memcpy", "gather", "dynamic-update-slice", "dynamic_update_slice",
+                            "concatenate", "transpose", "scatter", "slice", "select")):
         return "copy/gather"
     return "other"
 

@@ -179,6 +179,8 @@ def test_profile_op_kinds():
     assert kind("command_buffer_35", "nvjet_sm90_tst_128x216_64x4_2x1_v_bz_coopA_bias_NNT") == "gemm"
     assert kind("cudnn-conv-bias-activation.96", "void cudnn::engines_precompiled::nchwToNhwcKernel") == "conv"
     assert kind("copy.1", "MemcpyD2D") == "copy/gather"
+    assert kind("command_buffer_35", "memcpy128") == "copy/gather"
+    assert kind("command_buffer_35", "input_concatenate_fusion_4") == "copy/gather"
     assert kind("command_buffer_35", "loop_add_fusion_4") == "other"
 
 
