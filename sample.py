@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from memflow_jax import config as config_lib
+    from memflow_jax.io.atomic import write_file
     from memflow_jax.io.video import Mp4Writer
     from memflow_jax.pipeline import config_from_checkpoint, generate, load_components
     from memflow_jax.sampling.timeline import Timeline, TimelineError, align_switches, load_timeline
@@ -123,9 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
     if args.save_latents or args.no_vae:
         path = os.path.splitext(args.out)[0] + ".latents.npy"
-        tmp = path + ".tmp.npy"
-        np.save(tmp, lat)
-        os.replace(tmp, path)
+        write_file(path, lambda tmp: np.save(tmp, lat))
         print(f"latents {lat.shape} -> {path}")
     dt = time.time() - t0
     if writer is not None:

@@ -150,17 +150,38 @@ def frames_per_chunk(cfg: dict) -> int:
     return cfg["sampler"].chunk_frames * vae_lib.time_stride(cfg["vae"])
 
 
-def run_mode(name: str, params: dit.Params, cfg: dict, args: argparse.Namespace) -> dict[str, Any]:
-    """Benchmark one memory mode; returns its row (times in seconds)."""
+def mode_setup(name: str, params: dit.Params, cfg: dict, batch: int
+               ) -> tuple[StreamingSampler, MemoryConfig, list[jnp.ndarray], jnp.ndarray, jnp.ndarray]:
+    """The sampler of one memory mode and its inputs: (sampler, memory config, two prompts' embeddings
+    [B, T, text_dim], chunk noise [B, F, C, h, w], step noise [steps-1, B, F, C, h, w]); host draws, so no RNG
+    kernels to compile."""
     m, scfg = cfg["model"], cfg["sampler"]
     mem = dataclasses.replace(cfg["memory"], **MODES[name])
     mem.validate()
-    s = StreamingSampler(params, m, mem, scfg, batch_size=args.batch, latent_hw=scfg.latent_hw)
-    b, f, (h, w) = args.batch, scfg.chunk_frames, scfg.latent_hw
-    rng = np.random.default_rng(1)  # host draws: no RNG kernels to compile
-    texts = [jnp.asarray(rng.standard_normal((b, m.text_len, m.text_dim), np.float32)) for _ in range(2)]
-    noise = jnp.asarray(rng.standard_normal((b, f, m.in_dim, h, w), np.float32))
+    s = StreamingSampler(params, m, mem, scfg, batch_size=batch, latent_hw=scfg.latent_hw)
+    f, (h, w) = scfg.chunk_frames, scfg.latent_hw
+    rng = np.random.default_rng(1)
+    texts = [jnp.asarray(rng.standard_normal((batch, m.text_len, m.text_dim), np.float32)) for _ in range(2)]
+    noise = jnp.asarray(rng.standard_normal((batch, f, m.in_dim, h, w), np.float32))
     step_noise = jnp.asarray(rng.standard_normal((len(s.timesteps) - 1,) + noise.shape, np.float32))
+    return s, mem, texts, noise, step_noise
+
+
+def vae_setup(cfg: dict, batch: int) -> tuple[Any, jnp.ndarray, Any]:
+    """Random VAE params in the compute dtype, one chunk of latents [B, F, z, h, w] and a fresh decode cache."""
+    from memflow_jax.nn import vae as vae_lib
+
+    v, scfg = cfg["vae"], cfg["sampler"]
+    (h, w), f = scfg.latent_hw, scfg.chunk_frames
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, v.dtype), vae_lib.init_params(v, jax.random.PRNGKey(7)))
+    lat = jnp.asarray(np.random.default_rng(8).standard_normal((batch, f, v.z_dim, h, w), np.float32))
+    return params, lat, vae_lib.init_decode_cache(v, batch, h, w)
+
+
+def run_mode(name: str, params: dit.Params, cfg: dict, args: argparse.Namespace) -> dict[str, Any]:
+    """Benchmark one memory mode; returns its row (times in seconds)."""
+    m = cfg["model"]
+    s, mem, texts, noise, step_noise = mode_setup(name, params, cfg, args.batch)
     kv = jax.block_until_ready(s.prompt_kv(texts[0]))
     state = s.init_state()
 
@@ -197,7 +218,7 @@ def run_mode(name: str, params: dit.Params, cfg: dict, args: argparse.Namespace)
     sw = statistics.median(switch[1:])
     kf = key_frames(s.spec, mem)
     row = {"mode": name, "memory_config": dataclasses.asdict(mem), "key_frames": kf,
-           "query_tokens": b * f * s.tokens_per_frame, "key_tokens": kf * s.tokens_per_frame,
+           "query_tokens": args.batch * s.spec.chunk_frames * s.tokens_per_frame, "key_tokens": kf * s.tokens_per_frame,
            "compile_s": compile_s, "chunks": len(times), "chunk_s": times, "chunk_s_median": med,
            "chunk_s_min": min(times), "chunk_s_max": max(times), "dit_fps": frames_per_chunk(cfg) / med,
            "chunk_tflop": fl["chunk"] / 1e12, "tflops": fl["chunk"] / med / 1e12, "switch_s": sw,
@@ -215,17 +236,10 @@ def run_mode(name: str, params: dit.Params, cfg: dict, args: argparse.Namespace)
 
 def run_vae(cfg: dict, args: argparse.Namespace) -> dict[str, Any]:
     """Streaming VAE decode of one chunk (bf16), first chunk and later chunks compiled separately."""
-    try:
-        from memflow_jax.nn import vae as vae_lib
-        init_cache, decode = vae_lib.init_decode_cache, vae_lib.decode_chunk
-    except (ImportError, AttributeError) as e:
-        return {"skipped": f"VAE streaming decode not available ({e}); VAE columns left empty"}
-    decode = getattr(vae_lib, "decode_chunk_jit", None) or jax.jit(decode, static_argnums=1, donate_argnums=3)
-    v, scfg = cfg["vae"], cfg["sampler"]
-    (h, w), b, f = scfg.latent_hw, args.batch, scfg.chunk_frames
-    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, v.dtype), vae_lib.init_params(v, jax.random.PRNGKey(7)))
-    lat = jnp.asarray(np.random.default_rng(8).standard_normal((b, f, v.z_dim, h, w), np.float32))
-    cache = init_cache(v, b, h, w)
+    from memflow_jax.nn import vae as vae_lib
+
+    decode, v = vae_lib.decode_chunk_jit, cfg["vae"]
+    params, lat, cache = vae_setup(cfg, args.batch)
     (_, cache), first_s = timed(decode, params, v, lat, cache)  # first chunk: 1 + 4(f-1) frames
     (pix, cache), second_s = timed(decode, params, v, lat, cache)  # later chunks: 4f frames
     times = []

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import glob
 import json
 import os
@@ -28,11 +27,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from benchmarks import bench_sampler as bench  # noqa: E402
-from memflow_jax.sampling.streaming import StreamingSampler  # noqa: E402
 
 KINDS = ("attention", "gemm", "conv", "copy/gather", "other")
 
@@ -123,14 +119,11 @@ def _trace(fn, trace_dir: str) -> list[tuple[str, str, float]]:
 
 
 def vae_decoder(cfg: dict, chunks: int):
-    """A warmed-up streaming VAE decode of ``chunks`` later chunks (same setup as ``bench_sampler.run_vae``)."""
+    """A warmed-up streaming VAE decode of ``chunks`` later chunks (``bench_sampler.vae_setup``)."""
     from memflow_jax.nn import vae as vae_lib
 
-    v, scfg = cfg["vae"], cfg["sampler"]
-    (h, w), f = scfg.latent_hw, scfg.chunk_frames
-    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, v.dtype), vae_lib.init_params(v, jax.random.PRNGKey(7)))
-    lat = jnp.asarray(np.random.default_rng(8).standard_normal((1, f, v.z_dim, h, w), np.float32))
-    box = {"cache": vae_lib.init_decode_cache(v, 1, h, w)}
+    params, lat, cache = bench.vae_setup(cfg, batch=1)
+    v, box = cfg["vae"], {"cache": cache}
 
     def run(n: int) -> None:
         for _ in range(n):
@@ -153,16 +146,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     cfg = bench.build_configs(args.tiny)
-    m, scfg = cfg["model"], cfg["sampler"]
-    mem = dataclasses.replace(cfg["memory"], **bench.MODES[args.mode])
-    params = bench.init_dit(m, seed=0)
-    s = StreamingSampler(params, m, mem, scfg, batch_size=1, latent_hw=scfg.latent_hw)
-    f, (h, w) = scfg.chunk_frames, scfg.latent_hw
-    rng = np.random.default_rng(1)
-    text = jnp.asarray(rng.standard_normal((1, m.text_len, m.text_dim), np.float32))
-    noise = jnp.asarray(rng.standard_normal((1, f, m.in_dim, h, w), np.float32))
-    step_noise = jnp.asarray(rng.standard_normal((len(s.timesteps) - 1,) + noise.shape, np.float32))
-    kv = jax.block_until_ready(s.prompt_kv(text))
+    s, _, texts, noise, step_noise = bench.mode_setup(args.mode, bench.init_dit(cfg["model"], seed=0), cfg, 1)
+    kv = jax.block_until_ready(s.prompt_kv(texts[0]))
     box = {"state": s.init_state()}
 
     def chunks(n: int) -> None:

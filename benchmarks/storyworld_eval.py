@@ -456,17 +456,11 @@ def _jsonable(x: Any) -> Any:
 
 
 def write_json(path: str, report: dict[str, Any]) -> None:
-    """Atomic (:func:`memflow_jax.io.atomic.write_file`)."""
-    from memflow_jax.io.atomic import write_file
+    """Atomic (:func:`memflow_jax.io.atomic.write_text`)."""
+    from memflow_jax.io.atomic import write_text
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    text = json.dumps(_jsonable(report), indent=1, allow_nan=False) + "\n"
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    write_file(os.path.abspath(path), write)
+    write_text(os.path.abspath(path), json.dumps(_jsonable(report), indent=1, allow_nan=False) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -119,16 +119,6 @@ def _format_floats(values: Sequence[float]) -> str:
     return "[" + ",".join(np.format_float_positional(np.float32(v), unique=True, trim="0") for v in values) + "]"
 
 
-def _write_text(path: str, text: str) -> None:
-    from memflow_jax.io.atomic import write_file
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-
-    write_file(path, write)
-
-
 # --------------------------------------------------------------------------------------------------
 # Encoding
 # --------------------------------------------------------------------------------------------------
@@ -158,6 +148,7 @@ def encode_dataset(cfg: Any, vae_params: Any, data_dir: str, out_dir: str, batch
     from memflow_jax.config import CHECKPOINT_SECTIONS
     from memflow_jax.convert.common import save_converted
     from memflow_jax.data.latents import manifest_line, write_latent_file
+    from memflow_jax.io.atomic import write_text
     from memflow_jax.nn import vae as vae_lib
     from memflow_jax.storyworld.dataset import StoryworldSource
 
@@ -238,7 +229,7 @@ def encode_dataset(cfg: Any, vae_params: Any, data_dir: str, out_dir: str, batch
             pb.update(len(batch))
     if pb is not None:
         pb.close()
-    _write_text(os.path.join(out_dir, "latents.jsonl"), "\n".join(lines) + "\n")
+    write_text(os.path.join(out_dir, "latents.jsonl"), "\n".join(lines) + "\n")
 
     stats_cfg = cfg.replace(vae=dataclasses.replace(
         vcfg, latent_mean=tuple(float(v) for v in mean32), latent_std=tuple(float(v) for v in std32)))
@@ -248,7 +239,7 @@ def encode_dataset(cfg: Any, vae_params: Any, data_dir: str, out_dir: str, batch
              "data": os.path.abspath(data_dir)}
     save_converted(os.path.join(out_dir, "vae"), {"vae": vae_params}, config_dict,
                    extra_meta={"latent_stats": {k: stats[k] for k in ("latent_mean", "latent_std")}})
-    _write_text(os.path.join(out_dir, "vae_stats.json"), json.dumps(stats, indent=1, sort_keys=True) + "\n")
+    write_text(os.path.join(out_dir, "vae_stats.json"), json.dumps(stats, indent=1, sort_keys=True) + "\n")
     return stats
 
 

@@ -31,3 +31,12 @@ def write_file(path: str, write: Callable[[str], None]) -> str:
             os.remove(tmp)
         raise
     return path
+
+
+def write_text(path: str, text: str) -> str:
+    """Atomic UTF-8 text file (``\n`` line ends) via :func:`write_file`."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+
+    return write_file(path, write)

@@ -22,7 +22,7 @@ import numpy as np
 
 from memflow_jax import config as config_lib
 from memflow_jax.convert.common import load_component, read_converted_meta, save_converted
-from memflow_jax.io.atomic import write_file
+from memflow_jax.io.atomic import write_text
 
 DEMO_STORY_TAG = 0x5709  # SeedSequence tag of the default story (training datasets use plain integer seeds)
 STORY_FILE = "story.jsonl"
@@ -86,12 +86,7 @@ def package(dit_dir: str, text_dir: str, vae_dir: str, out_dir: str, story_seed:
     story = demo_story(cfg.sampler.num_output_frames, cfg.sampler.chunk_frames, story_seed)  # fails before writing
     save_converted(out_dir, comps, cfg.to_dict(), extra_meta={"sources": sources, "param_counts": counts},
                    copy_dirs={"tokenizer": tok})
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(seg) + "\n" for seg in story)
-
-    write_file(os.path.join(out_dir, STORY_FILE), write)
+    write_text(os.path.join(out_dir, STORY_FILE), "".join(json.dumps(seg) + "\n" for seg in story))
     return out_dir
 
 
