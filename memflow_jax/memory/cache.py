@@ -164,24 +164,54 @@ def reference_slot_order(slot_frame: jnp.ndarray, spec: CacheSpec) -> jnp.ndarra
     return jnp.argsort(key)
 
 
+def _put_frames(buf: jnp.ndarray, frames: jnp.ndarray, placement: tuple[jnp.ndarray, jnp.ndarray],
+                layer: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Write a forward's frames into their slots of ``buf [L, B, W, N, H, D]`` with ``dynamic_update_slice``, one
+    frame at a time (in place when ``buf`` is donated or scan-carried). ``frames``: ``[L, B, n, N, H, D]``, or
+    ``[B, n, N, H, D]`` for the single layer ``layer``. ``placement`` = (target slot [n], write flag [n])."""
+    target, write = placement
+    for j in range(frames.shape[-4]):  # static: n frames (a chunk, or the re-cache window)
+        if layer is None:
+            start, frame = (0, 0, target[j], 0, 0, 0), frames[:, :, j][:, :, None]
+        else:
+            start, frame = (layer, 0, target[j], 0, 0, 0), frames[:, j][None, :, None]
+        old = lax.dynamic_slice(buf, start, frame.shape)
+        buf = lax.dynamic_update_slice(buf, jnp.where(write[j], frame.astype(buf.dtype), old), start)
+    return buf
+
+
+def kv_carry(cache: KVCache, placement: tuple[jnp.ndarray, jnp.ndarray]):
+    """In-place K/V writes for a cache-writing forward: ``(state, read, write)`` for ``nn.dit.LayerCarry``.
+
+    The cache's K/V ride through the layer scan whole; layer ``i`` reads its slices (``read`` fills the
+    ``k``/``v`` fields of its layer inputs) and ``write`` puts its frames (``outputs["kv"]``) into their slots, so
+    the forward never holds a stacked copy of all layers' new frames (the re-cache's peak memory).
+    :func:`commit` takes the written cache from ``outputs["carry"]``.
+    """
+    def read(state, i, layer):
+        k, v = state
+        return layer.replace(k=lax.dynamic_index_in_dim(k, i, 0, keepdims=False),
+                             v=lax.dynamic_index_in_dim(v, i, 0, keepdims=False))
+
+    def write(state, i, outputs):
+        outputs = dict(outputs)
+        new_k, new_v = outputs.pop("kv")
+        return (_put_frames(state[0], new_k, placement, i), _put_frames(state[1], new_v, placement, i)), outputs
+
+    return (cache.k, cache.v), read, write
+
+
 def commit(cache: KVCache, outputs: dict, new_slot_frame: jnp.ndarray, end: jnp.ndarray,
            placement: tuple[jnp.ndarray, jnp.ndarray]) -> KVCache:
-    """Persist a cache-updating forward: write its K/V frames (``outputs["kv"]``, [L, B, n, N, H, D]) into their
-    slots (``placement`` = (target slot [n], write flag [n]) from :func:`chunk_placement`) one frame at a time with
-    ``dynamic_update_slice`` — in place when the cache is donated — and take the bank as updated by a ``q_bank``
-    forward, the slot map and the end cursor."""
-    new_k, new_v = outputs["kv"]
-    target, write = placement
-    k, v = cache.k, cache.v
-    for j in range(new_k.shape[2]):  # static: n frames (a chunk, or the re-cache window)
-        slot = target[j]
-
-        def put(buf, frame):
-            old = lax.dynamic_slice_in_dim(buf, slot, 1, axis=2)
-            val = jnp.where(write[j], frame[:, :, None].astype(buf.dtype), old)
-            return lax.dynamic_update_slice_in_dim(buf, val, slot, axis=2)
-
-        k, v = put(k, new_k[:, :, j]), put(v, new_v[:, :, j])
+    """Persist a cache-updating forward: its K/V frames (``outputs["kv"]``, [L, B, n, N, H, D]) go into their slots
+    (``placement`` = (target slot [n], write flag [n]) from :func:`chunk_placement`) — or, when the forward wrote
+    them in place (:func:`kv_carry`), the written K/V come from ``outputs["carry"]`` — and take the bank as updated
+    by a ``q_bank`` forward, the slot map and the end cursor."""
+    if "carry" in outputs:
+        k, v = outputs["carry"]
+    else:
+        new_k, new_v = outputs["kv"]
+        k, v = _put_frames(cache.k, new_k, placement), _put_frames(cache.v, new_v, placement)
     cache = cache.replace(k=k, v=v, slot_frame=new_slot_frame, end_frame=jnp.maximum(cache.end_frame, end))
     return with_bank(cache, outputs)
 

@@ -11,6 +11,7 @@ Parameters: non-block params at the top level, block params stacked on a leading
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable
 
@@ -26,6 +27,16 @@ from memflow_jax.nn.rope import apply_rope, rope_tables, sinusoidal_embedding
 Params = dict[str, Any]
 # attend_fn(q, k, v, layer_inputs) -> (out [B, Lq, H, D], layer_outputs); q/k post-RoPE, shapes [B, L, H, D].
 AttendFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray, Any], tuple[jnp.ndarray, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCarry:
+    """State carried whole through the layer scan (see :func:`run_blocks`): ``state`` (leading [L] axis),
+    ``read(state, i, layer_inputs) -> layer_inputs`` and ``write(state, i, outputs) -> (state, outputs)``."""
+
+    state: Any
+    read: Callable[[Any, jnp.ndarray, Any], Any]
+    write: Callable[[Any, jnp.ndarray, Any], tuple[Any, Any]]
 
 
 def _dtype(name: str) -> Any:
@@ -338,17 +349,37 @@ def _remat(fn: Callable, cfg: ModelConfig) -> Callable:
 
 def run_blocks(params: Params, cfg: ModelConfig, x: jnp.ndarray, e0: jnp.ndarray, cos: jnp.ndarray,
                sin: jnp.ndarray, text_k: jnp.ndarray, text_v: jnp.ndarray, attend_fn: AttendFn,
-               layer_inputs: Any = None) -> tuple[jnp.ndarray, Any]:
+               layer_inputs: Any = None, carry: LayerCarry | None = None) -> tuple[jnp.ndarray, Any]:
     """One ``lax.scan`` over the stacked blocks; ``layer_inputs`` (leading [L] axis) is sliced per layer and
-    handed to ``attend_fn``; whatever ``attend_fn`` returns per layer comes back stacked on [L]."""
+    handed to ``attend_fn``; whatever ``attend_fn`` returns per layer comes back stacked on [L].
+
+    ``carry``: state threaded through the scan whole instead of sliced (a cache-writing forward's KV cache), so
+    each layer updates its own slice in place: ``carry.read(state, i, layer_inputs_i)`` before the block,
+    ``carry.write(state, i, outputs_i) -> (state, outputs_i)`` after it. The write is ordered after the block's
+    output (an optimization barrier), so the layer's reads of the old slice finish first and XLA needs no copy.
+    Returns ``(h, outputs)``, plus the final state in ``outputs["carry"]`` when ``carry`` is given.
+    """
     block = WanBlock(cfg)
 
-    def body(h, xs):
-        p, tk, tv, li = xs
-        h, out = block.apply({"params": p}, h, e0, cos, sin, tk, tv, attend_fn, li)
-        return h, out
+    if carry is None:
+        def body(h, xs):
+            p, tk, tv, li = xs
+            return block.apply({"params": p}, h, e0, cos, sin, tk, tv, attend_fn, li)
 
-    return lax.scan(_remat(body, cfg), x, (params["blocks"], text_k, text_v, layer_inputs))
+        return lax.scan(_remat(body, cfg), x, (params["blocks"], text_k, text_v, layer_inputs))
+
+    def carried(c, xs):
+        h, state = c
+        p, tk, tv, li, i = xs
+        h, out = block.apply({"params": p}, h, e0, cos, sin, tk, tv, attend_fn, carry.read(state, i, li))
+        h, state = lax.optimization_barrier((h, state))  # reads of the old slice happen before the write
+        state, out = carry.write(state, i, out)
+        return (h, state), out
+
+    layers = jnp.arange(text_k.shape[0], dtype=jnp.int32)
+    (h, state), outs = lax.scan(_remat(carried, cfg), (x, carry.state),
+                                (params["blocks"], text_k, text_v, layer_inputs, layers))
+    return h, {**outs, "carry": state}
 
 
 def _broadcast_t(t: jnp.ndarray, b: int, f: int) -> jnp.ndarray:
@@ -387,7 +418,7 @@ def forward(params: Params, cfg: ModelConfig, x: jnp.ndarray, t: jnp.ndarray,
 
 def chunk_forward(params: Params, cfg: ModelConfig, x: jnp.ndarray, t: jnp.ndarray, f0: jnp.ndarray,
                   text_k: jnp.ndarray, text_v: jnp.ndarray, attend_fn: AttendFn,
-                  layer_inputs: Any = None) -> tuple[jnp.ndarray, Any]:
+                  layer_inputs: Any = None, carry: LayerCarry | None = None) -> tuple[jnp.ndarray, Any]:
     """Causal chunk forward at absolute latent-frame offset ``f0`` (traced int32 scalar or [B]).
 
     Args:
@@ -395,6 +426,7 @@ def chunk_forward(params: Params, cfg: ModelConfig, x: jnp.ndarray, t: jnp.ndarr
       text_k, text_v: [L, B, T, H, D] from :func:`text_kv` (computed once per prompt).
       attend_fn: builds the KV context per layer (see ``memflow_jax.memory``); receives post-RoPE q/k.
       layer_inputs: pytree with a leading [L] axis passed to ``attend_fn`` layer by layer.
+      carry: state updated in place layer by layer (see :func:`run_blocks`).
     Returns: (flow [B, C_out, F, H, W] float32, per-layer outputs of ``attend_fn`` stacked on [L]).
     """
     b = x.shape[0]
@@ -402,7 +434,7 @@ def chunk_forward(params: Params, cfg: ModelConfig, x: jnp.ndarray, t: jnp.ndarr
     tokens, grid = outer.apply(_outer(params), x, method=WanOuter.embed)
     e, e0 = outer.apply(_outer(params), _broadcast_t(t, b, grid[0]), method=WanOuter.time)
     cos, sin = rope_tables(f0, grid[0], grid[1], grid[2], cfg.head_dim, cfg.rope_theta)
-    h, outs = run_blocks(params, cfg, tokens, e0, cos, sin, text_k, text_v, attend_fn, layer_inputs)
+    h, outs = run_blocks(params, cfg, tokens, e0, cos, sin, text_k, text_v, attend_fn, layer_inputs, carry)
     flow = outer.apply(_outer(params), h, e, grid, method=lambda m, *a: m.head.apply_head(*a))
     return flow, outs
 

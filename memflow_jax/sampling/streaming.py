@@ -20,8 +20,8 @@ from memflow_jax.config import Config, MemoryConfig, ModelConfig, SamplerConfig
 from memflow_jax.diffusion import scheduler as sch
 from memflow_jax.memory import nam as nam_lib
 from memflow_jax.memory.attend import LayerMemory, make_attend_fn
-from memflow_jax.memory.cache import (CacheSpec, ForwardPlan, KVCache, commit, init_cache, record_chunk,
-                                      with_bank)
+from memflow_jax.memory.cache import (CacheSpec, ForwardPlan, KVCache, commit, init_cache, kv_carry,
+                                      record_chunk, with_bank)
 from memflow_jax.nn import dit
 
 
@@ -53,6 +53,8 @@ def memory_forward(params: dit.Params, mcfg: ModelConfig, spec: CacheSpec, mem: 
     """One causal DiT forward over ``x [B, n, C, h, w]`` against the memory (sampler and training rollout).
 
     ``bank`` overrides the cache's bank (the denoising loop carries the bank NAM updated at step 0).
+    A cache-writing forward (``update_cache``) writes its K/V frames into the cache in place, layer by layer
+    (:func:`memory.cache.kv_carry`); the written K/V come back in ``outputs["carry"]``.
     Returns (flow [B, n, C, h, w], t [B, n], per-layer outputs of the memory attention,
     (new slot map, placement) for :func:`memory.cache.commit`).
     """
@@ -62,11 +64,14 @@ def memory_forward(params: dit.Params, mcfg: ModelConfig, spec: CacheSpec, mem: 
         spec, mem, plan, n, slot_frame=cache.slot_frame, bank_pointer=cache.bank_pointer,
         proto_frame=cache.proto_frame, update_cache=update_cache, attention_impl=mcfg.attention_impl,
         precision=dit.matmul_precision(mcfg), debug=debug)
-    layers = LayerMemory(cache.k, cache.v, bank_k, bank_v, bank_frame, cache.proto_k, cache.proto_v,
+    # a cache-writing forward carries the K/V through its layer scan and writes each layer's frames in place
+    carry = dit.LayerCarry(*kv_carry(cache, attend.placement)) if update_cache else None
+    k, v = (cache.k, cache.v) if carry is None else (None, None)  # None: read from the carry layer by layer
+    layers = LayerMemory(k, v, bank_k, bank_v, bank_frame, cache.proto_k, cache.proto_v,
                          text.k.astype(cache.k.dtype))
     tt = jnp.full((x.shape[0], n), t, jnp.float32)
     flow, outs = dit.chunk_forward(params, mcfg, to_model_layout(x), tt, plan.start, text.k, text.v, attend,
-                                   layers)
+                                   layers, carry)
     return to_model_layout(flow), tt, outs, (attend.new_slot_frame, attend.placement)
 
 
