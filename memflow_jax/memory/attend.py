@@ -77,7 +77,7 @@ def make_attend_fn(spec: CacheSpec, mem: MemoryConfig, plan: ForwardPlan, n: int
         outs: dict[str, Any] = {}
         bank_k, bank_v, bank_frame = layer.bank_k, layer.bank_v, layer.bank_frame
         if K > 0 and plan.q_bank is not False:  # a Python False: the bank was updated before this forward
-            tq = jnp.where(plan.zero_text_query, jnp.zeros_like(layer.text_query), layer.text_query)
+            tq = nam_lib.text_query_for(layer.text_query, plan.zero_text_query)
             nk, nv, nf, scores, kept = nam_lib.bank_update(
                 bank_k, bank_v, bank_frame, layer.proto_k, layer.proto_v, proto_frame, bank_pointer, tq,
                 mem.nam_aggregate)

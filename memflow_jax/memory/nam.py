@@ -15,6 +15,11 @@ import jax.numpy as jnp
 from jax import lax
 
 
+def text_query_for(text_query: jnp.ndarray, zeroed: jnp.ndarray) -> jnp.ndarray:
+    """NAM's text query ``[..., T, H, D]``, all zero when ``zeroed`` (the release right after a prompt switch)."""
+    return jnp.where(zeroed, jnp.zeros_like(text_query), text_query)
+
+
 def nam_scores(text_query: jnp.ndarray, bank_k: jnp.ndarray, aggregate: str = "logits_mean") -> jnp.ndarray:
     """Relevance of each bank frame to the prompt, one score per (batch, frame), shared by all heads.
 

@@ -376,7 +376,7 @@ def run_blocks(params: Params, cfg: ModelConfig, x: jnp.ndarray, e0: jnp.ndarray
         state, out = carry.write(state, i, out)
         return (h, state), out
 
-    layers = jnp.arange(text_k.shape[0], dtype=jnp.int32)
+    layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
     (h, state), outs = lax.scan(_remat(carried, cfg), (x, carry.state),
                                 (params["blocks"], text_k, text_v, layer_inputs, layers))
     return h, {**outs, "carry": state}

@@ -113,8 +113,7 @@ class ChunkSteps:
         f = noise.shape[1]
         nam_dbg = {}
         if self.spec.bank:  # NAM (release: lazily at step 0) once, for every layer, before the forwards
-            tq = text.k.astype(cache.k.dtype)
-            tq = jnp.where(state.zero_query_next, jnp.zeros_like(tq), tq)
+            tq = nam_lib.text_query_for(text.k.astype(cache.k.dtype), state.zero_query_next)
             bk, bv, bf, scores, kept = nam_lib.bank_update_layers(
                 cache.bank_k, cache.bank_v, cache.bank_frame, cache.proto_k, cache.proto_v, cache.proto_frame,
                 cache.bank_pointer, tq, self.mem.nam_aggregate)

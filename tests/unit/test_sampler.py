@@ -130,15 +130,16 @@ def test_nam_switch_query_variants(params, query):
 def test_in_place_cache_write_equals_stacked_commit(params):
     """A cache-writing forward writes each layer's K/V into the carried cache (``kv_carry``); the result equals
     returning every layer's frames stacked and committing them after the scan (the generic path)."""
-    mem = MODES["nam"]
-    spec = CacheSpec.from_config(mem, num_layers=MODEL.num_layers, batch=1, tokens_per_frame=4,
-                                 num_heads=MODEL.num_heads, head_dim=MODEL.head_dim, chunk_frames=3)
+    mem, n, (h, w) = MODES["nam"], SAMPLER.chunk_frames, SAMPLER.latent_hw
+    spec = CacheSpec.from_config(mem, num_layers=MODEL.num_layers, batch=1,
+                                 tokens_per_frame=dit.tokens_per_frame(MODEL, h, w), num_heads=MODEL.num_heads,
+                                 head_dim=MODEL.head_dim, chunk_frames=n)
     cache = init_cache(spec)
     rnd = jax.random.normal(jax.random.PRNGKey(7), cache.k.shape)
     cache = cache.replace(k=rnd, v=-rnd, slot_frame=jnp.arange(spec.window, dtype=jnp.int32),
                           end_frame=jnp.array(9, jnp.int32), bank_pointer=jnp.array(2, jnp.int32))
     text = PromptKV(*dit.text_kv(params, MODEL, _contexts(1)[0]))
-    x = jax.random.normal(jax.random.PRNGKey(8), (1, 3, MODEL.in_dim, 4, 4))
+    x = jax.random.normal(jax.random.PRNGKey(8), (1, n, MODEL.in_dim, h, w))
     plan = ForwardPlan(start=jnp.array(9, jnp.int32), q_bank=jnp.array(True), recompute=jnp.array(False),
                        zero_text_query=jnp.array(False))
 
@@ -147,17 +148,17 @@ def test_in_place_cache_write_equals_stacked_commit(params):
         flow, _, outs, (slots, placement) = memory_forward(params, MODEL, spec, mem, cache, x, 0.0, plan, text,
                                                            True)
         assert "kv" not in outs and "carry" in outs
-        return flow, commit(cache, outs, slots, plan.start + 3, placement)
+        return flow, commit(cache, outs, slots, plan.start + n, placement)
 
     @jax.jit
     def stacked(cache):
-        attend = make_attend_fn(spec, mem, plan, 3, slot_frame=cache.slot_frame, bank_pointer=cache.bank_pointer,
+        attend = make_attend_fn(spec, mem, plan, n, slot_frame=cache.slot_frame, bank_pointer=cache.bank_pointer,
                                 proto_frame=cache.proto_frame, update_cache=True)
         layers = LayerMemory(cache.k, cache.v, cache.bank_k, cache.bank_v, cache.bank_frame, cache.proto_k,
                              cache.proto_v, text.k)
-        flow, outs = dit.chunk_forward(params, MODEL, to_model_layout(x), jnp.zeros((1, 3)), plan.start, text.k,
+        flow, outs = dit.chunk_forward(params, MODEL, to_model_layout(x), jnp.zeros((1, n)), plan.start, text.k,
                                        text.v, attend, layers)
-        return to_model_layout(flow), commit(cache, outs, attend.new_slot_frame, plan.start + 3, attend.placement)
+        return to_model_layout(flow), commit(cache, outs, attend.new_slot_frame, plan.start + n, attend.placement)
 
     flow, got = in_place(cache)
     flow2, want = stacked(cache)
