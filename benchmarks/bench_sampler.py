@@ -52,7 +52,7 @@ MODES: dict[str, dict[str, Any]] = {  # memory-config overrides per benchmark ro
 }
 
 
-def build_configs(tiny: bool, attention_impl: str = "auto") -> dict[str, Any]:
+def build_configs(tiny: bool, attention_impl: str = "auto", kv_splits: int = 0) -> dict[str, Any]:
     """Real Wan2.1-1.3B / 480x832 setup (bf16), or a tiny float32 one that runs on CPU in seconds (same code
     paths; float32 because XLA:CPU compiles bf16 graphs several times slower)."""
     if tiny:
@@ -61,7 +61,7 @@ def build_configs(tiny: bool, attention_impl: str = "auto") -> dict[str, Any]:
                             in_dim=z, out_dim=z, dtype="float32", param_dtype="float32",
                             attention_impl=attention_impl)
         memory = MemoryConfig(local_attn_size=6, sink_size=1, bank_size=2, record_interval=1, sma_top_k=2)
-        sampler = SamplerConfig(height=32, width=32)  # latents 4x4 -> 4 tokens per frame
+        sampler = SamplerConfig(height=32, width=32, attention_kv_splits=kv_splits)  # 4x4 latents, 4 tokens a frame
         vae = VAEConfig(dim=4, z_dim=z, dim_mult=(1, 1, 1, 1), num_res_blocks=1, latent_mean=(0.0,) * z,
                         latent_std=(1.0,) * z, dtype="float32")
     else:
@@ -69,7 +69,8 @@ def build_configs(tiny: bool, attention_impl: str = "auto") -> dict[str, Any]:
                             in_dim=16, out_dim=16, dtype="bfloat16", param_dtype="bfloat16",
                             attention_impl=attention_impl)
         memory = MemoryConfig(local_attn_size=12, sink_size=3, bank_size=3, record_interval=3)
-        sampler = SamplerConfig(chunk_frames=3, denoising_step_list=(1000, 750, 500, 250), height=480, width=832)
+        sampler = SamplerConfig(chunk_frames=3, denoising_step_list=(1000, 750, 500, 250), height=480, width=832,
+                                attention_kv_splits=kv_splits)
         vae = VAEConfig(dtype="bfloat16")
     for c in (model, memory, sampler, vae):
         c.validate()
@@ -368,6 +369,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--attention-impl", default="auto", choices=["auto", "xla", "cudnn"],
                    help="model.attention_impl (auto: cuDNN on GPU wherever no kv_mask is passed)")
+    p.add_argument("--kv-splits", type=int, default=0,
+                   help="sampler.attention_kv_splits (0: auto wave model, 1: one cuDNN call per attention)")
     p.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke test; timings meaningless)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="one fresh process per mode (default: on, off with --tiny)")
@@ -387,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; prints the markdown table and returns the report (also written to ``--json``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    cfg = build_configs(args.tiny, args.attention_impl)
+    cfg = build_configs(args.tiny, args.attention_impl, args.kv_splits)
     if args.unit:  # child of --isolate
         result = run_unit(args.unit, cfg, args)
         Path(args.json).write_text(json.dumps(result))

@@ -120,6 +120,7 @@ class SamplerConfig:
     batch_size: int = 1
     seed: int = 0
     fps: int = 16
+    attention_kv_splits: int = 0  # split-KV self-attention on GPU: 0 = auto (wave model), 1 = off, n = n parts
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -138,6 +139,9 @@ class SamplerConfig:
                 f"sampler.chunk_frames={self.chunk_frames}; use a multiple")
         if not self.denoising_step_list:
             raise ConfigError("sampler.denoising_step_list must not be empty")
+        if self.attention_kv_splits < 0:
+            raise ConfigError(f"sampler.attention_kv_splits={self.attention_kv_splits} must be >= 0 "
+                              "(0 = auto, 1 = off, n = n key parts)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,13 +49,13 @@ def _valid_first(valid: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
 def make_attend_fn(spec: CacheSpec, mem: MemoryConfig, plan: ForwardPlan, n: int, *, slot_frame: jnp.ndarray,
                    bank_pointer: jnp.ndarray, proto_frame: jnp.ndarray, update_cache: bool,
                    attention_impl: str = "auto", precision: lax.Precision | None = None,
-                   debug: bool = False) -> Callable[..., tuple[jnp.ndarray, dict[str, Any]]]:
+                   kv_splits: int = 1, debug: bool = False) -> Callable[..., tuple[jnp.ndarray, dict[str, Any]]]:
     """Build the per-layer attention for a forward over ``n`` frames (static) described by ``plan``.
 
     The returned function maps ``(q, k, v, layer: LayerMemory)`` with q/k/v ``[B, n*N, H, D]`` to
     ``(out [B, n*N, H, D], outputs)``; ``outputs`` holds the updated bank (always), the forward's K/V frames
     and the prototype candidate (first frame) when ``update_cache`` (persisted by ``cache.commit``), and NAM/SMA
-    traces when ``debug``.
+    traces when ``debug``. ``kv_splits``: see :func:`nn.attention.attention` (inference only).
     """
     S, K, N = spec.sink, spec.bank, spec.tokens_per_frame
     placement = chunk_placement(plan, n, spec)  # (target slot [n], write flag [n])
@@ -125,7 +125,7 @@ def make_attend_fn(spec: CacheSpec, mem: MemoryConfig, plan: ForwardPlan, n: int
             vals = flat(jnp.take(pool_v, key_src, axis=1))
             lengths = jnp.full((b,), n_valid * N, jnp.int32)
         out = attention(q, keys, vals, kv_lengths=lengths, kv_mask=mask,
-                        impl=attention_impl, precision=precision)
+                        impl=attention_impl, precision=precision, kv_splits=kv_splits)
         return out, outs
 
     attend.new_slot_frame = new_slot_frame  # type: ignore[attr-defined]

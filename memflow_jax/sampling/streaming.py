@@ -49,10 +49,12 @@ def to_model_layout(x: jnp.ndarray) -> jnp.ndarray:
 
 def memory_forward(params: dit.Params, mcfg: ModelConfig, spec: CacheSpec, mem: MemoryConfig, cache: KVCache,
                    x: jnp.ndarray, t: float | jnp.ndarray, plan: ForwardPlan, text: PromptKV, update_cache: bool,
-                   bank: tuple | None = None, debug: bool = False):
+                   bank: tuple | None = None, kv_splits: int = 1, debug: bool = False):
     """One causal DiT forward over ``x [B, n, C, h, w]`` against the memory (sampler and training rollout).
 
     ``bank`` overrides the cache's bank (the denoising loop carries the bank NAM updated at step 0).
+    ``kv_splits``: split-KV self-attention (:func:`nn.attention.attention`; forward only, the sampler's
+    ``attention_kv_splits``; differentiated training forwards keep 1).
     A cache-writing forward (``update_cache``) writes its K/V frames into the cache in place, layer by layer
     (:func:`memory.cache.kv_carry`); the written K/V come back in ``outputs["carry"]``.
     Returns (flow [B, n, C, h, w], t [B, n], per-layer outputs of the memory attention,
@@ -63,7 +65,7 @@ def memory_forward(params: dit.Params, mcfg: ModelConfig, spec: CacheSpec, mem: 
     attend = make_attend_fn(
         spec, mem, plan, n, slot_frame=cache.slot_frame, bank_pointer=cache.bank_pointer,
         proto_frame=cache.proto_frame, update_cache=update_cache, attention_impl=mcfg.attention_impl,
-        precision=dit.matmul_precision(mcfg), debug=debug)
+        precision=dit.matmul_precision(mcfg), kv_splits=kv_splits, debug=debug)
     # a cache-writing forward carries the K/V through its layer scan and writes each layer's frames in place
     carry = dit.LayerCarry(*kv_carry(cache, attend.placement)) if update_cache else None
     k, v = (cache.k, cache.v) if carry is None else (None, None)  # None: read from the carry layer by layer
@@ -98,7 +100,7 @@ class ChunkSteps:
     def _forward(self, params, cache: KVCache, x: jnp.ndarray, t: float | jnp.ndarray, plan: ForwardPlan,
                  text: PromptKV, update_cache: bool):
         return memory_forward(params, self.mcfg, self.spec, self.mem, cache, x, t, plan, text, update_cache,
-                              debug=self.debug)
+                              kv_splits=self.scfg.attention_kv_splits, debug=self.debug)
 
     # ------------------------------------------------------------------ chunk step (jitted)
     def _chunk_impl(self, params, state: StreamState, text: PromptKV, noise: jnp.ndarray,

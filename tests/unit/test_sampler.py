@@ -165,3 +165,21 @@ def test_in_place_cache_write_equals_stacked_commit(params):
     np.testing.assert_allclose(np.asarray(flow), np.asarray(flow2), rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)
     assert not np.allclose(np.asarray(got.k), np.asarray(cache.k))  # the chunk's frames did land
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="split-KV runs on the cuDNN path (GPU)")
+@pytest.mark.parametrize("mode", ["nam", "sink"])
+def test_split_kv_attention_matches_one_call_on_gpu(mode):
+    """bf16 on cuDNN: the sampler with ``attention_kv_splits`` = 2 / auto gives the one-call result (up to bf16)."""
+    import dataclasses
+    mcfg = dataclasses.replace(MODEL, dim=128, num_heads=2, ffn_dim=256, dtype="bfloat16", param_dtype="bfloat16")
+    scfg = dataclasses.replace(SAMPLER, height=64, width=64)  # 8x8 latents -> 16 tokens per frame
+    params = dit.init_params(mcfg, jax.random.PRNGKey(0))
+    mem = MODES[mode]  # key lengths: 11 (nam) / 9 (sink) frames of 16 tokens: divisible by the splits
+    outs = {}
+    for splits in (1, 2, 0) if mode == "nam" else (1, 3, 0):
+        s = StreamingSampler(params, mcfg, mem, dataclasses.replace(scfg, attention_kv_splits=splits))
+        lat = [x0 for _, x0, _ in s.stream(_contexts(2), [9], 18, rng=jax.random.PRNGKey(3))]
+        outs[splits] = np.asarray(jnp.concatenate(lat, axis=1).astype(jnp.float32))
+    for splits, lat in outs.items():
+        np.testing.assert_allclose(lat, outs[1], rtol=0.05, atol=0.05, err_msg=f"kv_splits={splits}")

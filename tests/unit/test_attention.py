@@ -1,0 +1,49 @@
+"""The attention dispatcher's split-KV path (nn/attention.py): the log-sum-exp merge and the wave model."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memflow_jax.nn import attention as attn_lib
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3])
+def test_split_kv_merge_equals_full_attention(splits):
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(0), 3)
+    q = jax.random.normal(kq, (2, 5, 3, 8))  # [B, Lq, H, D]
+    k = 3.0 * jax.random.normal(kk, (2, 12, 3, 8))  # large logits: the merge must be exact, not just smooth
+    v = jax.random.normal(kv, (2, 12, 3, 8))
+    hi = jax.lax.Precision.HIGHEST
+    full = attn_lib.attention(q, k, v, impl="xla", precision=hi)
+    split = attn_lib.split_kv_attention(q, k, v, splits,
+                                        lambda a, b, c: attn_lib.xla_attention_lse(a, b, c, precision=hi))
+    assert split.shape == full.shape and split.dtype == full.dtype
+    np.testing.assert_allclose(np.asarray(split), np.asarray(full), rtol=1e-5, atol=1e-6)
+
+
+def test_auto_kv_splits_wave_model():
+    # cost(s) = ceil(tiles * s / SMs) / s with tiles = B * H * ceil(Lq / 128); a split needs a 5 % predicted gain
+    def cost(tiles, s, sms):
+        return -(-tiles * s // sms) / s
+
+    sms = 132  # H100 SXM
+    chunk, recache = 3 * 1560, 12 * 1560  # a 3-frame chunk and a 12-frame re-cache at 480x832
+    tiles = 12 * -(-chunk // 128)
+    assert cost(tiles, 2, sms) <= 0.95 * cost(tiles, 1, sms)
+    assert attn_lib.auto_kv_splits(1, chunk, 12, 15 * 1560, num_sms=sms) == 2
+    tiles = 12 * -(-recache // 128)
+    assert cost(tiles, 2, sms) > 0.95 * cost(tiles, 1, sms)  # 14 -> 13.5 waves: not worth the merge
+    assert attn_lib.auto_kv_splits(1, recache, 12, 15 * 1560, num_sms=sms) == 1
+    assert attn_lib.auto_kv_splits(1, chunk, 12, 15 * 1560 + 1, num_sms=sms) == 1  # no divisor of Lk fits
+    assert attn_lib.auto_kv_splits(1, chunk, 12, 15 * 1560, num_sms=0) == 1  # not a GPU
+    if jax.default_backend() != "gpu":
+        assert attn_lib.auto_kv_splits(1, chunk, 12, 15 * 1560) == 1
+
+
+def test_kv_splits_must_divide_key_length():
+    q = jnp.zeros((1, 4, 2, 8), jnp.bfloat16)
+    k = jnp.zeros((1, 10, 2, 8), jnp.bfloat16)
+    with pytest.raises(ValueError, match="kv_splits=3 does not divide the key length 10"):
+        attn_lib.attention(q, k, k, impl="cudnn", kv_splits=3)
