@@ -59,8 +59,9 @@ def _stats(event) -> dict[str, Any]:
         return {}
 
 
-def device_ops(xplane: str) -> list[tuple[str, str, float]]:
-    """(hlo op, kernel name, seconds) of every device op in a trace file (GPU kernels, else CPU XLA thunks)."""
+def device_ops(xplane: str) -> list[tuple[str, str, float, float]]:
+    """(hlo op, kernel name, seconds, start seconds) of every device op in a trace file (GPU kernels, else CPU XLA
+    thunks)."""
     from jax.profiler import ProfileData
 
     data = ProfileData.from_file(xplane)
@@ -75,15 +76,33 @@ def device_ops(xplane: str) -> list[tuple[str, str, float]]:
                 op = st.get("hlo_op")
                 if op is None or (not gpu and str(op).startswith(("while", "conditional", "call"))):
                     continue  # CPU thunks of control flow contain the ops they run: count those once
-                out.append((str(op), ev.name, ev.duration_ns * 1e-9))
+                out.append((str(op), ev.name, ev.duration_ns * 1e-9, ev.start_ns * 1e-9))
     return out
 
 
-def summarize(ops: list[tuple[str, str, float]], per: int, top: int) -> dict[str, Any]:
-    """Per-``per`` (chunk) seconds by kind and the ``top`` ops by time."""
+def busy_and_span(ops: list[tuple[str, str, float, float]]) -> tuple[float, float]:
+    """(seconds some kernel runs on any stream: the union of the kernels' intervals, seconds from the first
+    kernel's start to the last one's end). ``span - busy`` is time the device sat idle (launch gaps, syncs)."""
+    if not ops:
+        return 0.0, 0.0
+    iv = sorted((start, start + dur) for _, _, dur, start in ops)
+    busy, cur_lo, cur_hi = 0.0, iv[0][0], iv[0][1]
+    for lo, hi in iv[1:]:
+        if lo > cur_hi:
+            busy += cur_hi - cur_lo
+            cur_lo, cur_hi = lo, hi
+        else:
+            cur_hi = max(cur_hi, hi)
+    busy += cur_hi - cur_lo
+    return busy, max(hi for _, hi in iv) - iv[0][0]
+
+
+def summarize(ops: list[tuple[str, str, float, float]], per: int, top: int) -> dict[str, Any]:
+    """Per-``per`` (chunk) seconds by kind, busy / span / idle seconds and the ``top`` ops by time."""
     by_kind = collections.Counter()
     by_op: dict[str, list] = {}
-    for op, kernel, s in ops:
+    busy, span = busy_and_span(ops)
+    for op, kernel, s, _ in ops:
         kind = op_kind(op, kernel)
         by_kind[kind] += s
         # kernels inside CUDA graphs all carry their command buffer's name: group those by kernel instead
@@ -93,14 +112,16 @@ def summarize(ops: list[tuple[str, str, float]], per: int, top: int) -> dict[str
         e[1] += 1
     total = sum(by_kind.values())
     tops = sorted(by_op.items(), key=lambda kv: -kv[1][0])[:top]
-    return {"total_s": total / per, "by_kind_s": {k: by_kind.get(k, 0.0) / per for k in KINDS},
+    return {"total_s": total / per, "busy_s": busy / per, "span_s": span / per, "idle_s": (span - busy) / per,
+            "by_kind_s": {k: by_kind.get(k, 0.0) / per for k in KINDS},
             "top": [{"op": op[:60], "kind": e[3], "s": e[0] / per, "calls": e[1] / per, "kernel": e[2][:80]}
                     for op, e in tops]}
 
 
 def format_summary(title: str, s: dict[str, Any]) -> str:
     tot = s["total_s"] or 1.0
-    lines = [f"## {title}: {s['total_s'] * 1e3:.1f} ms of device time", "",
+    lines = [f"## {title}: {s['total_s'] * 1e3:.1f} ms of kernel time; span {s['span_s'] * 1e3:.1f} ms, busy "
+             f"{s['busy_s'] * 1e3:.1f} ms (any stream), idle {s['idle_s'] * 1e3:.1f} ms", "",
              "| kind | ms | share |", "|---|---|---|"]
     lines += [f"| {k} | {v * 1e3:.1f} | {100 * v / tot:.1f} % |" for k, v in s["by_kind_s"].items()]
     lines += ["", "| op | kind | ms | calls | kernel |", "|---|---|---|---|---|"]

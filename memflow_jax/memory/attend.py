@@ -11,6 +11,11 @@ model with a KV cache can use it. Reference semantics (MemFlow release):
 * at ``q_bank`` forwards the pending prototype enters the bank (NAM once the bank is full) before attention;
   ``plan.q_bank`` may be a Python ``False`` (the sampler runs NAM once per chunk before its forwards,
   :func:`memory.nam.bank_update_layers`): then the bank is only read and not returned.
+
+``in_place`` (the sampler's chunk forwards): the forward's frames are written into their cache slots first (the
+clean pass overwrites them anyway), so every key already sits in the layer's contiguous slot region
+``[sink | ring | bank]`` of the cache (:mod:`memory.cache`); once all slots are valid, cuDNN reads them there
+(:func:`nn.attention.attention_in_place`, no gather), else the valid frames are gathered as above.
 """
 from __future__ import annotations
 
@@ -23,22 +28,25 @@ from jax import lax
 from memflow_jax.config import MemoryConfig
 from memflow_jax.memory import nam as nam_lib
 from memflow_jax.memory import sma as sma_lib
-from memflow_jax.memory.cache import CacheSpec, ForwardPlan, chunk_placement, effective_slots, slot_valid
-from memflow_jax.nn.attention import attention
+from memflow_jax.memory.cache import (CacheSpec, ForwardPlan, chunk_placement, effective_slots, put_frames,
+                                      slot_valid)
+from memflow_jax.nn.attention import (resolve_impl, attention, attention_in_place, auto_kv_splits,
+                                      in_place_segments)
 
 
 @flax.struct.dataclass
 class LayerMemory:
     """Per-layer slices handed to ``attend_fn`` through the layer scan (leading [L] axis when stacked)."""
 
-    k: jnp.ndarray  # [B, W, N, H, D]
+    k: jnp.ndarray  # [B, W + K, N, H, D] the layer's cache slots (in place: the whole [L, B, W + K, ...] cache)
     v: jnp.ndarray
-    bank_k: jnp.ndarray  # [B, K, N, H, D]
+    bank_k: jnp.ndarray | None  # [B, K, N, H, D] a bank overriding the cache's bank slots (None: those)
     bank_v: jnp.ndarray
     bank_frame: jnp.ndarray  # [B, K]
     proto_k: jnp.ndarray  # [B, N, H, D]
     proto_v: jnp.ndarray
     text_query: jnp.ndarray  # [B, T, H, D] NAM query (the layer's cross-attention K of the prompt)
+    index: jnp.ndarray | None = None  # [] int32 layer index (in place only)
 
 
 def _valid_first(valid: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -49,14 +57,20 @@ def _valid_first(valid: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
 def make_attend_fn(spec: CacheSpec, mem: MemoryConfig, plan: ForwardPlan, n: int, *, slot_frame: jnp.ndarray,
                    bank_pointer: jnp.ndarray, proto_frame: jnp.ndarray, update_cache: bool,
                    attention_impl: str = "auto", precision: lax.Precision | None = None,
-                   kv_splits: int = 1, debug: bool = False) -> Callable[..., tuple[jnp.ndarray, dict[str, Any]]]:
+                   kv_splits: int = 1, in_place: bool = False,
+                   debug: bool = False) -> Callable[..., tuple[jnp.ndarray, dict[str, Any]]]:
     """Build the per-layer attention for a forward over ``n`` frames (static) described by ``plan``.
 
     The returned function maps ``(q, k, v, layer: LayerMemory)`` with q/k/v ``[B, n*N, H, D]`` to
     ``(out [B, n*N, H, D], outputs)``; ``outputs`` holds the updated bank (always), the forward's K/V frames
     and the prototype candidate (first frame) when ``update_cache`` (persisted by ``cache.commit``), and NAM/SMA
     traces when ``debug``. ``kv_splits``: see :func:`nn.attention.attention` (inference only).
+    ``in_place``: the layer inputs carry the whole stacked cache and the layer index (``memory.cache.kv_in_place``);
+    the forward's frames are written into it before attention and the written K/V come back in
+    ``outputs["kv_state"]``. Needs a bank that is only read (``plan.q_bank is False``).
     """
+    if in_place and plan.q_bank is not False:
+        raise ValueError("in-place attention needs a read-only bank (plan.q_bank=False): run NAM before the forward")
     S, K, N = spec.sink, spec.bank, spec.tokens_per_frame
     placement = chunk_placement(plan, n, spec)  # (target slot [n], write flag [n])
     src, has, new_slot_frame = effective_slots(slot_frame, plan, n, spec, placement)
@@ -64,11 +78,16 @@ def make_attend_fn(spec: CacheSpec, mem: MemoryConfig, plan: ForwardPlan, n: int
     bank_valid = jnp.arange(K) < jnp.minimum(bank_pointer, K)  # [K]
     # pool frame of each key slot: cache slot j, bank slot i -> W + i, this forward's frame s -> W + K + s
     W = spec.window
-    sink_src = jnp.where(has[:S], W + K + src[:S], jnp.arange(S)).astype(jnp.int32)  # [S]
-    ring_src = jnp.where(has[S:], W + K + src[S:], S + jnp.arange(W - S)).astype(jnp.int32)  # [W - S]
+    if in_place:  # the forward's frames are written into their slots: every key is a cache slot
+        sink_src = jnp.arange(S, dtype=jnp.int32)
+        ring_src = S + jnp.arange(W - S, dtype=jnp.int32)
+    else:
+        sink_src = jnp.where(has[:S], W + K + src[:S], jnp.arange(S)).astype(jnp.int32)  # [S]
+        ring_src = jnp.where(has[S:], W + K + src[S:], S + jnp.arange(W - S)).astype(jnp.int32)  # [W - S]
     bank_src = W + jnp.arange(K, dtype=jnp.int32)  # [K]
     order, n_valid = _valid_first(jnp.concatenate([valid[:S], bank_valid, valid[S:]]))
     key_src = jnp.concatenate([sink_src, bank_src, ring_src])[order]  # [S + K + W - S] valid frames first
+    all_valid = jnp.all(valid) & jnp.all(bank_valid)
 
     def attend(q, k, v, layer: LayerMemory):
         b, _, h, d = k.shape
@@ -76,6 +95,8 @@ def make_attend_fn(spec: CacheSpec, mem: MemoryConfig, plan: ForwardPlan, n: int
         vf = v.reshape(b, n, N, h, d)
         outs: dict[str, Any] = {}
         bank_k, bank_v, bank_frame = layer.bank_k, layer.bank_v, layer.bank_frame
+        if bank_k is None and not in_place:  # the cache's own bank slots
+            bank_k, bank_v = layer.k[:, W:], layer.v[:, W:]
         if K > 0 and plan.q_bank is not False:  # a Python False: the bank was updated before this forward
             tq = nam_lib.text_query_for(layer.text_query, plan.zero_text_query)
             nk, nv, nf, scores, kept = nam_lib.bank_update(
@@ -88,19 +109,44 @@ def make_attend_fn(spec: CacheSpec, mem: MemoryConfig, plan: ForwardPlan, n: int
             if debug:
                 outs["nam_scores"], outs["nam_kept"] = scores, kept
         if update_cache:
-            outs["kv"] = (kf, vf)  # [B, n, N, H, D]; written into the cache slots by cache.commit
             outs["first_frame"] = (kf[:, 0], vf[:, 0])
-        # every key frame comes from the pool [cache slots (W) | bank (K) | this forward's frames (n)] through one
-        # gather per K and V (no placed copy of the cache; H100: -8 ms a chunk against place-then-concatenate)
+            if not in_place:
+                outs["kv"] = (kf, vf)  # [B, n, N, H, D]; written into the cache slots by cache.commit
         dt = q.dtype
-        pool_k = jnp.concatenate([layer.k.astype(dt), bank_k.astype(dt), kf.astype(dt)], axis=1)
-        pool_v = jnp.concatenate([layer.v.astype(dt), bank_v.astype(dt), vf.astype(dt)], axis=1)
+        fast = None
+        if in_place:
+            # the forward's frames go into their slots now; the keys are the layer's slot region [W + K]
+            buf_k = put_frames(layer.k, kf, placement, layer.index)
+            buf_v = put_frames(layer.v, vf, placement, layer.index)
+            outs["kv_state"] = (buf_k, buf_v)
+
+            def pool():  # the layer's slot region; sliced only where a gather reads it (a copy otherwise)
+                return (lax.dynamic_index_in_dim(buf_k, layer.index, 0, keepdims=False).astype(dt),
+                        lax.dynamic_index_in_dim(buf_v, layer.index, 0, keepdims=False).astype(dt))
+            nl, nb, slots = buf_k.shape[:3]
+            length = slots * N
+            segments = in_place_segments(nl * nb * length, h, d, length,
+                                         auto_kv_splits(b, q.shape[1], h, length) if kv_splits == 0 else kv_splits)
+            if (not mem.sma and segments and buf_k.dtype == dt
+                    and resolve_impl(attention_impl, q, None) == "cudnn"):
+                starts = (layer.index * nb + jnp.arange(nb, dtype=jnp.int32)) * length
+
+                def fast(_):  # every slot valid: cuDNN reads the keys where they are
+                    return attention_in_place(q, buf_k.reshape(1, -1, h, d), buf_v.reshape(1, -1, h, d), starts,
+                                              length, segments)
+        else:
+            # every key frame comes from the pool [cache slots (W) | bank (K) | this forward's frames (n)] through
+            # one gather per K and V (no placed copy of the cache; H100: -8 ms a chunk against place-then-concatenate)
+            def pool():
+                return (jnp.concatenate([layer.k[:, :W].astype(dt), bank_k.astype(dt), kf.astype(dt)], axis=1),
+                        jnp.concatenate([layer.v[:, :W].astype(dt), bank_v.astype(dt), vf.astype(dt)], axis=1))
 
         def flat(x):
             return x.reshape(b, -1, h, d)
 
         mask = None
         if mem.sma and S + K > 0:
+            pool_k, pool_v = pool()
             cand_src = jnp.concatenate([sink_src, bank_src])  # [S+K] pool frames of the candidates
             cand_valid = jnp.concatenate([valid[:S], bank_valid])
             idx, sel_valid, sma_scores = sma_lib.sma_select(q, jnp.take(pool_k, cand_src, axis=1), cand_valid,
@@ -120,10 +166,17 @@ def make_attend_fn(spec: CacheSpec, mem: MemoryConfig, plan: ForwardPlan, n: int
                                        axis=-1)  # [B, H, Lk]
                 lengths = None
         else:
-            # [sink, bank, window] with valid frames first, so attention needs only a key length (cuDNN)
-            keys = flat(jnp.take(pool_k, key_src, axis=1))
-            vals = flat(jnp.take(pool_v, key_src, axis=1))
-            lengths = jnp.full((b,), n_valid * N, jnp.int32)
+            def gathered(_):
+                # [sink, bank, window] with valid frames first, so attention needs only a key length (cuDNN)
+                pool_k, pool_v = pool()
+                keys = flat(jnp.take(pool_k, key_src, axis=1))
+                vals = flat(jnp.take(pool_v, key_src, axis=1))
+                lengths = jnp.full((b,), n_valid * N, jnp.int32)
+                return attention(q, keys, vals, kv_lengths=lengths, impl=attention_impl, precision=precision,
+                                 kv_splits=kv_splits)
+
+            out = gathered(None) if fast is None else lax.cond(all_valid, fast, gathered, None)
+            return out, outs
         out = attention(q, keys, vals, kv_lengths=lengths, kv_mask=mask,
                         impl=attention_impl, precision=precision, kv_splits=kv_splits)
         return out, outs

@@ -1,16 +1,18 @@
 """Fixed-size KV cache pytree: frame sink | rolling local window | memory bank | pending prototype | cursors.
 
 Layout (sizes in latent frames, N = tokens per frame, all derived from config + resolution):
-* ``k, v``: ``[L, B, W, N, H, D]`` — ``W = local_attn_size`` slots; slots ``[0, S)`` are the sink (frames
-  ``0..S-1``), slots ``[S, W)`` a ring buffer for the rolling window: frame ``f >= S`` lives in slot
-  ``S + (f - S) mod (W - S)``, so the window rolls without moving data (the reference shifts its buffer left;
-  attention is order-invariant, and :func:`reference_slot_order` maps our slots to the reference's order).
-* ``bank_k, bank_v``: ``[L, B, K, N, H, D]`` memory bank (``K = bank_size``); ``bank_frame [L, B, K]`` the source
-  frame of each slot (-1 empty; bookkeeping for tests and debugging).
+* ``k, v``: ``[L, B, W + K, N, H, D]`` — every frame a chunk attends to, in one buffer per layer: slots ``[0, S)``
+  are the sink (frames ``0..S-1``), slots ``[S, W)`` a ring buffer for the rolling window (``W =
+  local_attn_size``): frame ``f >= S`` lives in slot ``S + (f - S) mod (W - S)``, so the window rolls without moving
+  data (the reference shifts its buffer left; attention is order-invariant, and :func:`reference_slot_order` maps
+  our slots to the reference's order); slots ``[W, W + K)`` the memory bank (``K = bank_size``; the
+  :attr:`KVCache.bank_k` / ``bank_v`` views). One contiguous region per layer lets attention read the keys in
+  place (``memory.attend``: no gather once every slot is valid).
+* ``bank_frame [L, B, K]``: the source frame of each bank slot (-1 empty; bookkeeping for tests and debugging).
 * ``proto_k, proto_v``: ``[L, B, N, H, D]`` the pending prototype (first frame of the latest recorded chunk),
   inserted lazily at the next ``q_bank`` forward; ``proto_frame`` its source frame (-1: none yet).
-* cursors (int32 arrays, shared over layers and batch): ``slot_frame [W]`` (frame held by each slot, -1 empty),
-  ``end_frame`` (frames written so far), ``bank_pointer`` (number of recorded chunks; the bank holds
+* cursors (int32 arrays, shared over layers and batch): ``slot_frame [W]`` (frame held by each window slot, -1
+  empty), ``end_frame`` (frames written so far), ``bank_pointer`` (number of recorded chunks; the bank holds
   ``min(bank_pointer, K)`` frames).
 
 Shapes never change during a video: one compiled chunk step serves chunk 1 and chunk 10 000.
@@ -47,6 +49,11 @@ class CacheSpec:
     def ring(self) -> int:
         return self.window - self.sink
 
+    @property
+    def slots(self) -> int:
+        """Key slots per layer: window (sink + ring) then bank."""
+        return self.window + self.bank
+
     @staticmethod
     def from_config(mem: MemoryConfig, *, num_layers: int, batch: int, tokens_per_frame: int, num_heads: int,
                     head_dim: int, chunk_frames: int) -> "CacheSpec":
@@ -62,10 +69,8 @@ class CacheSpec:
 
 @flax.struct.dataclass
 class KVCache:
-    k: jnp.ndarray  # [L, B, W, N, H, D]
-    v: jnp.ndarray  # [L, B, W, N, H, D]
-    bank_k: jnp.ndarray  # [L, B, K, N, H, D]
-    bank_v: jnp.ndarray  # [L, B, K, N, H, D]
+    k: jnp.ndarray  # [L, B, W + K, N, H, D] window slots [0, W) then bank slots [W, W + K)
+    v: jnp.ndarray  # [L, B, W + K, N, H, D]
     bank_frame: jnp.ndarray  # [L, B, K] int32
     proto_k: jnp.ndarray  # [L, B, N, H, D]
     proto_v: jnp.ndarray  # [L, B, N, H, D]
@@ -74,15 +79,34 @@ class KVCache:
     end_frame: jnp.ndarray  # [] int32
     bank_pointer: jnp.ndarray  # [] int32
 
+    @property
+    def window(self) -> int:
+        """W: window slots (sink + ring) in front of the bank."""
+        return self.k.shape[2] - self.bank_frame.shape[2]
+
+    @property
+    def bank_k(self) -> jnp.ndarray:  # [L, B, K, N, H, D] (a view of k's bank slots)
+        return self.k[:, :, self.window:]
+
+    @property
+    def bank_v(self) -> jnp.ndarray:
+        return self.v[:, :, self.window:]
+
+    @property
+    def window_k(self) -> jnp.ndarray:  # [L, B, W, N, H, D] sink + ring slots
+        return self.k[:, :, :self.window]
+
+    @property
+    def window_v(self) -> jnp.ndarray:
+        return self.v[:, :, :self.window]
+
 
 def init_cache(spec: CacheSpec, dtype=jnp.float32) -> KVCache:
     s = spec
-    kv = (s.num_layers, s.batch, s.window, s.tokens_per_frame, s.num_heads, s.head_dim)
-    bank = (s.num_layers, s.batch, s.bank, s.tokens_per_frame, s.num_heads, s.head_dim)
+    kv = (s.num_layers, s.batch, s.slots, s.tokens_per_frame, s.num_heads, s.head_dim)
     proto = (s.num_layers, s.batch, s.tokens_per_frame, s.num_heads, s.head_dim)
     return KVCache(
         k=jnp.zeros(kv, dtype), v=jnp.zeros(kv, dtype),
-        bank_k=jnp.zeros(bank, dtype), bank_v=jnp.zeros(bank, dtype),
         bank_frame=jnp.full((s.num_layers, s.batch, s.bank), -1, jnp.int32),
         proto_k=jnp.zeros(proto, dtype), proto_v=jnp.zeros(proto, dtype),
         proto_frame=jnp.array(-1, jnp.int32),
@@ -164,10 +188,10 @@ def reference_slot_order(slot_frame: jnp.ndarray, spec: CacheSpec) -> jnp.ndarra
     return jnp.argsort(key)
 
 
-def _put_frames(buf: jnp.ndarray, frames: jnp.ndarray, placement: tuple[jnp.ndarray, jnp.ndarray],
-                layer: jnp.ndarray | None = None) -> jnp.ndarray:
-    """Write a forward's frames into their slots of ``buf [L, B, W, N, H, D]`` with ``dynamic_update_slice``, one
-    frame at a time (in place when ``buf`` is donated or scan-carried). ``frames``: ``[L, B, n, N, H, D]``, or
+def put_frames(buf: jnp.ndarray, frames: jnp.ndarray, placement: tuple[jnp.ndarray, jnp.ndarray],
+               layer: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Write a forward's frames into their window slots of ``buf [L, B, W + K, N, H, D]`` with
+    ``dynamic_update_slice``, one frame at a time (in place when ``buf`` is donated or scan-carried). ``frames``: ``[L, B, n, N, H, D]``, or
     ``[B, n, N, H, D]`` for the single layer ``layer``. ``placement`` = (target slot [n], write flag [n])."""
     target, write = placement
     for j in range(frames.shape[-4]):  # static: n frames (a chunk, or the re-cache window)
@@ -196,7 +220,21 @@ def kv_carry(cache: KVCache, placement: tuple[jnp.ndarray, jnp.ndarray]):
     def write(state, i, outputs):
         outputs = dict(outputs)
         new_k, new_v = outputs.pop("kv")
-        return (_put_frames(state[0], new_k, placement, i), _put_frames(state[1], new_v, placement, i)), outputs
+        return (put_frames(state[0], new_k, placement, i), put_frames(state[1], new_v, placement, i)), outputs
+
+    return (cache.k, cache.v), read, write
+
+
+def kv_in_place(cache: KVCache):
+    """``(state, read, write)`` for ``nn.dit.LayerCarry`` when attention itself writes the forward's frames into
+    the cache and reads its keys there (``memory.attend.make_attend_fn(in_place=True)``): layer ``i`` gets the
+    whole stacked K/V and its index, and hands the written K/V back in ``outputs["kv_state"]``."""
+    def read(state, i, layer):
+        return layer.replace(k=state[0], v=state[1], index=i)
+
+    def write(state, i, outputs):
+        outputs = dict(outputs)
+        return outputs.pop("kv_state"), outputs
 
     return (cache.k, cache.v), read, write
 
@@ -211,7 +249,7 @@ def commit(cache: KVCache, outputs: dict, new_slot_frame: jnp.ndarray, end: jnp.
         k, v = outputs["carry"]
     else:
         new_k, new_v = outputs["kv"]
-        k, v = _put_frames(cache.k, new_k, placement), _put_frames(cache.v, new_v, placement)
+        k, v = put_frames(cache.k, new_k, placement), put_frames(cache.v, new_v, placement)
     cache = cache.replace(k=k, v=v, slot_frame=new_slot_frame, end_frame=jnp.maximum(cache.end_frame, end))
     return with_bank(cache, outputs)
 
@@ -221,7 +259,23 @@ def with_bank(cache: KVCache, outputs: dict) -> KVCache:
     if "bank" not in outputs:
         return cache
     bk, bv, bf = outputs["bank"]
-    return cache.replace(bank_k=bk.astype(cache.bank_k.dtype), bank_v=bv.astype(cache.bank_v.dtype), bank_frame=bf)
+    return replace_bank(cache, bk, bv, bf)
+
+
+def replace_bank(cache: KVCache, bank_k: jnp.ndarray, bank_v: jnp.ndarray, bank_frame: jnp.ndarray) -> KVCache:
+    """The cache with new bank slots ``[L, B, K, N, H, D]`` (written in place into k/v when donated)."""
+    w = cache.window
+    # the new bank is usually gathered from the old bank slots: materialise it first, so XLA writes the slots in
+    # place instead of copying the whole cache (H100, nam: a 3.3 ms copy of k and v per chunk)
+    bank_k, bank_v = lax.optimization_barrier((bank_k, bank_v))
+    return cache.replace(k=lax.dynamic_update_slice_in_dim(cache.k, bank_k.astype(cache.k.dtype), w, axis=2),
+                         v=lax.dynamic_update_slice_in_dim(cache.v, bank_v.astype(cache.v.dtype), w, axis=2),
+                         bank_frame=bank_frame)
+
+
+def zero_window(cache: KVCache) -> KVCache:
+    """The cache with its window slots (sink + ring) zeroed and the bank kept."""
+    return cache.replace(k=cache.k.at[:, :, :cache.window].set(0), v=cache.v.at[:, :, :cache.window].set(0))
 
 
 def record_chunk(cache: KVCache, outputs: dict, start: jnp.ndarray, spec: CacheSpec, rule: str) -> KVCache:

@@ -22,7 +22,7 @@ from jax import lax
 _XLA_MAX_LOGITS = 1 << 24  # 64 MiB of f32 logits: fastest block on 2 CPU cores (tuned)
 
 
-def _resolve_impl(impl: str, q: jnp.ndarray, kv_mask: jnp.ndarray | None) -> str:
+def resolve_impl(impl: str, q: jnp.ndarray, kv_mask: jnp.ndarray | None) -> str:
     if impl != "auto":
         return impl
     backend = jax.default_backend()
@@ -74,9 +74,16 @@ def split_kv_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, splits: i
     ks = k.reshape(b * splits, lk // splits, h, d)  # row b*s + j = keys [j*Lk/s, (j+1)*Lk/s) of batch b: no copy
     vs = v.reshape(b * splits, lk // splits, h, d)
     out, lse = attend_lse(qs, ks, vs)
-    w = jax.nn.softmax(lse.astype(jnp.float32).reshape(b, splits, lq, h), axis=1)  # [B, s, Lq, H]
-    merged = jnp.sum(out.reshape(b, splits, lq, h, d).astype(jnp.float32) * w[..., None], axis=1)
-    return merged.astype(q.dtype)
+    return merge_partials(out, lse, splits).astype(q.dtype)
+
+
+def merge_partials(out: jnp.ndarray, lse: jnp.ndarray, parts: int) -> jnp.ndarray:
+    """Exact softmax attention from ``parts`` attentions over disjoint key sets: row ``b*parts + j`` of
+    ``out [B*parts, Lq, H, D]`` / ``lse [B*parts, Lq, H]`` is part j of batch b. ``o = sum_j softmax_j(lse_j) o_j``.
+    Returns [B, Lq, H, D] float32."""
+    n, lq, h, d = out.shape
+    w = jax.nn.softmax(lse.astype(jnp.float32).reshape(n // parts, parts, lq, h), axis=1)  # [B, s, Lq, H]
+    return jnp.sum(out.reshape(n // parts, parts, lq, h, d).astype(jnp.float32) * w[..., None], axis=1)
 
 
 def _cudnn_attention_lse(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -87,6 +94,49 @@ def _cudnn_attention_lse(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> tupl
     if lse.shape == (q.shape[0], q.shape[2], q.shape[1]):  # [B, H, Lq] (BTNH inputs)
         lse = lse.transpose(0, 2, 1)
     return out, lse
+
+
+_INT32_MAX = (1 << 31) - 1
+
+
+def in_place_segments(num_tokens: int, h: int, d: int, length: int, splits: int) -> int:
+    """Key segments for :func:`attention_in_place` (>= 2: cuDNN applies packed offsets only with several
+    segments), or 0 when it cannot run: a buffer of ``num_tokens`` tokens too large for cuDNN's int32 element
+    offsets, or no split in 2..4 that divides the key ``length``."""
+    if num_tokens * h * d > _INT32_MAX or jax.default_backend() != "gpu":
+        return 0
+    for s in sorted({max(splits, 2), 2, 3, 4}):
+        if length % s == 0:
+            return s
+    return 0
+
+
+def attention_in_place(q: jnp.ndarray, k_all: jnp.ndarray, v_all: jnp.ndarray, starts: jnp.ndarray, length: int,
+                       segments: int) -> jnp.ndarray:
+    """cuDNN attention of each batch row's queries over ``length`` keys read in place from one big buffer.
+
+    q: [B, Lq, H, D]; k_all, v_all: [1, M, H, D] (e.g. a whole stacked KV cache, flattened: no copy);
+    starts: [B] int32 token offset of each row's keys in k_all (ascending); ``segments`` (>= 2, divides
+    ``length``): each row's keys run as that many packed segments (cuDNN's ragged offsets), each with its own copy
+    of the row's queries, merged by log-sum-exp (:func:`split_kv_attention`). Forward only.
+    Returns: [B, Lq, H, D] in q's dtype.
+    """
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa  # packed offsets are not in the public API
+
+    b, lq, h, d = q.shape
+    s = segments
+    part = length // s
+    qs = jnp.broadcast_to(q[:, None], (b, s, lq, h, d)).reshape(1, b * s * lq, h, d)
+    q_off = (jnp.arange(b * s + 1, dtype=jnp.int32) * lq)[None]  # [1, B*s + 1]
+    kv_off = (starts.astype(jnp.int32)[:, None] + part * jnp.arange(s, dtype=jnp.int32)[None]).reshape(-1)
+    kv_off = jnp.concatenate([kv_off, starts[-1:].astype(jnp.int32) + length])[None]
+    q_len = jnp.full((1, b * s), lq, jnp.int32)
+    kv_len = jnp.full((1, b * s), part, jnp.int32)
+    out, lse = cudnn_fa.dot_product_attention(
+        qs, k_all, v_all, q_seqlen=q_len, kv_seqlen=kv_len, q_offsets=q_off, kv_offsets=kv_off,
+        scale=1.0 / math.sqrt(d), mask_type=cudnn_fa.MaskType.PADDING, return_residual=True)
+    lse = lse[:, :, :lq].transpose(0, 2, 1)  # [B*s, H, Lq] (segment j's rows first in its slice) -> [B*s, Lq, H]
+    return merge_partials(out.reshape(b * s, lq, h, d), lse, s).astype(q.dtype)
 
 
 def xla_attention_lse(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
@@ -116,7 +166,7 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, kv_lengths: jnp
         (:func:`split_kv_attention`; forward only, not for differentiated calls).
     Returns: [B, Lq, H, D] in q's dtype.
     """
-    impl = _resolve_impl(impl, q, kv_mask)
+    impl = resolve_impl(impl, q, kv_mask)
     if impl == "cudnn":
         if kv_mask is not None:
             raise ValueError("cudnn attention takes kv_lengths, not an arbitrary kv_mask")

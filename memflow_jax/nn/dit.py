@@ -32,11 +32,14 @@ AttendFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray, Any], tuple[jnp.ndar
 @dataclasses.dataclass(frozen=True)
 class LayerCarry:
     """State carried whole through the layer scan (see :func:`run_blocks`): ``state`` (leading [L] axis),
-    ``read(state, i, layer_inputs) -> layer_inputs`` and ``write(state, i, outputs) -> (state, outputs)``."""
+    ``read(state, i, layer_inputs) -> layer_inputs`` and ``write(state, i, outputs) -> (state, outputs)``.
+    ``ordered``: put an optimization barrier between the block and ``write`` (the block reads the old state and
+    ``write`` updates it); False when the block itself returns the new state (``write`` only picks it up)."""
 
     state: Any
     read: Callable[[Any, jnp.ndarray, Any], Any]
     write: Callable[[Any, jnp.ndarray, Any], tuple[Any, Any]]
+    ordered: bool = True
 
 
 def _dtype(name: str) -> Any:
@@ -372,7 +375,8 @@ def run_blocks(params: Params, cfg: ModelConfig, x: jnp.ndarray, e0: jnp.ndarray
         h, state = c
         p, tk, tv, li, i = xs
         h, out = block.apply({"params": p}, h, e0, cos, sin, tk, tv, attend_fn, carry.read(state, i, li))
-        h, state = lax.optimization_barrier((h, state))  # reads of the old slice happen before the write
+        if carry.ordered:
+            h, state = lax.optimization_barrier((h, state))  # reads of the old slice happen before the write
         state, out = carry.write(state, i, out)
         return (h, state), out
 

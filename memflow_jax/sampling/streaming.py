@@ -20,8 +20,8 @@ from memflow_jax.config import Config, MemoryConfig, ModelConfig, SamplerConfig
 from memflow_jax.diffusion import scheduler as sch
 from memflow_jax.memory import nam as nam_lib
 from memflow_jax.memory.attend import LayerMemory, make_attend_fn
-from memflow_jax.memory.cache import (CacheSpec, ForwardPlan, KVCache, commit, init_cache, kv_carry,
-                                      record_chunk, with_bank)
+from memflow_jax.memory.cache import (CacheSpec, ForwardPlan, KVCache, commit, init_cache, kv_carry, kv_in_place,
+                                      record_chunk, replace_bank)
 from memflow_jax.nn import dit
 
 
@@ -49,25 +49,32 @@ def to_model_layout(x: jnp.ndarray) -> jnp.ndarray:
 
 def memory_forward(params: dit.Params, mcfg: ModelConfig, spec: CacheSpec, mem: MemoryConfig, cache: KVCache,
                    x: jnp.ndarray, t: float | jnp.ndarray, plan: ForwardPlan, text: PromptKV, update_cache: bool,
-                   bank: tuple | None = None, kv_splits: int = 1, debug: bool = False):
+                   bank: tuple | None = None, kv_splits: int = 1, in_place: bool = False, debug: bool = False):
     """One causal DiT forward over ``x [B, n, C, h, w]`` against the memory (sampler and training rollout).
 
     ``bank`` overrides the cache's bank (the denoising loop carries the bank NAM updated at step 0).
     ``kv_splits``: split-KV self-attention (:func:`nn.attention.attention`; forward only, the sampler's
-    ``attention_kv_splits``; differentiated training forwards keep 1).
+    ``attention_kv_splits``; differentiated training forwards keep 1). ``in_place`` (the sampler's chunk
+    forwards; needs ``plan.q_bank=False``): the forward writes its frames into the cache before attending, also when
+    it does not ``update_cache`` (the chunk's clean pass overwrites them), and attention reads the keys in place;
+    the written K/V come back in ``outputs["carry"]``.
     A cache-writing forward (``update_cache``) writes its K/V frames into the cache in place, layer by layer
     (:func:`memory.cache.kv_carry`); the written K/V come back in ``outputs["carry"]``.
     Returns (flow [B, n, C, h, w], t [B, n], per-layer outputs of the memory attention,
     (new slot map, placement) for :func:`memory.cache.commit`).
     """
     n = x.shape[1]
-    bank_k, bank_v, bank_frame = bank if bank is not None else (cache.bank_k, cache.bank_v, cache.bank_frame)
+    # no override: attention reads the bank from the cache's bank slots (LayerMemory.bank_k None)
+    bank_k, bank_v, bank_frame = bank if bank is not None else (None, None, cache.bank_frame)
     attend = make_attend_fn(
         spec, mem, plan, n, slot_frame=cache.slot_frame, bank_pointer=cache.bank_pointer,
         proto_frame=cache.proto_frame, update_cache=update_cache, attention_impl=mcfg.attention_impl,
-        precision=dit.matmul_precision(mcfg), kv_splits=kv_splits, debug=debug)
+        precision=dit.matmul_precision(mcfg), kv_splits=kv_splits, in_place=in_place, debug=debug)
     # a cache-writing forward carries the K/V through its layer scan and writes each layer's frames in place
-    carry = dit.LayerCarry(*kv_carry(cache, attend.placement)) if update_cache else None
+    if in_place:
+        carry = dit.LayerCarry(*kv_in_place(cache), ordered=False)
+    else:
+        carry = dit.LayerCarry(*kv_carry(cache, attend.placement)) if update_cache else None
     k, v = (cache.k, cache.v) if carry is None else (None, None)  # None: read from the carry layer by layer
     layers = LayerMemory(k, v, bank_k, bank_v, bank_frame, cache.proto_k, cache.proto_v,
                          text.k.astype(cache.k.dtype))
@@ -98,9 +105,9 @@ class ChunkSteps:
 
     # ------------------------------------------------------------------ one forward
     def _forward(self, params, cache: KVCache, x: jnp.ndarray, t: float | jnp.ndarray, plan: ForwardPlan,
-                 text: PromptKV, update_cache: bool):
+                 text: PromptKV, update_cache: bool, in_place: bool = False):
         return memory_forward(params, self.mcfg, self.spec, self.mem, cache, x, t, plan, text, update_cache,
-                              kv_splits=self.scfg.attention_kv_splits, debug=self.debug)
+                              kv_splits=self.scfg.attention_kv_splits, in_place=in_place, debug=self.debug)
 
     # ------------------------------------------------------------------ chunk step (jitted)
     def _chunk_impl(self, params, state: StreamState, text: PromptKV, noise: jnp.ndarray,
@@ -119,23 +126,29 @@ class ChunkSteps:
             bk, bv, bf, scores, kept = nam_lib.bank_update_layers(
                 cache.bank_k, cache.bank_v, cache.bank_frame, cache.proto_k, cache.proto_v, cache.proto_frame,
                 cache.bank_pointer, tq, self.mem.nam_aggregate)
-            cache = with_bank(cache, {"bank": (bk, bv, bf)})
+            cache = replace_bank(cache, bk, bv, bf)
             if self.debug:  # as if recorded by step 0: [1, L, ...]
                 nam_dbg = {"nam_scores": scores[None], "nam_kept": kept[None]}
+        # in place (split-KV on): every forward writes its frames into their cache slots and attends there; not
+        # with SMA, whose per-head keys need a gather anyway (H100: in place 0.307 vs 0.301 s a chunk)
+        in_place = self.scfg.attention_kv_splits != 1 and not self.mem.sma
 
-        def body(x, s):
+        def body(carry, s):
+            x, kv = carry
             plan = ForwardPlan(start=cs, q_bank=False, recompute=jnp.array(False),
                                zero_text_query=state.zero_query_next)
-            flow, tt, outs, _ = self._forward(params, cache, x, ts[s], plan, text, False)
+            c = cache.replace(k=kv[0], v=kv[1])
+            flow, tt, outs, _ = self._forward(params, c, x, ts[s], plan, text, False, in_place)
             x0 = sch.flow_to_x0(self.schedule, flow, x, tt)
             nxt = jnp.minimum(s + 1, nsteps - 1)
             renoised = sch.add_noise(self.schedule, x0, step_noise[jnp.minimum(s, nsteps - 2)],
                                      jnp.full_like(tt, ts[nxt]))
             x = jnp.where(s < nsteps - 1, renoised, x)
             dbg = {k: v for k, v in outs.items() if k.startswith("sma_")}
-            return x, (x0, dbg)
+            return (x, outs.get("carry", kv)), (x0, dbg)
 
-        _, (x0s, dbg_steps) = jax.lax.scan(body, noise, jnp.arange(nsteps))
+        (_, kv), (x0s, dbg_steps) = jax.lax.scan(body, (noise, (cache.k, cache.v)), jnp.arange(nsteps))
+        cache = cache.replace(k=kv[0], v=kv[1])
         dbg_steps = {**dbg_steps, **nam_dbg}
         x0 = x0s[-1]
         # clean-context pass: writes the chunk's K/V (and records the bank prototype)
@@ -145,7 +158,7 @@ class ChunkSteps:
             x_ctx = sch.add_noise(self.schedule, x0, ctx_noise, tctx)
         plan = ForwardPlan(start=cs, q_bank=False, recompute=jnp.array(False), zero_text_query=jnp.array(False))
         _, _, outs, (new_slots, placement) = self._forward(params, cache, x_ctx, self.scfg.context_noise, plan,
-                                                            text, True)
+                                                            text, True, in_place)
         cache = commit(cache, outs, new_slots, cs + f, placement)
         cache = record_chunk(cache, outs, cs, self.spec, self.mem.bank_record_rule)
         hist_slots = jnp.mod(cs + jnp.arange(f), self.spec.window)

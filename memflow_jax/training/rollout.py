@@ -45,7 +45,7 @@ from jax import lax
 from memflow_jax.config import Config, MemoryConfig, ModelConfig
 from memflow_jax.diffusion import scheduler as sch
 from memflow_jax.memory.cache import (CacheSpec, ForwardPlan, KVCache, commit, init_cache, record_chunk,
-                                      with_bank)
+                                      with_bank, zero_window)
 from memflow_jax.nn import dit
 from memflow_jax.sampling.streaming import PromptKV, StreamState, memory_forward
 
@@ -163,7 +163,7 @@ def recache(params: dit.Params, rc: RolloutConfig, state: StreamState, text: Pro
     cache = state.cache
     params, text = sg(params), sg(text)
     if rc.reset_cache_at_switch:
-        cache = cache.replace(k=jnp.zeros_like(cache.k), v=jnp.zeros_like(cache.v))
+        cache = zero_window(cache)  # the bank (the cache's last K slots) is kept
     zero = rc.memory.nam_switch_query == "zeroed"
     if n > 0:
         csf = state.frame

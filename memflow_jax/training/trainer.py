@@ -141,7 +141,7 @@ def stream_shardings(carry: Any, mesh: jax.sharding.Mesh) -> Any:
         name = sh.path_str(path)
         if np.ndim(x) == 0:
             return rep
-        if name.startswith("state/cache/") and name.split("/")[-1] in ("k", "v", "bank_k", "bank_v", "bank_frame",
+        if name.startswith("state/cache/") and name.split("/")[-1] in ("k", "v", "bank_frame",
                                                                         "proto_k", "proto_v"):
             return cache_batch
         if name in ("state/history", "prev", "cond", "cond2"):

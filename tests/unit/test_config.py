@@ -31,6 +31,7 @@ def test_overrides_and_types():
     ("model.dim=abc", "expects an integer"),
     ("memory.mode=bogus", "memory.mode"),
     ("memory.sma=maybe", "true/false"),
+    ("sampler.attention_kv_splits=-1", "attention_kv_splits=-1 must be >= 0"),
     ("dim=3", "section.key"),
     ("model.dim", "section.key=value"),
 ])

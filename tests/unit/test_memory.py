@@ -149,6 +149,8 @@ def test_spec_from_config_modes_and_errors():
     with pytest.raises(ValueError, match="local_attn_size"):
         CacheSpec.from_config(MemoryConfig(local_attn_size=5, sink_size=3), **kw)
     c = init_cache(s)
-    chex.assert_shape(c.k, (1, 1, 12, 4, 1, 8))
+    chex.assert_shape(c.k, (1, 1, 12 + 4, 4, 1, 8))  # window slots, then bank slots
+    chex.assert_shape(c.window_k, (1, 1, 12, 4, 1, 8))
     chex.assert_shape(c.bank_k, (1, 1, 4, 4, 1, 8))
+    assert s.slots == 16 and c.window == 12
     jax.tree_util.tree_map(lambda x: None, c)  # a registered pytree

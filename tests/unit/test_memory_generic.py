@@ -20,7 +20,7 @@ def toy_step(params, cache, x, text_query, start, update_cache, q_bank):
     plan = ForwardPlan(start=start, q_bank=q_bank, recompute=jnp.array(False), zero_text_query=jnp.array(False))
     attend = make_attend_fn(spec, mem, plan, C, slot_frame=cache.slot_frame, bank_pointer=cache.bank_pointer,
                             proto_frame=cache.proto_frame, update_cache=update_cache)
-    layers = LayerMemory(cache.k, cache.v, cache.bank_k, cache.bank_v, cache.bank_frame,
+    layers = LayerMemory(cache.k, cache.v, None, None, cache.bank_frame,  # None: the cache's bank slots
                          cache.proto_k, cache.proto_v, text_query)
 
     def layer(h, xs):

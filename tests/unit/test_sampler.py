@@ -74,7 +74,7 @@ def test_memory_modes_with_switches(params, mode):
     chex.assert_tree_all_finite(lat)
     c = s.current_state.cache
     spec = s.spec
-    assert c.bank_k.shape[2] == spec.bank and c.k.shape[2] == spec.window
+    assert c.bank_k.shape[2] == spec.bank and c.window_k.shape[2] == spec.window and c.k.shape[2] == spec.slots
     if mode in ("none", "sink"):
         assert spec.bank == 0
     else:
@@ -165,6 +165,21 @@ def test_in_place_cache_write_equals_stacked_commit(params):
     np.testing.assert_allclose(np.asarray(flow), np.asarray(flow2), rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)
     assert not np.allclose(np.asarray(got.k), np.asarray(cache.k))  # the chunk's frames did land
+
+
+@pytest.mark.parametrize("mode", ["nam", "sink", "none"])
+def test_in_place_chunk_forwards_equal_generic_path(params, mode):
+    """``attention_kv_splits != 1``: the chunk's forwards write their frames into the cache and attend there
+    (``in_place``); with ``1`` they gather keys from [cache | bank | new frames]. Same videos and caches, across a
+    prompt switch and the warm-up chunks."""
+    import dataclasses
+    runs = {}
+    for splits in (1, 0):
+        s = StreamingSampler(params, MODEL, MODES[mode], dataclasses.replace(SAMPLER, attention_kv_splits=splits))
+        lat = [x0 for _, x0, _ in s.stream(_contexts(2), [9], 18, rng=jax.random.PRNGKey(4))]
+        runs[splits] = (jnp.concatenate(lat, axis=1), s.current_state.cache)
+    np.testing.assert_allclose(np.asarray(runs[0][0]), np.asarray(runs[1][0]), rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(runs[0][1], runs[1][1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="split-KV runs on the cuDNN path (GPU)")
