@@ -30,8 +30,8 @@ from memflow_jax.memory import nam as nam_lib
 from memflow_jax.memory import sma as sma_lib
 from memflow_jax.memory.cache import (CacheSpec, ForwardPlan, chunk_placement, effective_slots, put_frames,
                                       slot_valid)
-from memflow_jax.nn.attention import (resolve_impl, attention, attention_in_place, auto_kv_splits,
-                                      in_place_segments)
+from memflow_jax.nn.attention import (attention, attention_in_place, auto_kv_splits, in_place_segments,
+                                      resolve_impl)
 
 
 @flax.struct.dataclass
@@ -41,7 +41,7 @@ class LayerMemory:
     k: jnp.ndarray  # [B, W + K, N, H, D] the layer's cache slots (in place: the whole [L, B, W + K, ...] cache)
     v: jnp.ndarray
     bank_k: jnp.ndarray | None  # [B, K, N, H, D] a bank overriding the cache's bank slots (None: those)
-    bank_v: jnp.ndarray
+    bank_v: jnp.ndarray | None
     bank_frame: jnp.ndarray  # [B, K]
     proto_k: jnp.ndarray  # [B, N, H, D]
     proto_v: jnp.ndarray

@@ -191,8 +191,9 @@ def reference_slot_order(slot_frame: jnp.ndarray, spec: CacheSpec) -> jnp.ndarra
 def put_frames(buf: jnp.ndarray, frames: jnp.ndarray, placement: tuple[jnp.ndarray, jnp.ndarray],
                layer: jnp.ndarray | None = None) -> jnp.ndarray:
     """Write a forward's frames into their window slots of ``buf [L, B, W + K, N, H, D]`` with
-    ``dynamic_update_slice``, one frame at a time (in place when ``buf`` is donated or scan-carried). ``frames``: ``[L, B, n, N, H, D]``, or
-    ``[B, n, N, H, D]`` for the single layer ``layer``. ``placement`` = (target slot [n], write flag [n])."""
+    ``dynamic_update_slice``, one frame at a time (in place when ``buf`` is donated or scan-carried).
+    ``frames``: ``[L, B, n, N, H, D]``, or ``[B, n, N, H, D]`` for the single layer ``layer``. ``placement`` =
+    (target slot [n], write flag [n])."""
     target, write = placement
     for j in range(frames.shape[-4]):  # static: n frames (a chunk, or the re-cache window)
         if layer is None:

@@ -23,6 +23,7 @@ _XLA_MAX_LOGITS = 1 << 24  # 64 MiB of f32 logits: fastest block on 2 CPU cores 
 
 
 def resolve_impl(impl: str, q: jnp.ndarray, kv_mask: jnp.ndarray | None) -> str:
+    """The attention implementation ``auto`` stands for here: cuDNN on GPU for bf16/fp16 without a general mask."""
     if impl != "auto":
         return impl
     backend = jax.default_backend()
