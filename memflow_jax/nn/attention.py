@@ -100,13 +100,14 @@ def _cudnn_attention_lse(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> tupl
 _INT32_MAX = (1 << 31) - 1
 
 
-def in_place_segments(num_tokens: int, h: int, d: int, length: int, splits: int) -> int:
-    """Key segments for :func:`attention_in_place` (>= 2: cuDNN applies packed offsets only with several
-    segments), or 0 when it cannot run: a buffer of ``num_tokens`` tokens too large for cuDNN's int32 element
-    offsets, or no split in 2..4 that divides the key ``length``."""
-    if num_tokens * h * d > _INT32_MAX or jax.default_backend() != "gpu":
+def in_place_segments(num_tokens: int, h: int, d: int, length: int, splits: int,
+                      backend: str | None = None) -> int:
+    """Key segments for :func:`attention_in_place`: ``splits`` (at least 2: cuDNN applies packed offsets only with
+    several segments), else the first of 2..4 that divides the key ``length``; 0 when it cannot run (not a GPU, no
+    divisor, or a buffer of ``num_tokens`` tokens too large for cuDNN's int32 element offsets)."""
+    if num_tokens * h * d > _INT32_MAX or (backend or jax.default_backend()) != "gpu":
         return 0
-    for s in sorted({max(splits, 2), 2, 3, 4}):
+    for s in (max(splits, 2), 2, 3, 4):
         if length % s == 0:
             return s
     return 0

@@ -47,3 +47,13 @@ def test_kv_splits_must_divide_key_length():
     k = jnp.zeros((1, 10, 2, 8), jnp.bfloat16)
     with pytest.raises(ValueError, match="kv_splits=3 does not divide the key length 10"):
         attn_lib.attention(q, k, k, impl="cudnn", kv_splits=3)
+
+
+def test_in_place_segments_choice():
+    seg = attn_lib.in_place_segments
+    assert seg(1000, 2, 8, 176, 1, backend="gpu") == 2  # at least 2 segments
+    assert seg(1000, 2, 8, 176, 4, backend="gpu") == 4  # the requested split when it divides the length
+    assert seg(1000, 2, 8, 177, 2, backend="gpu") == 3  # else the first divisor in 2..4
+    assert seg(1000, 2, 8, 175, 2, backend="gpu") == 0  # none divides: gather path
+    assert seg(1 << 24, 12, 128, 176, 2, backend="gpu") == 0  # int32 element offsets would overflow
+    assert seg(1000, 2, 8, 176, 2, backend="cpu") == 0
