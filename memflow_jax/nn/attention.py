@@ -120,7 +120,7 @@ def attention_in_place(q: jnp.ndarray, k_all: jnp.ndarray, v_all: jnp.ndarray, s
     q: [B, Lq, H, D]; k_all, v_all: [1, M, H, D] (e.g. a whole stacked KV cache, flattened: no copy);
     starts: [B] int32 token offset of each row's keys in k_all (ascending); ``segments`` (>= 2, divides
     ``length``): each row's keys run as that many packed segments (cuDNN's ragged offsets), each with its own copy
-    of the row's queries, merged by log-sum-exp (:func:`split_kv_attention`). Forward only.
+    of the row's queries, merged by log-sum-exp (:func:`merge_partials`). Forward only.
     Returns: [B, Lq, H, D] in q's dtype.
     """
     from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa  # packed offsets are not in the public API
