@@ -1,6 +1,8 @@
 """Streaming sampler on a tiny random model: long runs, memory modes, prompt switches, bad input."""
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -113,7 +115,6 @@ def test_bad_inputs(params):
 @pytest.mark.parametrize("query", ["zeroed", "new_prompt"])
 def test_nam_switch_query_variants(params, query):
     """Release: the re-cache NAM scores with an all-zero text query (every score 0); paper: with the new prompt."""
-    import dataclasses
     mem = dataclasses.replace(MODES["nam"], nam_switch_query=query)
     s = StreamingSampler(params, MODEL, mem, SAMPLER, batch_size=1, debug=True)
     recache_scores = None
@@ -172,7 +173,6 @@ def test_in_place_chunk_forwards_equal_generic_path(params, mode):
     """``attention_kv_splits != 1``: the chunk's forwards write their frames into the cache and attend there
     (``in_place``); with ``1`` they gather keys from [cache | bank | new frames]. Same videos and caches, across a
     prompt switch and the warm-up chunks."""
-    import dataclasses
     runs = {}
     for splits in (1, 0):
         s = StreamingSampler(params, MODEL, MODES[mode], dataclasses.replace(SAMPLER, attention_kv_splits=splits))
@@ -185,8 +185,8 @@ def test_in_place_chunk_forwards_equal_generic_path(params, mode):
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="split-KV runs on the cuDNN path (GPU)")
 @pytest.mark.parametrize("mode", ["nam", "sink"])
 def test_split_kv_attention_matches_one_call_on_gpu(mode):
-    """bf16 on cuDNN: the sampler with ``attention_kv_splits`` = 2 / auto gives the one-call result (up to bf16)."""
-    import dataclasses
+    """bf16 on cuDNN: the sampler with ``attention_kv_splits`` = 2 or 3 / auto gives the one-call result (up to
+    bf16)."""
     mcfg = dataclasses.replace(MODEL, dim=128, num_heads=2, ffn_dim=256, dtype="bfloat16", param_dtype="bfloat16")
     scfg = dataclasses.replace(SAMPLER, height=64, width=64)  # 8x8 latents -> 16 tokens per frame
     params = dit.init_params(mcfg, jax.random.PRNGKey(0))
