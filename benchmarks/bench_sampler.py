@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.metadata
 import json
 import math
@@ -239,7 +240,8 @@ def run_vae(cfg: dict, args: argparse.Namespace) -> dict[str, Any]:
     """Streaming VAE decode of one chunk (bf16), first chunk and later chunks compiled separately."""
     from memflow_jax.nn import vae as vae_lib
 
-    decode, v = vae_lib.decode_chunk_jit, cfg["vae"]
+    decode = functools.partial(vae_lib.decode_chunk_jit, whole_chunk=args.vae_whole_chunk)
+    v = cfg["vae"]
     params, lat, cache = vae_setup(cfg, args.batch)
     (_, cache), first_s = timed(decode, params, v, lat, cache)  # first chunk: 1 + 4(f-1) frames
     (pix, cache), second_s = timed(decode, params, v, lat, cache)  # later chunks: 4f frames
@@ -366,6 +368,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--switches", type=int, default=3, help="prompt switches (the first one compiles)")
     p.add_argument("--vae-chunks", type=int, default=10)
     p.add_argument("--no-vae", action="store_true")
+    p.add_argument("--vae-whole-chunk", action=argparse.BooleanOptionalAction, default=True,
+                   help="later chunks decode their latent frames in one decoder call (default) or one step each")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--attention-impl", default="auto", choices=["auto", "xla", "cudnn"],
                    help="model.attention_impl (auto: cuDNN on GPU wherever no kv_mask is passed)")
