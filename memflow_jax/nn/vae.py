@@ -72,22 +72,50 @@ def _select(first: First, if_first: Array, otherwise: Array) -> Array:
     return jnp.where(first, if_first, otherwise)
 
 
+def _time_window(prev: Optional[Array], x: Array, start: int, length: int) -> Array:
+    """Frames ``[start, start + length)`` of ``concat(prev, x)`` along time (axis 1), without materialising the
+    whole concatenation (``prev`` None = no frames in front)."""
+    p = 0 if prev is None else prev.shape[1]
+    parts = []
+    if start < p:
+        parts.append(prev[:, start:min(p, start + length)])
+    if start + length > p:
+        parts.append(x[:, max(0, start - p):start + length - p])
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+
+
 def _conv(x: Array, kernel: Array, bias: Array, strides: tuple[int, ...],
-          padding: tuple[tuple[int, int], ...]) -> Array:
-    """Channels-last N-d conv (N = kernel.ndim - 2) in x's dtype.
+          padding: tuple[tuple[int, int], ...], prev: Optional[Array] = None) -> Array:
+    """Channels-last N-d conv (N = kernel.ndim - 2) in x's dtype; for a 3-D conv the input is
+    ``concat(prev, x)`` along time (``prev``: the cached frames in front, never concatenated as a whole).
 
     A 3-D conv with time stride 1 and no time padding (every causal conv: its padding is the explicit cache) runs
-    as ONE 2-D conv over the output frames with the ``kt`` time taps stacked on the input channels: cuDNN's 2-D
-    channels-last kernels are much faster than its 3-D ones (streaming decode on an H100: benchmarks/RESULTS.md).
+    as ONE 2-D conv over the output frames with the ``kt`` time taps stacked on the input channels, each tap read
+    straight from ``prev`` and ``x``: cuDNN's 2-D channels-last kernels are much faster than its 3-D ones
+    (streaming decode on an H100: benchmarks/RESULTS.md).
     """
     if kernel.ndim == 5 and strides[0] == 1 and tuple(padding[0]) == (0, 0):
         b, t, h, w, c = x.shape
+        t += 0 if prev is None else prev.shape[1]
         kt, kh, kw, _, cout = kernel.shape
         to = t - kt + 1
-        taps = x if kt == 1 else jnp.concatenate([x[:, i:i + to] for i in range(kt)], axis=-1)  # [B, To, H, W, kt*C]
+        if 1 < kt and kt * cout <= c:
+            # few output channels (the decoder head, 96 -> 3): stack the taps on the OUTPUT channels instead, so
+            # the input is read once and never copied; frame t sums tap i of frame t + i
+            k2 = jnp.transpose(kernel, (1, 2, 3, 0, 4)).reshape(kh, kw, c, kt * cout)  # (tap, channel) order
+            zero = jnp.zeros((kt * cout,), bias.dtype)
+            ys = [_conv(a.reshape((b * a.shape[1],) + a.shape[2:]), k2, zero, tuple(strides[1:]), tuple(padding[1:]))
+                  for a in ((x,) if prev is None else (prev, x))]
+            y = jnp.concatenate([a.reshape((b, -1) + a.shape[1:3] + (kt, cout)) for a in ys], axis=1)
+            out = sum(y[:, i:i + to, :, :, i].astype(jnp.float32) for i in range(kt)) + bias.astype(jnp.float32)
+            return out.astype(x.dtype)
+        frames = [_time_window(prev, x, i, to) for i in range(kt)]
+        taps = frames[0] if kt == 1 else jnp.concatenate(frames, axis=-1)  # [B, To, H, W, kt*C]
         k2 = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kt * c, cout)  # (tap, channel) order
         y = _conv(taps.reshape((b * to,) + taps.shape[2:]), k2, bias, tuple(strides[1:]), tuple(padding[1:]))
         return y.reshape((b, to) + y.shape[1:])
+    if prev is not None:
+        x = jnp.concatenate([prev, x], axis=1)
     nd = kernel.ndim - 2
     spatial = "DHW"[-nd:]
     dn = lax.conv_dimension_numbers(x.shape, kernel.shape, (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
@@ -125,22 +153,51 @@ class CausalConv3d(nn.Module):
                 raise ValueError(f"CausalConv3d: time padding {pad_t} != CACHE_T={CACHE_T} is not supported")
             if cache is None:
                 cache = jnp.zeros((x.shape[0], pad_t) + x.shape[2:], x.dtype)
-            x = jnp.concatenate([cache.astype(x.dtype), x], axis=1)  # zero front padding == zero cache
-            new_cache = x[:, -CACHE_T:]
-            if x.shape[1] > pad_t + 1 and first is not False:
-                new_cache = _select(first, x[:, pad_t + 1 - CACHE_T:pad_t + 1], new_cache)  # frame 0 only
+            prev = cache.astype(x.dtype)  # zero front padding == zero cache; the conv reads concat(prev, x)
+            t = pad_t + x.shape[1]
+            new_cache = _time_window(prev, x, t - CACHE_T, CACHE_T)
+            if t > pad_t + 1 and first is not False:  # frame 0 only
+                new_cache = _select(first, _time_window(prev, x, pad_t + 1 - CACHE_T, CACHE_T), new_cache)
+        else:
+            prev = None
         ph, pw = self.padding[1], self.padding[2]
-        y = _conv(x, kernel, bias, self.stride, ((0, 0), (ph, ph), (pw, pw)))
+        y = _conv(x, kernel, bias, self.stride, ((0, 0), (ph, ph), (pw, pw)), prev=prev)
         return y, new_cache  # y: [B, T', H', W', features]
 
 
+def _upsample2x_conv3x3(x: Array, kernel: Array, bias: Array) -> Array:
+    """``conv3x3(pad 1)(nearest_2x(x))`` as four 2x2 convs on ``x``, one per output phase: ``[N, H, W, C]`` ->
+    ``[N, 2H, 2W, Cout]``, with no 4x upsampled input and 4/9 of the FLOPs.
+
+    Output row ``2i`` reads input rows ``(i-1, i)`` with kernel rows ``(k0, k1 + k2)``, row ``2i+1`` reads ``(i, i+1)``
+    with ``(k0 + k1, k2)``; the same for columns. Summed kernels are formed in float32.
+    """
+    k = kernel.astype(jnp.float32)  # [3, 3, C, Cout]
+    merge = (lambda a: jnp.stack([a[0], a[1] + a[2]]), lambda a: jnp.stack([a[0] + a[1], a[2]]))
+    pads = ((1, 0), (0, 1))  # phase 0 reads (i-1, i), phase 1 reads (i, i+1)
+    rows = []
+    for pa in range(2):
+        kr = merge[pa](k)  # [2, 3, C, Cout]
+        cols = [jnp.moveaxis(merge[pb](jnp.moveaxis(kr, 1, 0)), 0, 1) for pb in range(2)]  # [2, 2, C, Cout]
+        rows.append(jnp.stack([_conv(x, cols[pb].astype(x.dtype), bias, (1, 1), (pads[pa], pads[pb]))
+                               for pb in range(2)], axis=3))  # [N, H, W, 2, Cout]
+    y = jnp.stack(rows, axis=2)  # [N, H, 2, W, 2, Cout]
+    n, h, _, w, _, cout = y.shape
+    return y.reshape(n, 2 * h, 2 * w, cout)
+
+
 class Conv2d(nn.Module):
-    """Per-frame 2-D conv on ``[B, T, H, W, C]`` (``padding`` = ((top, bottom), (left, right)))."""
+    """Per-frame 2-D conv on ``[B, T, H, W, C]`` (``padding`` = ((top, bottom), (left, right))).
+
+    ``upsample``: nearest x2 in space first (3x3 kernel, stride 1, padding 1 only), computed without the
+    upsampled intermediate (:func:`_upsample2x_conv3x3`).
+    """
 
     features: int
     kernel_size: tuple[int, int]
     stride: tuple[int, int] = (1, 1)
     padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
+    upsample: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -148,7 +205,12 @@ class Conv2d(nn.Module):
         kh, kw = self.kernel_size
         kernel = self.param("kernel", _torch_uniform(cin * kh * kw), (kh, kw, cin, self.features))
         bias = self.param("bias", _torch_uniform(cin * kh * kw), (self.features,))
-        y = _conv(x.reshape(b * t, h, w, cin), kernel, bias, self.stride, self.padding)
+        if self.upsample:
+            if (kh, kw) != (3, 3) or tuple(self.stride) != (1, 1) or tuple(map(tuple, self.padding)) != ((1, 1),) * 2:
+                raise ValueError("Conv2d(upsample=True) supports only a 3x3 kernel, stride 1, padding 1")
+            y = _upsample2x_conv3x3(x.reshape(b * t, h, w, cin), kernel, bias)
+        else:
+            y = _conv(x.reshape(b * t, h, w, cin), kernel, bias, self.stride, self.padding)
         return y.reshape((b, t) + y.shape[1:])
 
 
@@ -236,10 +298,9 @@ class Resample(nn.Module):
                 x = _select(first, jnp.repeat(x, 2, axis=1), y)  # padded first step: frame 0 passes through
                 new_cache = _select(first, cache, c)
         if self.mode.startswith("upsample"):
-            # nearest x2 in float32 (reference casts to float for bf16), then a 3x3 conv halving the channels
-            xf = x.astype(jnp.float32)
-            xf = jnp.repeat(jnp.repeat(xf, 2, axis=2), 2, axis=3)
-            x = Conv2d(self.dim // 2, (3, 3), padding=((1, 1), (1, 1)), name="conv")(xf.astype(x.dtype))
+            # nearest x2 (exact in any dtype; the reference goes through float32), then a 3x3 conv halving the
+            # channels: one fused sub-pixel conv
+            x = Conv2d(self.dim // 2, (3, 3), padding=((1, 1), (1, 1)), upsample=True, name="conv")(x)
         else:
             # ZeroPad2d((0, 1, 0, 1)) (right/bottom only) + 3x3 stride-2 conv
             x = Conv2d(self.dim, (3, 3), stride=(2, 2), padding=((0, 1), (0, 1)), name="conv")(x)

@@ -107,6 +107,38 @@ def test_scan_decode_chunk_jit_donated(params, latents, full) -> None:
     np.testing.assert_allclose(np.concatenate(outs, axis=1), np.asarray(full), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("cin,cout", [(8, 6), (12, 3)], ids=["taps_on_inputs", "taps_on_outputs"])
+def test_causal_conv_layouts_equal_3d_conv(cin, cout) -> None:
+    """Both 2-D forms of the causal 3-D conv (time taps stacked on the input channels, or on the output channels
+    when kt * cout <= cin, the decoder head), with the cached frames in front passed apart or not, equal lax's
+    direct 3-D conv."""
+    kx, kk, kb = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(kx, (2, 6, 5, 7, cin))  # [B, T, H, W, C]
+    k = jax.random.normal(kk, (3, 3, 3, cin, cout))
+    b = jax.random.normal(kb, (cout,))
+    ref = jax.lax.conv_general_dilated(x, k, (1, 1, 1), ((0, 0), (1, 1), (1, 1)), precision="highest",
+                                       dimension_numbers=("NDHWC", "DHWIO", "NDHWC")) + b
+    for prev_frames in (0, 2, 4):  # the first frames passed separately as the cached ``prev``
+        prev = x[:, :prev_frames] if prev_frames else None
+        got = vae._conv(x[:, prev_frames:], k, b, (1, 1, 1), ((0, 0), (1, 1), (1, 1)), prev=prev)
+        chex.assert_shape(got, (2, 4, 5, 7, cout))
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_upsample_conv_equals_repeat_then_conv() -> None:
+    """The sub-pixel form of nearest-x2 + 3x3 conv (the decoder's upsample) equals upsampling first."""
+    kx, kk, kb = jax.random.split(jax.random.PRNGKey(1), 3)
+    x = jax.random.normal(kx, (2, 5, 7, 6))  # [N, H, W, C]
+    k = jax.random.normal(kk, (3, 3, 6, 4))
+    b = jax.random.normal(kb, (4,))
+    up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    ref = jax.lax.conv_general_dilated(up, k, (1, 1), ((1, 1), (1, 1)), precision="highest",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC")) + b
+    got = vae._upsample2x_conv3x3(x, k, b)
+    chex.assert_shape(got, (2, 10, 14, 4))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+
+
 def test_cache_dtype_and_shapes() -> None:
     c32 = vae.init_decode_cache(CFG, 2, H_LAT, W_LAT)
     c16 = vae.init_decode_cache(CFG, 2, H_LAT, W_LAT, jnp.bfloat16)
