@@ -798,10 +798,10 @@ def decode_chunk_jit(params: dict, cfg: VAEConfig, latents: Array, cache: Decode
     The video's first chunk runs ONE compiled decoder step per latent frame from Python (the reference's
     ``cached_decode`` loop; the same program for the first and later frames). Later chunks (``whole_chunk``,
     default) run their ``k`` latent frames through the decoder in ONE call: every time conv is causal with an
-    explicit cache, so this equals ``k`` single-frame steps (up to rounding) and the convs see 4x more frames
-    at once (H100, 480x832 bf16: 0.117 -> 0.105 s a chunk, +4 GiB peak; benchmarks/RESULTS.md). It compiles once per
-    chunk length. ``whole_chunk=False`` keeps the per-frame steps for every chunk (one program for all lengths,
-    the smaller peak).
+    explicit cache, so this equals ``k`` single-frame steps (up to rounding) and the convs see ``k`` times more
+    frames at once (H100, 480x832 bf16: 0.117 -> 0.105 s a chunk, +4 GiB peak; benchmarks/RESULTS.md). It
+    compiles once per chunk length. ``whole_chunk=False`` keeps the per-frame steps for every chunk (one program
+    for all lengths, the smaller peak).
     """
     _check_cfg(cfg)
     _check_latents(cfg, latents, cache)
