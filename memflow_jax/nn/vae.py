@@ -6,8 +6,9 @@ Public API (pure functions, arrays in/out; ``cfg`` is a static, hashable :class:
 * :func:`init_params`, :func:`abstract_params`, :func:`param_count`
 * :func:`encode` ``[B, 3, T, H, W]`` in [-1, 1] -> normalised latents ``[B, T', z, h, w]`` (T = 1 + 4k -> T' = 1 + k)
 * :func:`decode` ``[B, T', z, h, w]`` -> pixels ``[B, 1 + 4(T'-1), 3, H, W]`` (clamped unless ``clamp=False``)
-* :func:`init_decode_cache`, :func:`decode_chunk` (traceable, ``lax.scan``), :func:`decode_chunk_jit` (eager
-  driver of one compiled step): streaming decode with a fixed-shape, donatable cache.
+* :func:`init_decode_cache`, :func:`decode_chunk` (traceable, ``lax.scan``), :func:`decode_chunk_jit` (eager:
+  per-frame steps for the first chunk, one decoder call for each later chunk): streaming decode with a
+  fixed-shape, donatable cache.
 * Training (traceable, differentiable): :func:`encode_moments` (posterior ``mu`` / log-variance) and
   :func:`decode_clip` (whole clip from a fresh cache: the streaming decoder step under ``lax.scan``).
 
@@ -15,7 +16,8 @@ Mapping the reference's stateful chunking onto fixed shapes:
 
 * Cache. Every causal conv with a time kernel of 3 keeps the last ``CACHE_T = 2`` frames of its input. "No cache
   yet" equals a cache of zeros (the reference pads with zeros in front), so each cache is a zero-initialised
-  ``[B, 2, h, w, C]`` array, the conv runs on ``concat(cache, x)`` and the new cache is the last 2 frames of it.
+  ``[B, 2, h, w, C]`` array, the conv runs on ``concat(cache, x)`` (each time tap sliced from the two in place,
+  never the concatenation as a whole) and the new cache is the last 2 frames of it.
 * First step. The video's first step differs (encoder: frame 0 alone, not downsampled in time; decoder: the
   first latent frame skips the temporal upsample and gives 1 frame, not 4). ``first`` is either a Python bool
   (a static 1-frame first step) or a traced bool: then the first step runs with the shapes of a normal step,
