@@ -87,7 +87,8 @@ def _time_window(prev: Optional[Array], x: Array, start: int, length: int) -> Ar
 
 
 def _conv(x: Array, kernel: Array, bias: Array, strides: tuple[int, ...],
-          padding: tuple[tuple[int, int], ...], prev: Optional[Array] = None) -> Array:
+          padding: tuple[tuple[int, int], ...], prev: Optional[Array] = None,
+          residual: Optional[Array] = None) -> Array:
     """Channels-last N-d conv (N = kernel.ndim - 2) in x's dtype; for a 3-D conv the input is
     ``concat(prev, x)`` along time (``prev``: the cached frames in front, never concatenated as a whole).
 
@@ -110,11 +111,14 @@ def _conv(x: Array, kernel: Array, bias: Array, strides: tuple[int, ...],
                   for a in ((x,) if prev is None else (prev, x))]
             y = jnp.concatenate([a.reshape((b, -1) + a.shape[1:3] + (kt, cout)) for a in ys], axis=1)
             out = sum(y[:, i:i + to, :, :, i].astype(jnp.float32) for i in range(kt)) + bias.astype(jnp.float32)
-            return out.astype(x.dtype)
+            out = out.astype(x.dtype)
+            return out if residual is None else out + residual
         frames = [_time_window(prev, x, i, to) for i in range(kt)]
         taps = frames[0] if kt == 1 else jnp.concatenate(frames, axis=-1)  # [B, To, H, W, kt*C]
         k2 = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kt * c, cout)  # (tap, channel) order
-        y = _conv(taps.reshape((b * to,) + taps.shape[2:]), k2, bias, tuple(strides[1:]), tuple(padding[1:]))
+        res = None if residual is None else residual.reshape((b * to,) + residual.shape[2:])
+        y = _conv(taps.reshape((b * to,) + taps.shape[2:]), k2, bias, tuple(strides[1:]), tuple(padding[1:]),
+                  residual=res)
         return y.reshape((b, to) + y.shape[1:])
     if prev is not None:
         x = jnp.concatenate([prev, x], axis=1)
@@ -123,7 +127,8 @@ def _conv(x: Array, kernel: Array, bias: Array, strides: tuple[int, ...],
     dn = lax.conv_dimension_numbers(x.shape, kernel.shape, (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
     y = lax.conv_general_dilated(x, kernel.astype(x.dtype), strides, padding, dimension_numbers=dn,
                                  precision=_precision(x.dtype))
-    return y + bias.astype(x.dtype)
+    y = y + bias.astype(x.dtype)
+    return y if residual is None else y + residual
 
 
 class CausalConv3d(nn.Module):
@@ -140,8 +145,8 @@ class CausalConv3d(nn.Module):
     padding: tuple[int, int, int] = (0, 0, 0)  # torch-style (t, h, w)
 
     @nn.compact
-    def __call__(self, x: Array, cache: Optional[Array] = None,
-                 first: First = False) -> tuple[Array, Optional[Array]]:
+    def __call__(self, x: Array, cache: Optional[Array] = None, first: First = False,
+                 residual: Optional[Array] = None) -> tuple[Array, Optional[Array]]:
         # x: [B, T, H, W, Cin]; cache: [B, 2*pad_t, H, W, Cin]
         cin = x.shape[-1]
         kt, kh, kw = self.kernel_size
@@ -163,7 +168,7 @@ class CausalConv3d(nn.Module):
         else:
             prev = None
         ph, pw = self.padding[1], self.padding[2]
-        y = _conv(x, kernel, bias, self.stride, ((0, 0), (ph, ph), (pw, pw)), prev=prev)
+        y = _conv(x, kernel, bias, self.stride, ((0, 0), (ph, ph), (pw, pw)), prev=prev, residual=residual)
         return y, new_cache  # y: [B, T', H', W', features]
 
 
@@ -244,8 +249,8 @@ class ResidualBlock(nn.Module):
             y, cache.get("conv1"), first)
         y = nn.silu(RMSNorm(name="norm2")(y))  # dropout (0.0, eval) omitted
         y, c2 = CausalConv3d(self.out_dim, (3, 3, 3), padding=(1, 1, 1), name="conv2")(
-            y, cache.get("conv2"), first)
-        return y + h, {"conv1": c1, "conv2": c2}
+            y, cache.get("conv2"), first, residual=h)
+        return y, {"conv1": c1, "conv2": c2}
 
 
 @functools.lru_cache(maxsize=None)
