@@ -91,6 +91,8 @@ def _conv(x: Array, kernel: Array, bias: Array, strides: tuple[int, ...],
           residual: Optional[Array] = None) -> Array:
     """Channels-last N-d conv (N = kernel.ndim - 2) in x's dtype; for a 3-D conv the input is
     ``concat(prev, x)`` along time (``prev``: the cached frames in front, never concatenated as a whole).
+    ``residual`` (the output's shape) is added to the output on the conv's own layout, where XLA fuses it into
+    cuDNN's conv as a side input (a residual block's skip).
 
     A 3-D conv with time stride 1 and no time padding (every causal conv: its padding is the explicit cache) runs
     as ONE 2-D conv over the output frames with the ``kt`` time taps stacked on the input channels, each tap read
