@@ -754,6 +754,13 @@ def _decode_chunk_raw(params: dict, cfg: VAEConfig, latents: Array, cache: Decod
     return pix, DecodeCache(feats=feats, num_latents=cache.num_latents + k, started=True)
 
 
+def _to_pixels(pix: Array, clamp: bool) -> Array:
+    """Decoder output ``[B, F, H, W, 3]`` -> ``[B, F, 3, H, W]``, clamped to [-1, 1] if ``clamp``."""
+    if clamp:
+        pix = jnp.clip(pix, -1.0, 1.0)
+    return jnp.transpose(pix, (0, 1, 4, 2, 3))
+
+
 def decode_chunk(params: dict, cfg: VAEConfig, latents: Array, cache: DecodeCache,
                  clamp: bool = True) -> tuple[Array, DecodeCache]:
     """Decode the next chunk of latents ``[B, k, z, h, w]`` -> pixels ``[B, F, 3, H, W]`` and the new cache.
@@ -766,9 +773,7 @@ def decode_chunk(params: dict, cfg: VAEConfig, latents: Array, cache: DecodeCach
     _check_cfg(cfg)
     _check_latents(cfg, latents, cache)
     pix, new_cache = _decode_chunk_raw(params, cfg, latents, cache)
-    if clamp:
-        pix = jnp.clip(pix, -1.0, 1.0)
-    return jnp.transpose(pix, (0, 1, 4, 2, 3)), new_cache  # [B, F, 3, H, W]
+    return _to_pixels(pix, clamp), new_cache
 
 
 _decode_step_jit = jax.jit(_decode_step, static_argnums=1, donate_argnums=3)
@@ -780,9 +785,7 @@ def _decode_frames_jit(params: dict, cfg: VAEConfig, latents: Array, feats: dict
     """A started video's next ``k`` latent frames ``[B, k, z, h, w]`` in one decoder call -> pixels
     ``[B, 4k, 3, H, W]`` and the new cache (``first`` static False: no per-frame selects)."""
     y, feats = _decode_step(params, cfg, jnp.transpose(latents, (0, 1, 3, 4, 2)), feats, False)
-    if clamp:
-        y = jnp.clip(y, -1.0, 1.0)
-    return jnp.transpose(y, (0, 1, 4, 2, 3)), feats
+    return _to_pixels(y, clamp), feats
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -794,10 +797,7 @@ def _split_frames(latents: Array, k: int) -> tuple[Array, ...]:
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _assemble(ys: tuple[Array, ...], first: bool, clamp: bool) -> Array:
     ys = ((ys[0][:, :1],) + tuple(ys[1:])) if first else ys  # first latent frame: one real frame
-    pix = jnp.concatenate(ys, axis=1)  # [B, F, H, W, 3]
-    if clamp:
-        pix = jnp.clip(pix, -1.0, 1.0)
-    return jnp.transpose(pix, (0, 1, 4, 2, 3))  # [B, F, 3, H, W]
+    return _to_pixels(jnp.concatenate(ys, axis=1), clamp)
 
 
 def decode_chunk_jit(params: dict, cfg: VAEConfig, latents: Array, cache: DecodeCache,
