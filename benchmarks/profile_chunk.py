@@ -158,7 +158,8 @@ def vae_decoder(cfg: dict, chunks: int):
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", default="nam", choices=list(bench.MODES))
-    p.add_argument("--warmup", type=int, default=6, help="chunks before tracing (fill the window and bank)")
+    p.add_argument("--warmup", type=int, default=10,
+                   help="chunks before tracing (fill the window and bank: 7 chunks for the release memory)")
     p.add_argument("--chunks", type=int, default=3, help="traced chunks")
     p.add_argument("--switch", action="store_true", help="also trace one prompt switch's re-cache")
     p.add_argument("--vae", action="store_true", help="also trace the streaming VAE decode of --chunks chunks")

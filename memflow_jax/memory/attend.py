@@ -15,7 +15,9 @@ model with a KV cache can use it. Reference semantics (MemFlow release):
 ``in_place`` (the sampler's chunk forwards): the forward's frames are written into their cache slots first (the
 clean pass overwrites them anyway), so every key already sits in the layer's contiguous slot region
 ``[sink | ring | bank]`` of the cache (:mod:`memory.cache`); once all slots are valid, cuDNN reads them there
-(:func:`nn.attention.attention_in_place`, no gather), else the valid frames are gathered as above.
+(:func:`nn.attention.attention_in_place`, no gather), else the valid frames are gathered as above. With SMA the
+window is read in place and only each head's top-k sink/bank frames are gathered (one more call, merged by
+log-sum-exp), ranked by descriptors the sampler computes once per chunk (``LayerMemory.cand_mean``).
 """
 from __future__ import annotations
 
@@ -47,6 +49,9 @@ class LayerMemory:
     proto_v: jnp.ndarray
     text_query: jnp.ndarray  # [B, T, H, D] NAM query (the layer's cross-attention K of the prompt)
     index: jnp.ndarray | None = None  # [] int32 layer index (in place only)
+    # [B, S + K, H, D] SMA descriptors of the sink and bank slots, computed once per chunk (in place only: its
+    # forwards never write those slots once every slot is valid, the only time they are read)
+    cand_mean: jnp.ndarray | None = None
 
 
 def _valid_first(valid: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -114,6 +119,8 @@ def make_attend_fn(spec: CacheSpec, mem: MemoryConfig, plan: ForwardPlan, n: int
                 outs["kv"] = (kf, vf)  # [B, n, N, H, D]; written into the cache slots by cache.commit
         dt = q.dtype
         fast = None
+        cand_src = jnp.concatenate([sink_src, bank_src])  # [S + K] SMA's candidates (sink then bank): pool frames
+        cand_valid = jnp.concatenate([valid[:S], bank_valid])
         if in_place:
             # the forward's frames go into their slots now; the keys are the layer's slot region [W + K]
             buf_k = put_frames(layer.k, kf, placement, layer.index)
@@ -124,16 +131,37 @@ def make_attend_fn(spec: CacheSpec, mem: MemoryConfig, plan: ForwardPlan, n: int
                 return (lax.dynamic_index_in_dim(buf_k, layer.index, 0, keepdims=False).astype(dt),
                         lax.dynamic_index_in_dim(buf_v, layer.index, 0, keepdims=False).astype(dt))
             nl, nb, slots = buf_k.shape[:3]
-            length = slots * N
-            segments = in_place_segments(nl * nb * length, h, d, length,
-                                         auto_kv_splits(b, q.shape[1], h, length) if kv_splits == 0 else kv_splits)
-            if (not mem.sma and segments and buf_k.dtype == dt
-                    and resolve_impl(attention_impl, q, None) == "cudnn"):
-                starts = (layer.index * nb + jnp.arange(nb, dtype=jnp.int32)) * length
+            cudnn = buf_k.dtype == dt and resolve_impl(attention_impl, q, None) == "cudnn"
+            if not mem.sma:
+                length = slots * N
+                segments = in_place_segments(nl * nb * length, h, d, length,
+                                             auto_kv_splits(b, q.shape[1], h, length) if kv_splits == 0
+                                             else kv_splits)
+                if segments and cudnn:
+                    starts = (layer.index * nb + jnp.arange(nb, dtype=jnp.int32)) * length
 
-                def fast(_):  # every slot valid: cuDNN reads the keys where they are
-                    return attention_in_place(q, buf_k.reshape(1, -1, h, d), buf_v.reshape(1, -1, h, d), starts,
-                                              length, segments)
+                    def fast(_):  # every slot valid: cuDNN reads the keys where they are
+                        return attention_in_place(q, buf_k.reshape(1, -1, h, d), buf_v.reshape(1, -1, h, d),
+                                                  starts, length, segments)
+            elif S + K > 0:
+                # SMA: the window is shared by every head and read in place (2 segments: H100, 0.296 s a chunk
+                # against 0.303 with 3 segments of the top-k part's size); only each head's top-k frames are
+                # gathered, attended in one more call and merged by log-sum-exp
+                length = (W - S) * N
+                segments = in_place_segments(nl * nb * slots * N, h, d, length, 2)
+                if segments and cudnn:
+                    starts = ((layer.index * nb + jnp.arange(nb, dtype=jnp.int32)) * slots + S) * N
+
+                    def fast(sel):  # every slot valid: [per-head frames (gathered), window (in place)]
+                        flat_idx = ((layer.index * nb + jnp.arange(nb, dtype=jnp.int32))[:, None, None] * slots
+                                    + jnp.take(cand_src, sel))  # [B, H, k] frames of the flattened buffer
+                        idx = jnp.swapaxes(flat_idx, 0, 1).reshape(1, h, -1)  # [1, H, B*k] batch-major
+
+                        def picked(buf):
+                            g = sma_lib.gather_frames(buf.reshape((1, -1) + buf.shape[3:]), idx)  # [1, B*k*N, H, D]
+                            return g.reshape(b, -1, h, d).astype(dt)
+                        return attention_in_place(q, buf_k.reshape(1, -1, h, d), buf_v.reshape(1, -1, h, d),
+                                                  starts, length, segments, extra=(picked(buf_k), picked(buf_v)))
         else:
             # every key frame comes from the pool [cache slots (W) | bank (K) | this forward's frames (n)] through
             # one gather per K and V (no placed copy of the cache; H100: -8 ms a chunk against place-then-concatenate)
@@ -144,41 +172,52 @@ def make_attend_fn(spec: CacheSpec, mem: MemoryConfig, plan: ForwardPlan, n: int
         def flat(x):
             return x.reshape(b, -1, h, d)
 
-        mask = None
         if mem.sma and S + K > 0:
-            pool_k, pool_v = pool()
-            cand_src = jnp.concatenate([sink_src, bank_src])  # [S+K] pool frames of the candidates
-            cand_valid = jnp.concatenate([valid[:S], bank_valid])
-            idx, sel_valid, sma_scores = sma_lib.sma_select(q, jnp.take(pool_k, cand_src, axis=1), cand_valid,
-                                                            mem.sma_top_k)
-            if debug:
-                outs["sma_idx"], outs["sma_scores"] = idx, sma_scores
-            ring_order, n_ring = _valid_first(valid[S:])
-            per_head = jnp.concatenate([jnp.take(cand_src, idx),  # [B, H, k] then the window, same for all heads
-                                        jnp.broadcast_to(ring_src[ring_order], (b, h, ring_src.shape[0]))], axis=-1)
-            keys = sma_lib.gather_frames(pool_k, per_head)
-            vals = sma_lib.gather_frames(pool_v, per_head)
-            lengths = jnp.full((b,), (idx.shape[-1] + n_ring) * N, jnp.int32)
-            if mem.sma_top_k > S:  # early chunks can have fewer valid candidates than picks: per-head mask
-                ring_ok = jnp.arange(spec.window - S) < n_ring
-                mask = jnp.concatenate([jnp.repeat(sel_valid, N, axis=-1),
-                                        jnp.broadcast_to(jnp.repeat(ring_ok, N), (b, h, (spec.window - S) * N))],
-                                       axis=-1)  # [B, H, Lk]
-                lengths = None
-        else:
-            def gathered(_):
-                # [sink, bank, window] with valid frames first, so attention needs only a key length (cuDNN)
-                pool_k, pool_v = pool()
-                keys = flat(jnp.take(pool_k, key_src, axis=1))
-                vals = flat(jnp.take(pool_v, key_src, axis=1))
-                lengths = jnp.full((b,), n_valid * N, jnp.int32)
-                return attention(q, keys, vals, kv_lengths=lengths, impl=attention_impl, precision=precision,
-                                 kv_splits=kv_splits)
+            phi_q = sma_lib.query_descriptor(q)
 
-            out = gathered(None) if fast is None else lax.cond(all_valid, fast, gathered, None)
+            def gathered_sma(_):
+                pool_k, pool_v = pool()
+                phi_k = sma_lib.frame_descriptors(jnp.take(pool_k, cand_src, axis=1))
+                idx, sel_valid, scores = sma_lib.select_top_k(phi_q, phi_k, cand_valid, mem.sma_top_k)
+                ring_order, n_ring = _valid_first(valid[S:])
+                per_head = jnp.concatenate([jnp.take(cand_src, idx),  # [B, H, k] then the window, for all heads
+                                            jnp.broadcast_to(ring_src[ring_order], (b, h, ring_src.shape[0]))],
+                                           axis=-1)
+                keys = sma_lib.gather_frames(pool_k, per_head)
+                vals = sma_lib.gather_frames(pool_v, per_head)
+                lengths = jnp.full((b,), (idx.shape[-1] + n_ring) * N, jnp.int32)
+                mask = None
+                if mem.sma_top_k > S:  # early chunks can have fewer valid candidates than picks: per-head mask
+                    ring_ok = jnp.arange(spec.window - S) < n_ring
+                    mask = jnp.concatenate([jnp.repeat(sel_valid, N, axis=-1),
+                                            jnp.broadcast_to(jnp.repeat(ring_ok, N), (b, h, (spec.window - S) * N))],
+                                           axis=-1)  # [B, H, Lk]
+                    lengths = None
+                return attention(q, keys, vals, kv_lengths=lengths, kv_mask=mask, impl=attention_impl,
+                                 precision=precision, kv_splits=kv_splits), idx, scores
+
+            def fast_sma(_):  # every slot valid: the candidates' descriptors were computed once for the chunk
+                idx, _, scores = sma_lib.select_top_k(phi_q, layer.cand_mean, cand_valid, mem.sma_top_k)
+                return fast(idx), idx, scores
+
+            if fast is None or layer.cand_mean is None:
+                out, idx, scores = gathered_sma(None)
+            else:
+                out, idx, scores = lax.cond(all_valid, fast_sma, gathered_sma, None)
+            if debug:
+                outs["sma_idx"], outs["sma_scores"] = idx, scores
             return out, outs
-        out = attention(q, keys, vals, kv_lengths=lengths, kv_mask=mask,
-                        impl=attention_impl, precision=precision, kv_splits=kv_splits)
+
+        def gathered(_):
+            # [sink, bank, window] with valid frames first, so attention needs only a key length (cuDNN)
+            pool_k, pool_v = pool()
+            keys = flat(jnp.take(pool_k, key_src, axis=1))
+            vals = flat(jnp.take(pool_v, key_src, axis=1))
+            lengths = jnp.full((b,), n_valid * N, jnp.int32)
+            return attention(q, keys, vals, kv_lengths=lengths, impl=attention_impl, precision=precision,
+                             kv_splits=kv_splits)
+
+        out = gathered(None) if fast is None else lax.cond(all_valid, fast, gathered, None)
         return out, outs
 
     attend.new_slot_frame = new_slot_frame  # type: ignore[attr-defined]

@@ -113,16 +113,28 @@ def in_place_segments(num_tokens: int, h: int, d: int, length: int, splits: int,
     return 0
 
 
-def attention_in_place(q: jnp.ndarray, k_all: jnp.ndarray, v_all: jnp.ndarray, starts: jnp.ndarray, length: int,
-                       segments: int) -> jnp.ndarray:
-    """cuDNN attention of each batch row's queries over ``length`` keys read in place from one big buffer.
+def merge_lse(outs: list[jnp.ndarray], lses: list[jnp.ndarray]) -> jnp.ndarray:
+    """Exact softmax attention from attentions over disjoint key sets given as lists: ``outs[i] [B, Lq, H, D]``,
+    ``lses[i] [B, Lq, H]``; ``o = sum_i exp(lse_i - lse) o_i`` with ``lse = logsumexp_i lse_i``. Returns float32
+    [B, Lq, H, D] (one elementwise fusion: no stacked copy of the parts)."""
+    lf = [x.astype(jnp.float32) for x in lses]
+    m = lf[0]
+    for x in lf[1:]:
+        m = jnp.maximum(m, x)
+    ws = [jnp.exp(x - m) for x in lf]
+    total = ws[0]
+    for w in ws[1:]:
+        total = total + w
+    out = outs[0].astype(jnp.float32) * (ws[0] / total)[..., None]
+    for o, w in zip(outs[1:], ws[1:]):
+        out = out + o.astype(jnp.float32) * (w / total)[..., None]
+    return out
 
-    q: [B, Lq, H, D]; k_all, v_all: [1, M, H, D] (e.g. a whole stacked KV cache, flattened: no copy);
-    starts: [B] int32 token offset of each row's keys in k_all (ascending); ``segments`` (>= 2, divides
-    ``length``): each row's keys run as that many packed segments (cuDNN's ragged offsets), each with its own copy
-    of the row's queries, merged by log-sum-exp (:func:`merge_partials`). Forward only.
-    Returns: [B, Lq, H, D] in q's dtype.
-    """
+
+def _in_place_parts(q: jnp.ndarray, k_all: jnp.ndarray, v_all: jnp.ndarray, starts: jnp.ndarray, length: int,
+                    segments: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The unmerged partial attentions of :func:`attention_in_place`: (out [B*s, Lq, H, D], lse [B*s, Lq, H]),
+    row ``b*s + j`` = segment j of batch row b."""
     from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa  # packed offsets are not in the public API
 
     b, lq, h, d = q.shape
@@ -138,7 +150,30 @@ def attention_in_place(q: jnp.ndarray, k_all: jnp.ndarray, v_all: jnp.ndarray, s
         qs, k_all, v_all, q_seqlen=q_len, kv_seqlen=kv_len, q_offsets=q_off, kv_offsets=kv_off,
         scale=1.0 / math.sqrt(d), mask_type=cudnn_fa.MaskType.PADDING, return_residual=True)
     lse = lse[:, :, :lq].transpose(0, 2, 1)  # [B*s, H, Lq] (segment j's rows first in its slice) -> [B*s, Lq, H]
-    return merge_partials(out.reshape(b * s, lq, h, d), lse, s).astype(q.dtype)
+    return out.reshape(b * s, lq, h, d), lse
+
+
+def attention_in_place(q: jnp.ndarray, k_all: jnp.ndarray, v_all: jnp.ndarray, starts: jnp.ndarray, length: int,
+                       segments: int, extra: tuple[jnp.ndarray, jnp.ndarray] | None = None) -> jnp.ndarray:
+    """cuDNN attention of each batch row's queries over ``length`` keys read in place from one big buffer.
+
+    q: [B, Lq, H, D]; k_all, v_all: [1, M, H, D] (e.g. a whole stacked KV cache, flattened: no copy);
+    starts: [B] int32 token offset of each row's keys in k_all (ascending); ``segments`` (>= 2, divides
+    ``length``): each row's keys run as that many packed segments (cuDNN's ragged offsets), each with its own copy
+    of the row's queries, merged by log-sum-exp. ``extra``: more keys of each row, (k, v) [B, Le, H, D] (SMA's
+    per-head frames), attended in one more call and merged the same way. Forward only.
+    Returns: [B, Lq, H, D] in q's dtype.
+    """
+    b, lq, h, d = q.shape
+    out, lse = _in_place_parts(q, k_all, v_all, starts, length, segments)
+    if extra is None:
+        return merge_partials(out, lse, segments).astype(q.dtype)
+    out = out.reshape(b, segments, lq, h, d)
+    lse = lse.reshape(b, segments, lq, h)
+    e_out, e_lse = _cudnn_attention_lse(q, *extra)
+    outs = [out[:, j] for j in range(segments)] + [e_out]
+    lses = [lse[:, j] for j in range(segments)] + [e_lse]
+    return merge_lse(outs, lses).astype(q.dtype)
 
 
 def xla_attention_lse(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,

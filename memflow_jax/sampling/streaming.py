@@ -19,6 +19,7 @@ import numpy as np
 from memflow_jax.config import Config, MemoryConfig, ModelConfig, SamplerConfig
 from memflow_jax.diffusion import scheduler as sch
 from memflow_jax.memory import nam as nam_lib
+from memflow_jax.memory import sma as sma_lib
 from memflow_jax.memory.attend import LayerMemory, make_attend_fn
 from memflow_jax.memory.cache import (CacheSpec, ForwardPlan, KVCache, commit, init_cache, kv_carry, kv_in_place,
                                       record_chunk, replace_bank)
@@ -49,7 +50,8 @@ def to_model_layout(x: jnp.ndarray) -> jnp.ndarray:
 
 def memory_forward(params: dit.Params, mcfg: ModelConfig, spec: CacheSpec, mem: MemoryConfig, cache: KVCache,
                    x: jnp.ndarray, t: float | jnp.ndarray, plan: ForwardPlan, text: PromptKV, update_cache: bool,
-                   bank: tuple | None = None, kv_splits: int = 1, in_place: bool = False, debug: bool = False):
+                   bank: tuple | None = None, kv_splits: int = 1, in_place: bool = False,
+                   cand_mean: jnp.ndarray | None = None, debug: bool = False):
     """One causal DiT forward over ``x [B, n, C, h, w]`` against the memory (sampler and training rollout).
 
     ``bank`` overrides the cache's bank (the denoising loop carries the bank NAM updated at step 0).
@@ -57,7 +59,8 @@ def memory_forward(params: dit.Params, mcfg: ModelConfig, spec: CacheSpec, mem: 
     ``attention_kv_splits``; differentiated training forwards keep 1). ``in_place`` (the sampler's chunk
     forwards; needs ``plan.q_bank=False``): the forward writes its frames into the cache before attending, also when
     it does not ``update_cache`` (the chunk's clean pass overwrites them), and attention reads the keys in place;
-    the written K/V come back in ``outputs["carry"]``.
+    the written K/V come back in ``outputs["carry"]``. ``cand_mean`` (in place with SMA, [L, B, S + K, H, D]): the
+    sink and bank slots' SMA descriptors, computed once per chunk (:func:`memory.sma.slot_descriptors`).
     A cache-writing forward (``update_cache``) writes its K/V frames into the cache in place, layer by layer
     (:func:`memory.cache.kv_carry`); the written K/V come back in ``outputs["carry"]``.
     Returns (flow [B, n, C, h, w], t [B, n], per-layer outputs of the memory attention,
@@ -77,7 +80,7 @@ def memory_forward(params: dit.Params, mcfg: ModelConfig, spec: CacheSpec, mem: 
         carry = dit.LayerCarry(*kv_carry(cache, attend.placement)) if update_cache else None
     k, v = (cache.k, cache.v) if carry is None else (None, None)  # None: read from the carry layer by layer
     layers = LayerMemory(k, v, bank_k, bank_v, bank_frame, cache.proto_k, cache.proto_v,
-                         text.k.astype(cache.k.dtype))
+                         text.k.astype(cache.k.dtype), cand_mean=cand_mean)
     tt = jnp.full((x.shape[0], n), t, jnp.float32)
     flow, outs = dit.chunk_forward(params, mcfg, to_model_layout(x), tt, plan.start, text.k, text.v, attend,
                                    layers, carry)
@@ -105,9 +108,10 @@ class ChunkSteps:
 
     # ------------------------------------------------------------------ one forward
     def _forward(self, params, cache: KVCache, x: jnp.ndarray, t: float | jnp.ndarray, plan: ForwardPlan,
-                 text: PromptKV, update_cache: bool, in_place: bool = False):
+                 text: PromptKV, update_cache: bool, in_place: bool = False, cand_mean=None):
         return memory_forward(params, self.mcfg, self.spec, self.mem, cache, x, t, plan, text, update_cache,
-                              kv_splits=self.scfg.attention_kv_splits, in_place=in_place, debug=self.debug)
+                              kv_splits=self.scfg.attention_kv_splits, in_place=in_place, cand_mean=cand_mean,
+                              debug=self.debug)
 
     # ------------------------------------------------------------------ chunk step (jitted)
     def _chunk_impl(self, params, state: StreamState, text: PromptKV, noise: jnp.ndarray,
@@ -129,16 +133,19 @@ class ChunkSteps:
             cache = replace_bank(cache, bk, bv, bf)
             if self.debug:  # as if recorded by step 0: [1, L, ...]
                 nam_dbg = {"nam_scores": scores[None], "nam_kept": kept[None]}
-        # in place (split-KV on): every forward writes its frames into their cache slots and attends there; not
-        # with SMA, whose per-head keys need a gather anyway (H100: in place 0.307 vs 0.301 s a chunk)
-        in_place = self.scfg.attention_kv_splits != 1 and not self.mem.sma
+        # in place (split-KV on): every forward writes its frames into their cache slots and attends there (with
+        # SMA only each head's top-k sink/bank frames are gathered; the window is read in place)
+        in_place = self.scfg.attention_kv_splits != 1
+        cand_mean = None
+        if in_place and self.mem.sma and self.spec.sink + self.spec.bank > 0:
+            cand_mean = sma_lib.slot_descriptors(cache.k, self.spec.sink, self.spec.window, jnp.dtype(self.mcfg.dtype))
 
         def body(carry, s):
             x, kv = carry
             plan = ForwardPlan(start=cs, q_bank=False, recompute=jnp.array(False),
                                zero_text_query=state.zero_query_next)
             c = cache.replace(k=kv[0], v=kv[1])
-            flow, tt, outs, _ = self._forward(params, c, x, ts[s], plan, text, False, in_place)
+            flow, tt, outs, _ = self._forward(params, c, x, ts[s], plan, text, False, in_place, cand_mean)
             x0 = sch.flow_to_x0(self.schedule, flow, x, tt)
             nxt = jnp.minimum(s + 1, nsteps - 1)
             renoised = sch.add_noise(self.schedule, x0, step_noise[jnp.minimum(s, nsteps - 2)],
@@ -158,7 +165,7 @@ class ChunkSteps:
             x_ctx = sch.add_noise(self.schedule, x0, ctx_noise, tctx)
         plan = ForwardPlan(start=cs, q_bank=False, recompute=jnp.array(False), zero_text_query=jnp.array(False))
         _, _, outs, (new_slots, placement) = self._forward(params, cache, x_ctx, self.scfg.context_noise, plan,
-                                                            text, True, in_place)
+                                                            text, True, in_place, cand_mean)
         cache = commit(cache, outs, new_slots, cs + f, placement)
         cache = record_chunk(cache, outs, cs, self.spec, self.mem.bank_record_rule)
         hist_slots = jnp.mod(cs + jnp.arange(f), self.spec.window)

@@ -23,6 +23,20 @@ def test_split_kv_merge_equals_full_attention(splits):
     np.testing.assert_allclose(np.asarray(split), np.asarray(full), rtol=1e-5, atol=1e-6)
 
 
+def test_merge_lse_of_unequal_parts_equals_full_attention():
+    """SMA's in-place path merges the window's segments with the gathered per-head frames: parts of any sizes."""
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(1), 3)
+    q = jax.random.normal(kq, (2, 5, 3, 8))
+    k = 3.0 * jax.random.normal(kk, (2, 12, 3, 8))
+    v = jax.random.normal(kv, (2, 12, 3, 8))
+    hi = jax.lax.Precision.HIGHEST
+    full = attn_lib.attention(q, k, v, impl="xla", precision=hi)
+    parts = [attn_lib.xla_attention_lse(q, k[:, a:z], v[:, a:z], precision=hi) for a, z in ((0, 2), (2, 9), (9, 12))]
+    merged = attn_lib.merge_lse([o for o, _ in parts], [lse for _, lse in parts])
+    assert merged.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(merged), np.asarray(full), rtol=1e-5, atol=1e-6)
+
+
 def test_auto_kv_splits_wave_model():
     # cost(s) = ceil(tiles * s / SMs) / s with tiles = B * H * ceil(Lq / 128); a split needs a 5 % predicted gain
     def cost(tiles, s, sms):

@@ -115,6 +115,15 @@ def test_sma_select_sorted_valid_first_and_gather():
     assert np.asarray(sv).sum(axis=-1).tolist() == [[1, 1, 1], [1, 1, 1]]
 
 
+def test_slot_descriptors_are_the_candidates_means():
+    """The per-chunk SMA descriptors of a stacked cache [L, B, W + K, N, H, D]: sink slots then bank slots."""
+    k = jnp.asarray(np.random.default_rng(3).normal(size=(2, 1, 7, 4, 3, 8)), jnp.float32)  # W = 5, K = 2, S = 2
+    got = sma.slot_descriptors(k, 2, 5, jnp.bfloat16)
+    chex.assert_shape(got, (2, 1, 4, 3, 8))
+    want = np.asarray(k.astype(jnp.bfloat16).astype(jnp.float32))[:, :, [0, 1, 5, 6]].mean(3)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)
+
+
 def test_window_holds_sink_plus_last_frames_over_a_long_run():
     spec = _spec()
     slot_frame = init_cache(spec).slot_frame

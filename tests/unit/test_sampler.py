@@ -168,7 +168,7 @@ def test_in_place_cache_write_equals_stacked_commit(params):
     assert not np.allclose(np.asarray(got.k), np.asarray(cache.k))  # the chunk's frames did land
 
 
-@pytest.mark.parametrize("mode", ["nam", "sink", "none"])
+@pytest.mark.parametrize("mode", ["nam", "nam+sma", "sink", "none"])
 def test_in_place_chunk_forwards_equal_generic_path(params, mode):
     """``attention_kv_splits != 1``: the chunk's forwards write their frames into the cache and attend there
     (``in_place``); with ``1`` they gather keys from [cache | bank | new frames]. Same videos and caches, across a
@@ -183,18 +183,37 @@ def test_in_place_chunk_forwards_equal_generic_path(params, mode):
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="split-KV runs on the cuDNN path (GPU)")
-@pytest.mark.parametrize("mode", ["nam", "sink"])
+@pytest.mark.parametrize("mode", ["nam", "nam+sma", "sink"])
 def test_split_kv_attention_matches_one_call_on_gpu(mode):
     """bf16 on cuDNN: the sampler with ``attention_kv_splits`` = 2 or 3 / auto gives the one-call result (up to
     bf16)."""
     mcfg = dataclasses.replace(MODEL, dim=128, num_heads=2, ffn_dim=256, dtype="bfloat16", param_dtype="bfloat16")
     scfg = dataclasses.replace(SAMPLER, height=64, width=64)  # 8x8 latents -> 16 tokens per frame
     params = dit.init_params(mcfg, jax.random.PRNGKey(0))
-    mem = MODES[mode]  # key lengths: 11 (nam) / 9 (sink) frames of 16 tokens: divisible by the splits
+    # key lengths: 11 (nam) / 9 (sink) frames of 16 tokens: divisible by the splits; nam+sma: in place (any split
+    # but 1) reads the 6-frame window in segments and gathers each head's 2 sink/bank frames
+    mem = MODES[mode]
     outs = {}
-    for splits in (1, 2, 0) if mode == "nam" else (1, 3, 0):
+    for splits in (1, 2, 0) if mode.startswith("nam") else (1, 3, 0):
         s = StreamingSampler(params, mcfg, mem, dataclasses.replace(scfg, attention_kv_splits=splits))
         lat = [x0 for _, x0, _ in s.stream(_contexts(2), [9], 18, rng=jax.random.PRNGKey(3))]
         outs[splits] = np.asarray(jnp.concatenate(lat, axis=1).astype(jnp.float32))
     for splits, lat in outs.items():
         np.testing.assert_allclose(lat, outs[1], rtol=0.05, atol=0.05, err_msg=f"kv_splits={splits}")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the in-place SMA path runs on cuDNN (GPU)")
+def test_in_place_sma_batch_rows_on_gpu():
+    """bf16 on cuDNN, batch 2: SMA's in-place path (window read in place, each row's per-head frames gathered from
+    the flattened cache) gives the gather path's result for every batch row."""
+    mcfg = dataclasses.replace(MODEL, dim=128, num_heads=2, ffn_dim=256, dtype="bfloat16", param_dtype="bfloat16")
+    scfg = dataclasses.replace(SAMPLER, height=64, width=64)
+    params = dit.init_params(mcfg, jax.random.PRNGKey(0))
+    outs = {}
+    for splits in (1, 0):
+        s = StreamingSampler(params, mcfg, MODES["nam+sma"], dataclasses.replace(scfg, attention_kv_splits=splits),
+                             batch_size=2)
+        lat = [x0 for _, x0, _ in s.stream(_contexts(2, batch=2), [15], 27, rng=jax.random.PRNGKey(5))]
+        outs[splits] = np.asarray(jnp.concatenate(lat, axis=1).astype(jnp.float32))
+    assert not np.allclose(outs[1][0], outs[1][1])  # the rows differ, so a mixed-up row would show
+    np.testing.assert_allclose(outs[0], outs[1], rtol=0.05, atol=0.05)
