@@ -139,6 +139,14 @@ def _trace(fn, trace_dir: str) -> list[tuple[str, str, float]]:
     return device_ops(files[-1])
 
 
+def fill_chunks(spec) -> int:
+    """Chunks after which every key slot is valid (the steady state): the window holds ``spec.window`` frames
+    after ceil(W / chunk) chunks; the bank's K-th frame is recorded by chunk (K-1) x record_interval."""
+    window = -(-spec.window // spec.chunk_frames)
+    bank = (spec.bank - 1) * spec.record_interval + 1 if spec.bank else 0
+    return max(window, bank)
+
+
 def vae_decoder(cfg: dict, chunks: int):
     """A warmed-up streaming VAE decode of ``chunks`` later chunks (``bench_sampler.vae_setup``)."""
     from memflow_jax.nn import vae as vae_lib
@@ -158,8 +166,8 @@ def vae_decoder(cfg: dict, chunks: int):
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", default="nam", choices=list(bench.MODES))
-    p.add_argument("--warmup", type=int, default=10,
-                   help="chunks before tracing (fill the window and bank: 7 chunks for the release memory)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="chunks before tracing (default: until the window and bank are full, from the config)")
     p.add_argument("--chunks", type=int, default=3, help="traced chunks")
     p.add_argument("--switch", action="store_true", help="also trace one prompt switch's re-cache")
     p.add_argument("--vae", action="store_true", help="also trace the streaming VAE decode of --chunks chunks")
@@ -177,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             box["state"] = s.chunk(box["state"], kv, noise, step_noise)[0]
         jax.block_until_ready(box["state"])
 
-    chunks(max(args.warmup, 1))
+    chunks(max(fill_chunks(s.spec) if args.warmup is None else args.warmup, 1))
     report: dict[str, Any] = {"mode": args.mode, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
                               "xla_flags": os.environ.get("XLA_FLAGS")}
     with tempfile.TemporaryDirectory() as d:

@@ -80,11 +80,12 @@ def split_kv_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, splits: i
 
 def merge_partials(out: jnp.ndarray, lse: jnp.ndarray, parts: int) -> jnp.ndarray:
     """Exact softmax attention from ``parts`` attentions over disjoint key sets: row ``b*parts + j`` of
-    ``out [B*parts, Lq, H, D]`` / ``lse [B*parts, Lq, H]`` is part j of batch b. ``o = sum_j softmax_j(lse_j) o_j``.
+    ``out [B*parts, Lq, H, D]`` / ``lse [B*parts, Lq, H]`` is part j of batch b (:func:`merge_lse` of the parts).
     Returns [B, Lq, H, D] float32."""
     n, lq, h, d = out.shape
-    w = jax.nn.softmax(lse.astype(jnp.float32).reshape(n // parts, parts, lq, h), axis=1)  # [B, s, Lq, H]
-    return jnp.sum(out.reshape(n // parts, parts, lq, h, d).astype(jnp.float32) * w[..., None], axis=1)
+    o = out.reshape(n // parts, parts, lq, h, d)
+    w = lse.reshape(n // parts, parts, lq, h)
+    return merge_lse([o[:, j] for j in range(parts)], [w[:, j] for j in range(parts)])
 
 
 def _cudnn_attention_lse(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -166,13 +167,13 @@ def attention_in_place(q: jnp.ndarray, k_all: jnp.ndarray, v_all: jnp.ndarray, s
     """
     b, lq, h, d = q.shape
     out, lse = _in_place_parts(q, k_all, v_all, starts, length, segments)
-    if extra is None:
-        return merge_partials(out, lse, segments).astype(q.dtype)
     out = out.reshape(b, segments, lq, h, d)
     lse = lse.reshape(b, segments, lq, h)
-    e_out, e_lse = _cudnn_attention_lse(q, *extra)
-    outs = [out[:, j] for j in range(segments)] + [e_out]
-    lses = [lse[:, j] for j in range(segments)] + [e_lse]
+    outs = [out[:, j] for j in range(segments)]
+    lses = [lse[:, j] for j in range(segments)]
+    if extra is not None:
+        e_out, e_lse = _cudnn_attention_lse(q, *extra)
+        outs, lses = outs + [e_out], lses + [e_lse]
     return merge_lse(outs, lses).astype(q.dtype)
 
 

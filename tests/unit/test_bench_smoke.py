@@ -172,6 +172,26 @@ def test_profile_chunk_tiny(tmp_path, capsys):
     assert "## per chunk" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("record_interval", [1, 3])
+def test_profile_warmup_fills_window_and_bank(record_interval):
+    """``profile_chunk.fill_chunks``: after that many chunks every window slot and bank slot is valid, one chunk
+    fewer leaves a slot empty (the profile would trace the warm-up path)."""
+    cfg = bench_sampler.build_configs(tiny=True)
+    cfg["memory"] = dataclasses.replace(cfg["memory"], record_interval=record_interval)
+    s, _, texts, noise, step_noise = bench_sampler.mode_setup("nam", bench_sampler.init_dit(cfg["model"], 0), cfg, 1)
+    kv = s.prompt_kv(texts[0])
+    state = s.init_state()
+    n = profile_chunk.fill_chunks(s.spec)
+
+    def full(st):
+        return bool(jnp.all(st.cache.slot_frame >= 0)) and int(st.cache.bank_pointer) >= s.spec.bank
+
+    for i in range(n):
+        assert not full(state), f"full after {i} chunks, fill_chunks says {n}"
+        state = s.chunk(state, kv, noise, step_noise)[0]
+    assert full(state)
+
+
 def test_profile_op_kinds():
     """Kernel names as an H100 trace shows them (benchmarks/results/h100_profile_nam.json)."""
     kind = profile_chunk.op_kind
