@@ -121,6 +121,7 @@ class TrainConfig:
     vae_clip_frames: int = 17  # video frames per training window: 1 + k * (the VAE's time stride)
     vae_kl_weight: float = 1e-6  # loss = L1 + MSE (pixel means) + vae_kl_weight * KL (nats per latent element)
     vae_freeze_encoder: bool = False  # train the decoder only (keeps latents a trained DiT already models valid)
+    vae_chroma_weight: float = 0.0  # reconstruction weight 1 + this * chroma(target) per pixel (losses.vae_loss)
 
     @property
     def min_step(self) -> int:
@@ -180,6 +181,8 @@ class TrainConfig:
                               f"{self.recipe!r}); set it to 0")
         if self.vae_kl_weight < 0:
             raise ConfigError(f"train.vae_kl_weight={self.vae_kl_weight} must be >= 0")
+        if self.vae_chroma_weight < 0:
+            raise ConfigError(f"train.vae_chroma_weight={self.vae_chroma_weight} must be >= 0")
         if self.vae_clip_frames < 1:
             raise ConfigError(f"train.vae_clip_frames={self.vae_clip_frames} must be >= 1")
         if self.recipe == "vae" and self.lora_enabled:

@@ -369,6 +369,7 @@ def load_vae_host(path: str, vae_cfg: Any, what: str = "VAE checkpoint") -> Para
         raise ValueError(f"{what}: no path given")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what}: {path} does not exist")
+    path = os.path.abspath(path)  # Orbax restores from absolute paths only
     abstract = vae_lib.abstract_params(vae_cfg)
     if os.path.isfile(path):
         if path.endswith((".pth", ".pt")):
@@ -1012,7 +1013,8 @@ class Trainer:
                 mu, logvar = vae_lib.encode_moments(params, vcfg, x, remat=remat)  # [B, T', z, h, w] each
                 z, logvar = losses.gaussian_sample(mu, logvar, rng)
                 recon = vae_lib.decode_clip(params, vcfg, z, normalized=False, remat=remat)  # [B, T, 3, H, W]
-                return losses.vae_loss(target, self._pin(recon), mu, logvar, t.vae_kl_weight)
+                return losses.vae_loss(target, self._pin(recon), mu, logvar, t.vae_kl_weight,
+                                       t.vae_chroma_weight)
 
             (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(gen.params)
             return self._apply(gen, ema, grads, loop_step, dict(aux, vae_loss=loss), grad_metric="vae_grad_norm")
@@ -1295,6 +1297,11 @@ class Trainer:
     def close(self) -> None:
         self.close_logs()
         self.ckpt.close()
+        # stop grain's worker processes now: left to interpreter exit, a restored (set_state) multiprocess
+        # iterator's finalizer meets its already-closed queues and prints "OSError: handle is closed"
+        close_iter = getattr(getattr(self, "data_iter", None), "close", None)
+        if close_iter is not None:
+            close_iter()
 
 
 def init_distributed() -> bool:

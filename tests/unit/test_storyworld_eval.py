@@ -138,4 +138,9 @@ def test_tiny_end_to_end_json(tmp_path):
     gt = rep["ground_truth"]
     assert gt["adherence"] > 0.95 and gt["consistency_pass_rate"] == 1.0
     assert "| ground truth |" in rep["table"] and all(f"| {m} |" in rep["table"] for m in modes)
+    # the codec's ceiling (ground truth encoded + decoded by the VAE) is scored like a generated video
+    codec = rep["ground_truth_through_vae"]
+    assert set(codec) == set(metric_keys) and 0.0 <= codec["adherence"] <= 1.0
+    assert len(rep["ground_truth_through_vae_per_script"]) == setup["num_scripts"]
+    assert "| ground truth through the VAE |" in rep["table"]
     assert {(c["mode"], c["baseline"]) for c in rep["comparisons"]} == {("nam", "none")}

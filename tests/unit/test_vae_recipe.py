@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import chex
 import jax
@@ -99,6 +101,28 @@ def test_vae_loss_terms() -> None:
     z, lv = losses.gaussian_sample(jnp.asarray(mu), jnp.full_like(mu, -1e4), jax.random.key(0))
     assert float(lv.min()) == losses.LOGVAR_RANGE[0]  # clamped
     np.testing.assert_allclose(np.asarray(z), mu, atol=1e-6)  # variance exp(-30): the mean
+
+
+def test_vae_loss_chroma_weight() -> None:
+    """w = 1 + chroma_weight * (max - min) / 2 over RGB weights every pixel's L1 and squared error."""
+    rng = np.random.default_rng(1)
+    target = rng.uniform(-1, 1, (2, 5, 3, 4, 4)).astype(np.float32)
+    target[:, :, :, :2] = target[:, :, :1, :2]  # grey pixels (chroma 0) in the top half
+    recon = target + 0.1 * rng.standard_normal(target.shape).astype(np.float32)
+    mu = rng.standard_normal((2, 3, Z, 2, 2)).astype(np.float32)
+    logvar = rng.standard_normal((2, 3, Z, 2, 2)).astype(np.float32)
+    c = (target.max(axis=2, keepdims=True) - target.min(axis=2, keepdims=True)) / 2
+    assert c[:, :, :, :2].max() == 0.0 and c.max() > 0.5
+    np.testing.assert_allclose(np.asarray(losses.chroma(jnp.asarray(target))), c, rtol=1e-6)
+    loss, aux = losses.vae_loss(target, recon, mu, logvar, kl_weight=0.5, chroma_weight=3.0)
+    d, w = recon - target, 1 + 3.0 * c
+    kl = np.mean(0.5 * (mu ** 2 + np.exp(logvar) - 1 - logvar))
+    np.testing.assert_allclose(float(loss), np.mean(w * np.abs(d)) + np.mean(w * d * d) + 0.5 * kl, rtol=1e-5)
+    np.testing.assert_allclose(float(aux["l1"]), np.abs(d).mean(), rtol=1e-5)  # reported unweighted
+    plain, _ = losses.vae_loss(target, recon, mu, logvar, kl_weight=0.5)
+    assert float(loss) > float(plain)
+    with pytest.raises(ValueError, match="RGB on axis -3"):
+        losses.vae_loss(target[:, :, :2], recon[:, :, :2], mu, logvar, kl_weight=0.5, chroma_weight=1.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,11 +246,14 @@ def test_vae_recipe_rejects_bad_clip_length_and_resolution(vae_run, tmp_path) ->
         tr.Trainer(cfg_lib.load(TINY_VAE, base + ["sampler.height=32", "sampler.width=32"]), str(tmp_path / "b"))
 
 
-def test_vae_ckpt_from_run_dir_and_converted_dir_are_identical(vae_run, tmp_path) -> None:
+def test_vae_ckpt_from_run_dir_and_converted_dir_are_identical(vae_run, tmp_path, monkeypatch) -> None:
     vcfg = vae_run["cfg"].vae
     from_run = tr.load_vae_host(vae_run["run"], vcfg)
     _tree_close(from_run, vae_run["ema"])  # EMA params when the run saved them
     _tree_close(tr.load_vae_host(os.path.join(vae_run["run"], "checkpoints"), vcfg), from_run)
+    with monkeypatch.context() as m:  # a path relative to the working directory (Orbax wants absolute ones)
+        m.chdir(os.path.dirname(vae_run["run"]))
+        _tree_close(tr.load_vae_host(os.path.basename(vae_run["run"]), vcfg), from_run)
     conv = save_converted(str(tmp_path / "conv"), {"vae": from_run}, vae_run["cfg"].to_dict())
     _tree_close(tr.load_vae_host(conv, vcfg), from_run)
     # run.vae_ckpt initialises the vae recipe from either
@@ -243,3 +270,17 @@ def test_vae_ckpt_from_run_dir_and_converted_dir_are_identical(vae_run, tmp_path
         tr.load_vae_host(vae_run["run"], wrong)
     with pytest.raises(FileNotFoundError, match="neither a converted checkpoint"):
         tr.load_vae_host(str(tmp_path), vcfg)
+
+
+@pytest.mark.slow
+def test_resumed_run_with_worker_processes_exits_cleanly(vae_run, tmp_path) -> None:
+    """train.py with grain worker processes, resumed to a later step: no traceback at exit (Trainer.close stops
+    the restored iterator's workers before the interpreter's finalizers close their queues)."""
+    args = [sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY_VAE, "--run-dir", str(tmp_path / "run"),
+            f"train.video_data_path={vae_run['data']}", "train.save_interval=2", "train.batch_size=2",
+            "train.data_workers=2", "run.tensorboard=false", "run.progress=false"]
+    for steps in (2, 4):
+        r = subprocess.run(args + [f"train.max_iters={steps}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "resumed from" in r.stdout + r.stderr
