@@ -5,7 +5,8 @@ seed: generate the video from the script's prompts (prompt switches on chunk bou
 against the script's ground truth (``memflow_jax.storyworld.metrics``): prompt adherence per segment,
 re-appearance consistency of the hidden attribute (hue / pattern) and temporal smoothness; plus the generation
 speed. The ground truth is scored twice more: as rendered (the metrics' own ceiling, ~1) and encoded + decoded by
-the checkpoint's VAE (``codec_roundtrip``: the ceiling of every mode with this codec). The DiT / VAE / text params are loaded once; only the sampler's memory config changes between modes.
+the checkpoint's VAE (``codec_roundtrip``: the ceiling of every mode with this codec). The DiT / VAE / text
+params are loaded once; only the sampler's memory config changes between modes.
 
     python benchmarks/storyworld_eval.py --ckpt memflow_jax/assets/storyworld --num-scripts 8 --seeds 0,1,2 \
         --modes none,sink,nam,nam+sma --json outputs/storyworld_eval.json
