@@ -303,14 +303,11 @@ def codec_roundtrip(comp, video: np.ndarray) -> np.ndarray:
     """The ground truth ``[T, H, W, 3]`` uint8 encoded and decoded by the components' VAE (the streaming decode
     the pipeline uses): what a generator that made the ground truth's latents exactly would show. Its metrics
     bound every memory mode's from above (for this codec)."""
-    import jax.numpy as jnp
-
     from memflow_jax.io.video import pixels_to_uint8
     from memflow_jax.nn import vae as vae_nn
 
     vcfg = comp.cfg.vae
-    x = jnp.asarray(video, jnp.float32).transpose(3, 0, 1, 2)[None] / 127.5 - 1.0  # [1, 3, T, H, W]
-    z = vae_nn.encode(comp.vae_params, vcfg, x)  # [1, T', z, h, w] normalised
+    z = vae_nn.encode(comp.vae_params, vcfg, vae_nn.video_to_input(video[None]))  # [1, T', z, h, w] normalised
     pix = vae_nn.decode(comp.vae_params, vcfg, z)  # [1, T, 3, H, W] in [-1, 1]
     return pixels_to_uint8(np.asarray(pix[0]))
 

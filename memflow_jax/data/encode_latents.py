@@ -127,7 +127,6 @@ def _format_floats(values: Sequence[float]) -> str:
 def make_encoder(params: Any, vae_cfg: Any) -> Callable[[np.ndarray], np.ndarray]:
     """``fn(uint8 video [B, T, H, W, 3]) -> raw mu [B, T', z, h, w]`` float32 (one compile per batch shape)."""
     import jax
-    import jax.numpy as jnp
 
     from memflow_jax.nn import vae as vae_lib
 
@@ -135,8 +134,7 @@ def make_encoder(params: Any, vae_cfg: Any) -> Callable[[np.ndarray], np.ndarray
 
     @jax.jit
     def enc(p, video):
-        x = jnp.transpose(video, (0, 4, 1, 2, 3)).astype(jnp.float32) / 127.5 - 1.0  # [B, 3, T, H, W] in [-1, 1]
-        return vae_lib.encode(p, vae_cfg, x, normalize=False)  # [B, T', z, h, w]
+        return vae_lib.encode(p, vae_cfg, vae_lib.video_to_input(video), normalize=False)  # [B, T', z, h, w]
 
     return lambda video: np.asarray(enc(params, video), np.float32)
 

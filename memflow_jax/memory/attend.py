@@ -36,6 +36,9 @@ from memflow_jax.nn.attention import (attention, attention_in_place, auto_kv_spl
                                       resolve_impl)
 
 
+SMA_AUTO_SEGMENTS = 2  # window segments of SMA's in-place path under attention_kv_splits=0 (measured best, H100)
+
+
 @flax.struct.dataclass
 class LayerMemory:
     """Per-layer slices handed to ``attend_fn`` through the layer scan (leading [L] axis when stacked)."""
@@ -144,11 +147,12 @@ def make_attend_fn(spec: CacheSpec, mem: MemoryConfig, plan: ForwardPlan, n: int
                         return attention_in_place(q, buf_k.reshape(1, -1, h, d), buf_v.reshape(1, -1, h, d),
                                                   starts, length, segments)
             elif S + K > 0:
-                # SMA: the window is shared by every head and read in place (2 segments: H100, 0.296 s a chunk
-                # against 0.303 with 3 segments of the top-k part's size); only each head's top-k frames are
-                # gathered, attended in one more call and merged by log-sum-exp
+                # SMA: the window is shared by every head and read in place (sampler.attention_kv_splits segments;
+                # auto: 2, H100 0.296 s a chunk against 0.303 with 3 of the top-k part's size); only each head's
+                # top-k frames are gathered, attended in one more call and merged by log-sum-exp
                 length = (W - S) * N
-                segments = in_place_segments(nl * nb * slots * N, h, d, length, 2)
+                segments = in_place_segments(nl * nb * slots * N, h, d, length,
+                                             SMA_AUTO_SEGMENTS if kv_splits == 0 else kv_splits)
                 if segments and cudnn:
                     starts = ((layer.index * nb + jnp.arange(nb, dtype=jnp.int32)) * slots + S) * N
 

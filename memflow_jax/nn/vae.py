@@ -634,6 +634,11 @@ def _encode_mu(params: dict, cfg: VAEConfig, video: Array) -> Array:
 _encode_mu_jit = jax.jit(_encode_mu, static_argnums=1)
 
 
+def video_to_input(video: Array) -> Array:
+    """uint8 video ``[B, T, H, W, 3]`` -> the VAE's input ``[B, 3, T, H, W]`` float32 in [-1, 1] (traceable)."""
+    return jnp.transpose(video, (0, 4, 1, 2, 3)).astype(jnp.float32) / 127.5 - 1.0
+
+
 def encode(params: dict, cfg: VAEConfig, video: Array, normalize: bool = True) -> Array:
     """Video ``[B, 3, T, H, W]`` in [-1, 1] -> latents ``[B, 1 + (T-1)/4, z, H/8, W/8]`` (compiled inside).
 

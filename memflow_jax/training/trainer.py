@@ -1004,7 +1004,7 @@ class Trainer:
 
         def step(gen: TrainState, ema, gen_base, batch, rng, loop_step):
             video = self._pin(batch["video"])  # [B, T, H, W, 3] uint8
-            x = jnp.transpose(video, (0, 4, 1, 2, 3)).astype(jnp.float32) / 127.5 - 1.0  # [B, 3, T, H, W]
+            x = vae_lib.video_to_input(video)  # [B, 3, T, H, W]
             target = jnp.transpose(x, (0, 2, 1, 3, 4))  # [B, T, 3, H, W]
 
             def loss_fn(params):

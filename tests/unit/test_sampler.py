@@ -191,10 +191,10 @@ def test_split_kv_attention_matches_one_call_on_gpu(mode):
     scfg = dataclasses.replace(SAMPLER, height=64, width=64)  # 8x8 latents -> 16 tokens per frame
     params = dit.init_params(mcfg, jax.random.PRNGKey(0))
     # key lengths: 11 (nam) / 9 (sink) frames of 16 tokens: divisible by the splits; nam+sma: in place (any split
-    # but 1) reads the 6-frame window in segments and gathers each head's 2 sink/bank frames
+    # but 1) reads the 6-frame window in that many segments (auto: 2) and gathers each head's 2 sink/bank frames
     mem = MODES[mode]
     outs = {}
-    for splits in (1, 2, 0) if mode.startswith("nam") else (1, 3, 0):
+    for splits in {"nam": (1, 2, 0), "nam+sma": (1, 2, 4, 0), "sink": (1, 3, 0)}[mode]:
         s = StreamingSampler(params, mcfg, mem, dataclasses.replace(scfg, attention_kv_splits=splits))
         lat = [x0 for _, x0, _ in s.stream(_contexts(2), [9], 18, rng=jax.random.PRNGKey(3))]
         outs[splits] = np.asarray(jnp.concatenate(lat, axis=1).astype(jnp.float32))

@@ -149,6 +149,16 @@ def test_cache_dtype_and_shapes() -> None:
     assert not c32.started and int(c32.num_latents) == 0
 
 
+def test_video_to_input_layout_and_range() -> None:
+    video = np.random.default_rng(0).integers(0, 256, (2, 5, 4, 6, 3), dtype=np.uint8)  # [B, T, H, W, 3]
+    video[0, 0, 0, 0] = (0, 128, 255)
+    x = vae.video_to_input(video)
+    chex.assert_shape(x, (2, 3, 5, 4, 6))
+    chex.assert_type(x, jnp.float32)
+    np.testing.assert_allclose(np.asarray(x[0, :, 0, 0, 0]), [-1.0, 128 / 127.5 - 1.0, 1.0], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(x), np.transpose(video, (0, 4, 1, 2, 3)) / 127.5 - 1.0, atol=1e-6)
+
+
 def test_encode_shapes_and_causal_first_frame(params) -> None:
     """Latent shape; normalised == (mu - mean) / std; frame 0 is encoded alone (chunk [0])."""
     video = jax.random.uniform(jax.random.PRNGKey(2), (B, 3, 1 + T_STRIDE, 8, 12), jnp.float32, -1, 1)
