@@ -41,7 +41,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from memflow_jax.config import MemoryConfig, ModelConfig, SamplerConfig, VAEConfig  # noqa: E402
-from memflow_jax.memory.cache import CacheSpec  # noqa: E402
+from memflow_jax.memory.cache import CacheSpec, recache_dead_frames  # noqa: E402
 from memflow_jax.nn import dit  # noqa: E402
 from memflow_jax.sampling.streaming import StreamingSampler  # noqa: E402
 
@@ -109,10 +109,13 @@ def key_frames(spec: CacheSpec, mem: MemoryConfig) -> int:
     return sel + spec.window - spec.sink
 
 
-def chunk_flops(m: ModelConfig, spec: CacheSpec, mem: MemoryConfig, steps: int) -> dict[str, float]:
-    """FLOPs of one chunk (``steps`` denoising forwards + 1 clean-context pass) and of a prompt switch (prompt
-    K/V: text MLP 2·T·(text_dim·d + d²) + L·4·T·d² per row, re-cache forward over the W-frame history, chunk)."""
-    n, b, f, w = spec.tokens_per_frame, spec.batch, spec.chunk_frames, spec.window
+def chunk_flops(m: ModelConfig, spec: CacheSpec, mem: MemoryConfig, steps: int,
+                prune: bool = True) -> dict[str, float]:
+    """FLOPs of one chunk (``steps`` denoising forwards + 1 clean-context pass) and of a prompt switch past the
+    window (prompt K/V: text MLP 2·T·(text_dim·d + d²) + L·4·T·d² per row; re-cache forward over the W-frame
+    history less its dead frames unless ``prune`` is off, :func:`memory.cache.recache_dead_frames`; chunk)."""
+    n, b, f = spec.tokens_per_frame, spec.batch, spec.chunk_frames
+    w = spec.window - (recache_dead_frames(spec, spec.window + f, mem.sma) if prune else 0)  # re-cache frames
     lk = key_frames(spec, mem) * n
     chunk = (steps + 1) * forward_flops(m, b * f * n, lk, b * f)
     prompt = b * m.text_len * (2 * m.text_dim * m.dim + 2 * m.dim ** 2 + 4 * m.num_layers * m.dim ** 2)
@@ -193,7 +196,7 @@ def run_mode(name: str, params: dit.Params, cfg: dict, args: argparse.Namespace)
 
     def do_switch(st, text):  # what a prompt switch costs: new prompt K/V, re-cache, then the next chunk
         text_kv = s.prompt_kv(text)
-        st, _ = s.recache(st, text_kv)
+        st, _ = s.recache(st, text_kv, prune=args.recache_prune)
         return step(st, text_kv)[0]
 
     (state, _), compile_s = timed(step, state, kv)  # chunk 1: trace + compile + run
@@ -208,7 +211,7 @@ def run_mode(name: str, params: dit.Params, cfg: dict, args: argparse.Namespace)
         if args.long and (i + 2) % 100 == 0:
             log(f"{name}: chunk {i + 2}: {dt:.3f} s")
     mark_n = memory_stats()
-    while int(state.frame) < s.spec.window:  # switches re-encode a full window: one re-cache compile
+    while int(state.frame) <= s.spec.window:  # switches past the window: one re-cache program
         state, _ = step(state, kv)
     switch = []
     for j in range(max(2, args.switches)):  # alternate between the two prompts
@@ -216,7 +219,7 @@ def run_mode(name: str, params: dit.Params, cfg: dict, args: argparse.Namespace)
         switch.append(dt)
     retraces = s.trace_count - traces  # > 0: something in the state changed shape or dtype
     med = statistics.median(times)
-    fl = chunk_flops(m, s.spec, mem, len(s.timesteps))
+    fl = chunk_flops(m, s.spec, mem, len(s.timesteps), prune=args.recache_prune)
     sw = statistics.median(switch[1:])
     kf = key_frames(s.spec, mem)
     row = {"mode": name, "memory_config": dataclasses.asdict(mem), "key_frames": kf,
@@ -334,15 +337,15 @@ def format_report(rep: dict[str, Any]) -> str:
     rows = []
     for r in rep["rows"]:
         if "error" in r:
-            rows.append([r["mode"], f"error: {r['error']}"] + [""] * 12)
+            rows.append([r["mode"], f"error: {r['error']}"] + [""] * 13)
             continue
         rows.append([r["mode"], str(r["key_frames"]), _f(r["compile_s"], ".1f"), _f(r["chunk_s_median"]),
                      _f(r["chunk_s_min"]), _f(r["chunk_s_max"]), _f(r["dit_fps"], ".2f"),
                      _f(r["chunk_tflop"], ".1f"), _f(r["tflops"], ".0f"), _f(r["switch_s"]),
-                     _f(r["switch_compile_s"], ".1f"), _f(_gib(r["device_memory"]), ".2f"),
+                     _f(r["switch_s"] / r["chunk_s_median"], ".2f"), _f(r["switch_compile_s"], ".1f"), _f(_gib(r["device_memory"]), ".2f"),
                      _f(vae.get("chunk_s_median")), _f(r.get("e2e_fps"), ".2f")])
     out += _table(["mode", "key frames", "compile s", "s/chunk", "min", "max", "DiT FPS", "TFLOP/chunk", "TFLOP/s",
-                   "switch s", "switch compile s", "peak GiB", "VAE s/chunk", "e2e FPS"], rows) + [""]
+                   "switch s", "switch / chunk", "switch compile s", "peak GiB", "VAE s/chunk", "e2e FPS"], rows) + [""]
     if "chunk_s_median" in vae:
         out.append(f"VAE decode: {vae['frames_per_chunk']} frames of {vae['pixels'][0]}x{vae['pixels'][1]} per "
                    f"chunk, first chunk (with compile) {vae['first_chunk_s']:.1f} s, later-chunk compile "
@@ -370,6 +373,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-vae", action="store_true")
     p.add_argument("--vae-whole-chunk", action=argparse.BooleanOptionalAction, default=True,
                    help="later chunks decode their latent frames in one decoder call (default) or one step each")
+    p.add_argument("--recache-prune", action=argparse.BooleanOptionalAction, default=True,
+                   help="the re-cache leaves out the history frames nothing reads (exact; default) or runs all W")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--attention-impl", default="auto", choices=["auto", "xla", "cudnn"],
                    help="model.attention_impl (auto: cuDNN on GPU wherever no kv_mask is passed)")

@@ -154,6 +154,18 @@ def chunk_placement(plan: ForwardPlan, n: int, spec: CacheSpec) -> tuple[jnp.nda
     return slot_of(frames, spec), in_window | in_sink
 
 
+def recache_dead_frames(spec: CacheSpec, frame: int, sma: bool) -> int:
+    """Leading frames of a re-cache at ``frame`` (over the last ``min(W, frame)`` frames) that no one reads: older
+    than the window and not sink frames, they are not written (:func:`chunk_placement`) and, since keys come only
+    from cache slots, no query attends to them. Dropping them from the forward is exact — except under SMA, whose
+    query descriptor pools every query of the forward (then 0). Host-side (``frame`` a Python int)."""
+    n = min(spec.window, frame)
+    start = frame - n
+    if sma or start == 0:  # from frame 0 the sink frames are (re)written
+        return 0
+    return max(spec.sink, frame - spec.ring) - start
+
+
 def effective_slots(slot_frame: jnp.ndarray, plan: ForwardPlan, n: int, spec: CacheSpec,
                     placement: tuple[jnp.ndarray, jnp.ndarray] | None = None
                     ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:

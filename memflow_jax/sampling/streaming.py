@@ -22,7 +22,7 @@ from memflow_jax.memory import nam as nam_lib
 from memflow_jax.memory import sma as sma_lib
 from memflow_jax.memory.attend import LayerMemory, make_attend_fn
 from memflow_jax.memory.cache import (CacheSpec, ForwardPlan, KVCache, commit, init_cache, kv_carry, kv_in_place,
-                                      record_chunk, replace_bank)
+                                      recache_dead_frames, record_chunk, replace_bank)
 from memflow_jax.nn import dit
 
 
@@ -99,12 +99,12 @@ class ChunkSteps:
         self.traces = 0
         self.chunk = jax.jit(self._chunk_impl, donate_argnums=(1,))
         self.prompt_kv = jax.jit(lambda p, c: PromptKV(*dit.text_kv(p, self.mcfg, c)))
-        self.recache: dict[int, Callable] = {}
+        self.recache: dict[tuple[int, int], Callable] = {}
 
-    def recache_fn(self, n: int) -> Callable:
-        if n not in self.recache:
-            self.recache[n] = jax.jit(functools.partial(self._recache_impl, n), donate_argnums=(1,))
-        return self.recache[n]
+    def recache_fn(self, n: int, drop: int = 0) -> Callable:
+        if (n, drop) not in self.recache:
+            self.recache[n, drop] = jax.jit(functools.partial(self._recache_impl, n, drop), donate_argnums=(1,))
+        return self.recache[n, drop]
 
     # ------------------------------------------------------------------ one forward
     def _forward(self, params, cache: KVCache, x: jnp.ndarray, t: float | jnp.ndarray, plan: ForwardPlan,
@@ -176,11 +176,13 @@ class ChunkSteps:
         return new_state, x0, dbg
 
     # ------------------------------------------------------------------ re-cache at a prompt switch
-    def _recache_impl(self, n: int, params, state: StreamState, text: PromptKV):
+    def _recache_impl(self, n: int, drop: int, params, state: StreamState, text: PromptKV):
+        """Re-encode the last ``n`` frames with the new prompt, skipping the first ``drop`` (dead, see
+        :func:`memory.cache.recache_dead_frames`): one forward over ``n - drop`` frames."""
         cache = state.cache
         csf = state.frame
-        start = csf - n
-        frames = jnp.take(state.history, jnp.mod(start + jnp.arange(n), self.spec.window), axis=1)
+        start = csf - n + drop
+        frames = jnp.take(state.history, jnp.mod(start + jnp.arange(n - drop), self.spec.window), axis=1)
         zero = self.mem.nam_switch_query == "zeroed"
         plan = ForwardPlan(start=start, q_bank=jnp.array(True), recompute=start > 0,
                            zero_text_query=jnp.array(zero))
@@ -241,10 +243,13 @@ class StreamingSampler:
 
 
 
-    def recache(self, state: StreamState, text: PromptKV) -> tuple[StreamState, dict]:
-        """Re-encode the last min(W, frame) output frames with the new prompt (one forward)."""
-        n = int(min(self.spec.window, int(state.frame)))
-        return self.steps.recache_fn(n)(self.params, state, text)
+    def recache(self, state: StreamState, text: PromptKV, prune: bool = True) -> tuple[StreamState, dict]:
+        """Re-encode the last min(W, frame) output frames with the new prompt (one forward). ``prune``: leave out
+        the leading frames nothing reads (:func:`memory.cache.recache_dead_frames`; exact, none under SMA)."""
+        frame = int(state.frame)
+        n = min(self.spec.window, frame)
+        drop = recache_dead_frames(self.spec, frame, self.mem.sma) if prune else 0
+        return self.steps.recache_fn(n, drop)(self.params, state, text)
 
     def chunk(self, state: StreamState, text: PromptKV, noise: jnp.ndarray, step_noise: jnp.ndarray,
               ctx_noise: jnp.ndarray | None = None) -> tuple[StreamState, jnp.ndarray, dict]:

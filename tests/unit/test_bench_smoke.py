@@ -63,7 +63,8 @@ def test_flop_formula_matches_traced_matmuls(tiny, mode):
     text = jnp.zeros((1, m.text_len, m.text_dim))
     kv = s.prompt_kv(text)
     chunk = _dot_flops(jax.make_jaxpr(s.chunk)(s.init_state(), kv, noise, step_noise, noise).jaxpr)
-    full = s.init_state().replace(frame=jnp.array(s.spec.window, jnp.int32))  # switch re-encodes W frames
+    # a switch past the window re-encodes the W-frame history less its dead frames
+    full = s.init_state().replace(frame=jnp.array(s.spec.window + scfg.chunk_frames, jnp.int32))
     recache = _dot_flops(jax.make_jaxpr(lambda t: s.recache(full, t))(kv).jaxpr)
     prompt = _dot_flops(jax.make_jaxpr(s.prompt_kv)(text).jaxpr)
 
@@ -114,7 +115,8 @@ def test_tiny_run_report_and_table(tiny, tmp_path, capsys, monkeypatch):
     lines = out.splitlines()
     head = next(i for i, x in enumerate(lines) if x.startswith(TABLE_HEAD))
     assert lines[head + 2].startswith("| nam | ")
-    assert lines[head + 2].count("|") == lines[head].count("|") == 15
+    assert lines[head + 2].count("|") == lines[head].count("|") == 16
+    assert f"| {row['switch_s'] / row['chunk_s_median']:.2f} |" in lines[head + 2]  # the switch / chunk column
     assert "Flatness" not in out
     report["long"] = 3  # the --long table renders from the same row fields
     long_table = bench_sampler.format_report(report).split("Flatness")[1].splitlines()

@@ -12,7 +12,7 @@ import pytest
 from memflow_jax.config import MemoryConfig, ModelConfig, SamplerConfig
 from memflow_jax.nn import dit
 from memflow_jax.memory.attend import LayerMemory, make_attend_fn
-from memflow_jax.memory.cache import CacheSpec, ForwardPlan, commit, init_cache
+from memflow_jax.memory.cache import CacheSpec, ForwardPlan, commit, init_cache, recache_dead_frames
 from memflow_jax.sampling.streaming import (PromptKV, StreamingSampler, memory_forward, to_model_layout,
                                             validate_schedule)
 
@@ -180,6 +180,31 @@ def test_in_place_chunk_forwards_equal_generic_path(params, mode):
         runs[splits] = (jnp.concatenate(lat, axis=1), s.current_state.cache)
     np.testing.assert_allclose(np.asarray(runs[0][0]), np.asarray(runs[1][0]), rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_close(runs[0][1], runs[1][1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["nam", "sink", "nam+sma", "none"])
+def test_recache_prunes_only_dead_frames(params, mode):
+    """A switch past the window re-encodes W frames; the first S are neither written nor attended (keys come only
+    from cache slots), so the pruned re-cache (W - S frames) leaves the same cache. Under SMA the query mean pools
+    every frame: nothing is pruned."""
+    mem = MODES[mode]
+    s = StreamingSampler(params, MODEL, mem, SAMPLER, batch_size=1)
+    texts = [s.prompt_kv(c) for c in _contexts(2)]
+    state = s.init_state()
+    shape = (1, SAMPLER.chunk_frames, MODEL.in_dim, 4, 4)
+    for i in range(5):  # 15 frames > W = 9 (none: 6)
+        k1, k2 = jax.random.split(jax.random.PRNGKey(20 + i))
+        state, _, _ = s.chunk(state, texts[0], jax.random.normal(k1, shape),
+                              jax.random.normal(k2, (len(s.timesteps) - 1,) + shape))
+    want_drop = 0 if mode in ("nam+sma", "none") else mem.sink_size
+    assert recache_dead_frames(s.spec, int(state.frame), mem.sma) == want_drop
+    assert recache_dead_frames(s.spec, s.spec.window, mem.sma) == 0  # from frame 0 the sink is re-written
+    # the re-cache donates its state: each call gets its own copy
+    pruned, _ = s.recache(jax.tree_util.tree_map(jnp.array, state), texts[1])
+    full, _ = s.recache(jax.tree_util.tree_map(jnp.array, state), texts[1], prune=False)
+    assert (s.spec.window, want_drop) in s.steps.recache
+    chex.assert_trees_all_close(pruned, full, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(np.asarray(pruned.cache.k), np.asarray(state.cache.k))  # the window was re-encoded
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="split-KV runs on the cuDNN path (GPU)")
