@@ -342,7 +342,8 @@ def format_report(rep: dict[str, Any]) -> str:
         rows.append([r["mode"], str(r["key_frames"]), _f(r["compile_s"], ".1f"), _f(r["chunk_s_median"]),
                      _f(r["chunk_s_min"]), _f(r["chunk_s_max"]), _f(r["dit_fps"], ".2f"),
                      _f(r["chunk_tflop"], ".1f"), _f(r["tflops"], ".0f"), _f(r["switch_s"]),
-                     _f(r["switch_s"] / r["chunk_s_median"], ".2f"), _f(r["switch_compile_s"], ".1f"), _f(_gib(r["device_memory"]), ".2f"),
+                     _f(r["switch_s"] / r["chunk_s_median"], ".2f"), _f(r["switch_compile_s"], ".1f"),
+                     _f(_gib(r["device_memory"]), ".2f"),
                      _f(vae.get("chunk_s_median")), _f(r.get("e2e_fps"), ".2f")])
     out += _table(["mode", "key frames", "compile s", "s/chunk", "min", "max", "DiT FPS", "TFLOP/chunk", "TFLOP/s",
                    "switch s", "switch / chunk", "switch compile s", "peak GiB", "VAE s/chunk", "e2e FPS"], rows) + [""]

@@ -22,7 +22,7 @@ from memflow_jax.memory import nam as nam_lib
 from memflow_jax.memory import sma as sma_lib
 from memflow_jax.memory.attend import LayerMemory, make_attend_fn
 from memflow_jax.memory.cache import (CacheSpec, ForwardPlan, KVCache, commit, init_cache, kv_carry, kv_in_place,
-                                      recache_dead_frames, record_chunk, replace_bank)
+                                      recache_dead_frames, record_chunk)
 from memflow_jax.nn import dit
 
 
@@ -113,6 +113,17 @@ class ChunkSteps:
                               kv_splits=self.scfg.attention_kv_splits, in_place=in_place, cand_mean=cand_mean,
                               debug=self.debug)
 
+    def _nam(self, cache: KVCache, text: PromptKV, zero_query: jnp.ndarray) -> tuple[KVCache, dict]:
+        """The pending prototype enters the bank (NAM compresses once it is full), every layer, in place in the
+        cache's bank slots; returns the cache and, when debugging, the traces ``nam_scores``/``nam_kept`` [L, ...]."""
+        if not self.spec.bank:
+            return cache, {}
+        tq = nam_lib.text_query_for(text.k.astype(cache.k.dtype), zero_query)
+        k, v, bf, scores, kept = nam_lib.bank_update_layers(
+            cache.k, cache.v, cache.window, cache.bank_frame, cache.proto_k, cache.proto_v, cache.proto_frame,
+            cache.bank_pointer, tq, self.mem.nam_aggregate)
+        return cache.replace(k=k, v=v, bank_frame=bf), ({"nam_scores": scores, "nam_kept": kept} if self.debug else {})
+
     # ------------------------------------------------------------------ chunk step (jitted)
     def _chunk_impl(self, params, state: StreamState, text: PromptKV, noise: jnp.ndarray,
                     step_noise: jnp.ndarray, ctx_noise: jnp.ndarray):
@@ -124,15 +135,9 @@ class ChunkSteps:
         nsteps = len(self.timesteps)
         ts = jnp.asarray(self.timesteps)
         f = noise.shape[1]
-        nam_dbg = {}
-        if self.spec.bank:  # NAM (release: lazily at step 0) once, for every layer, before the forwards
-            tq = nam_lib.text_query_for(text.k.astype(cache.k.dtype), state.zero_query_next)
-            bk, bv, bf, scores, kept = nam_lib.bank_update_layers(
-                cache.bank_k, cache.bank_v, cache.bank_frame, cache.proto_k, cache.proto_v, cache.proto_frame,
-                cache.bank_pointer, tq, self.mem.nam_aggregate)
-            cache = replace_bank(cache, bk, bv, bf)
-            if self.debug:  # as if recorded by step 0: [1, L, ...]
-                nam_dbg = {"nam_scores": scores[None], "nam_kept": kept[None]}
+        # NAM (release: lazily at step 0) once, for every layer, before the forwards; traces as if of step 0
+        cache, nam_dbg = self._nam(cache, text, state.zero_query_next)
+        nam_dbg = {key: val[None] for key, val in nam_dbg.items()}  # [1, L, ...]
         # in place (split-KV on): every forward writes its frames into their cache slots and attends there (with
         # SMA only each head's top-k sink/bank frames are gathered; the window is read in place)
         in_place = self.scfg.attention_kv_splits != 1
@@ -184,12 +189,13 @@ class ChunkSteps:
         start = csf - n + drop
         frames = jnp.take(state.history, jnp.mod(start + jnp.arange(n - drop), self.spec.window), axis=1)
         zero = self.mem.nam_switch_query == "zeroed"
-        plan = ForwardPlan(start=start, q_bank=jnp.array(True), recompute=start > 0,
-                           zero_text_query=jnp.array(zero))
+        # the forward's q_bank update (prototype in / NAM) needs only the cache and the prompt: done first, in place
+        cache, nam_dbg = self._nam(cache, text, jnp.array(zero))
+        plan = ForwardPlan(start=start, q_bank=False, recompute=start > 0, zero_text_query=jnp.array(zero))
         _, _, outs, (new_slots, placement) = self._forward(params, cache, frames, self.scfg.context_noise, plan,
                                                             text, True)
         cache = commit(cache, outs, new_slots, csf, placement)
-        dbg = {k: v for k, v in outs.items() if k.startswith(("nam_", "sma_"))}
+        dbg = {**{k: v for k, v in outs.items() if k.startswith("sma_")}, **nam_dbg}
         return StreamState(cache, state.history, csf, jnp.array(zero)), dbg
 
 class StreamingSampler:

@@ -77,14 +77,19 @@ def test_bank_update_lazy_insert(pointer, expect):
 
 
 def test_bank_update_layers_equals_each_layer():
-    """The sampler's once-per-chunk NAM over stacked layers == bank_update layer by layer."""
+    """The sampler's once-per-chunk NAM over stacked layers, written into the cache's bank slots == bank_update
+    layer by layer; the window slots are untouched."""
     rng = np.random.default_rng(5)
-    L, b, kk, n, h, d, t = 2, 2, 3, 4, 2, 8, 5
-    bk, bv = (jnp.asarray(rng.normal(size=(L, b, kk, n, h, d)), jnp.float32) for _ in range(2))
+    L, b, kk, n, h, d, t, w = 2, 2, 3, 4, 2, 8, 5, 4
+    k, v = (jnp.asarray(rng.normal(size=(L, b, w + kk, n, h, d)), jnp.float32) for _ in range(2))
+    bk, bv = k[:, :, w:], v[:, :, w:]
     pk, pv = (jnp.asarray(rng.normal(size=(L, b, n, h, d)), jnp.float32) for _ in range(2))
     bf = jnp.broadcast_to(jnp.array([0, 3, 6]), (L, b, kk))
     tq = jnp.asarray(rng.normal(size=(L, b, t, h, d)), jnp.float32)
-    got = nam.bank_update_layers(bk, bv, bf, pk, pv, jnp.array(9), jnp.array(4), tq)
+    nk, nv, *got = jax.jit(nam.bank_update_layers, static_argnums=2)(k, v, w, bf, pk, pv, jnp.array(9),
+                                                                     jnp.array(4), tq)
+    chex.assert_trees_all_equal((nk[:, :, :w], nv[:, :, :w]), (k[:, :, :w], v[:, :, :w]))
+    got = (nk[:, :, w:], nv[:, :, w:], *got)
     for layer in range(L):
         want = nam.bank_update(bk[layer], bv[layer], bf[layer], pk[layer], pv[layer], jnp.array(9), jnp.array(4),
                                tq[layer])
