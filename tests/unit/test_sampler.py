@@ -191,7 +191,7 @@ def test_recache_prunes_only_dead_frames(params, mode):
     s = StreamingSampler(params, MODEL, mem, SAMPLER, batch_size=1)
     texts = [s.prompt_kv(c) for c in _contexts(2)]
     state = s.init_state()
-    shape = (1, SAMPLER.chunk_frames, MODEL.in_dim, 4, 4)
+    shape = (1, SAMPLER.chunk_frames, MODEL.in_dim, *SAMPLER.latent_hw)
     for i in range(5):  # 15 frames > W = 9 (none: 6)
         k1, k2 = jax.random.split(jax.random.PRNGKey(20 + i))
         state, _, _ = s.chunk(state, texts[0], jax.random.normal(k1, shape),
