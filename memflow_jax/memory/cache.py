@@ -201,20 +201,32 @@ def reference_slot_order(slot_frame: jnp.ndarray, spec: CacheSpec) -> jnp.ndarra
 
 
 def put_frames(buf: jnp.ndarray, frames: jnp.ndarray, placement: tuple[jnp.ndarray, jnp.ndarray],
-               layer: jnp.ndarray | None = None) -> jnp.ndarray:
+               layer: jnp.ndarray | None = None, contiguous: bool = False) -> jnp.ndarray:
     """Write a forward's frames into their window slots of ``buf [L, B, W + K, N, H, D]`` with
-    ``dynamic_update_slice``, one frame at a time (in place when ``buf`` is donated or scan-carried).
+    ``dynamic_update_slice`` (in place when ``buf`` is donated or scan-carried).
     ``frames``: ``[L, B, n, N, H, D]``, or ``[B, n, N, H, D]`` for the single layer ``layer``. ``placement`` =
-    (target slot [n], write flag [n])."""
+    (target slot [n], write flag [n]). One write per frame (a frame with its flag off keeps the slot's old
+    content), or with ``contiguous`` (the caller guarantees ``target = target[0] + arange(n)`` and every flag on,
+    see :func:`chunk_slots_contiguous`) one write of all n frames.
+    """
     target, write = placement
-    for j in range(frames.shape[-4]):  # static: n frames (a chunk, or the re-cache window)
-        if layer is None:
-            start, frame = (0, 0, target[j], 0, 0, 0), frames[:, :, j][:, :, None]
-        else:
-            start, frame = (layer, 0, target[j], 0, 0, 0), frames[:, j][None, :, None]
+    if layer is not None:
+        frames = frames[None]
+    lead = (0,) if layer is None else (layer,)
+    if contiguous:
+        return lax.dynamic_update_slice(buf, frames.astype(buf.dtype), lead + (0, target[0], 0, 0, 0))
+    for j in range(frames.shape[2]):  # static: n frames (a chunk, or the re-cache window)
+        start, frame = lead + (0, target[j], 0, 0, 0), frames[:, :, j][:, :, None]
         old = lax.dynamic_slice(buf, start, frame.shape)
         buf = lax.dynamic_update_slice(buf, jnp.where(write[j], frame.astype(buf.dtype), old), start)
     return buf
+
+
+def chunk_slots_contiguous(spec: CacheSpec, n: int) -> bool:
+    """Whether a forward over ``n`` frames starting at a multiple of ``n`` (a chunk of the sampler, not a re-cache)
+    always lands in ``n`` consecutive slots, every frame written: true when the sink and the ring are multiples of
+    ``n`` (the chunk never straddles the sink's end or the ring's wrap) and the chunk fits the ring. Static."""
+    return n <= spec.ring and spec.sink % n == 0 and spec.ring % n == 0
 
 
 def kv_carry(cache: KVCache, placement: tuple[jnp.ndarray, jnp.ndarray]):

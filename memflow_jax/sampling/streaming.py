@@ -51,7 +51,7 @@ def to_model_layout(x: jnp.ndarray) -> jnp.ndarray:
 def memory_forward(params: dit.Params, mcfg: ModelConfig, spec: CacheSpec, mem: MemoryConfig, cache: KVCache,
                    x: jnp.ndarray, t: float | jnp.ndarray, plan: ForwardPlan, text: PromptKV, update_cache: bool,
                    bank: tuple | None = None, kv_splits: int = 1, in_place: bool = False,
-                   cand_mean: jnp.ndarray | None = None, debug: bool = False):
+                   cand_mean: jnp.ndarray | None = None, chunk_aligned: bool = False, debug: bool = False):
     """One causal DiT forward over ``x [B, n, C, h, w]`` against the memory (sampler and training rollout).
 
     ``bank`` overrides the cache's bank (the denoising loop carries the bank NAM updated at step 0).
@@ -61,7 +61,8 @@ def memory_forward(params: dit.Params, mcfg: ModelConfig, spec: CacheSpec, mem: 
     it does not ``update_cache`` (the chunk's clean pass overwrites them), and attention reads the keys in place;
     the written K/V come back in ``outputs["carry"]``. ``cand_mean`` (in place with SMA, [L, B, S + K, H, D]): the
     sink and bank slots' SMA descriptors, computed once per chunk (:func:`memory.sma.slot_descriptors`).
-    A cache-writing forward (``update_cache``) writes its K/V frames into the cache in place, layer by layer
+    ``chunk_aligned``: ``plan.start`` is a multiple of the forward's frames and nothing is recomputed (see
+    :func:`memory.attend.make_attend_fn`). A cache-writing forward (``update_cache``) writes its K/V frames into the cache in place, layer by layer
     (:func:`memory.cache.kv_carry`); the written K/V come back in ``outputs["carry"]``.
     Returns (flow [B, n, C, h, w], t [B, n], per-layer outputs of the memory attention,
     (new slot map, placement) for :func:`memory.cache.commit`).
@@ -72,7 +73,8 @@ def memory_forward(params: dit.Params, mcfg: ModelConfig, spec: CacheSpec, mem: 
     attend = make_attend_fn(
         spec, mem, plan, n, slot_frame=cache.slot_frame, bank_pointer=cache.bank_pointer,
         proto_frame=cache.proto_frame, update_cache=update_cache, attention_impl=mcfg.attention_impl,
-        precision=dit.matmul_precision(mcfg), kv_splits=kv_splits, in_place=in_place, debug=debug)
+        precision=dit.matmul_precision(mcfg), kv_splits=kv_splits, in_place=in_place, chunk_aligned=chunk_aligned,
+        debug=debug)
     # a cache-writing forward carries the K/V through its layer scan and writes each layer's frames in place
     if in_place:
         carry = dit.LayerCarry(*kv_in_place(cache), ordered=False)
@@ -109,9 +111,12 @@ class ChunkSteps:
     # ------------------------------------------------------------------ one forward
     def _forward(self, params, cache: KVCache, x: jnp.ndarray, t: float | jnp.ndarray, plan: ForwardPlan,
                  text: PromptKV, update_cache: bool, in_place: bool = False, cand_mean=None):
+        # chunk forwards start at a multiple of the chunk (state.frame, see StreamingSampler.chunk) and recompute
+        # nothing
+        aligned = in_place and x.shape[1] == self.spec.chunk_frames
         return memory_forward(params, self.mcfg, self.spec, self.mem, cache, x, t, plan, text, update_cache,
                               kv_splits=self.scfg.attention_kv_splits, in_place=in_place, cand_mean=cand_mean,
-                              debug=self.debug)
+                              chunk_aligned=aligned, debug=self.debug)
 
     def _nam(self, cache: KVCache, text: PromptKV, zero_query: jnp.ndarray) -> tuple[KVCache, dict]:
         """The pending prototype enters the bank (NAM compresses once it is full), every layer, in place in the
@@ -247,8 +252,6 @@ class StreamingSampler:
                              "(batch, model.text_len, model.text_dim): check the text encoder / model config")
         return self.steps.prompt_kv(self.params, context)
 
-
-
     def recache(self, state: StreamState, text: PromptKV, prune: bool = True) -> tuple[StreamState, dict]:
         """Re-encode the last min(W, frame) output frames with the new prompt (one forward). ``prune``: leave out
         the leading frames nothing reads (:func:`memory.cache.recache_dead_frames`; exact, none under SMA)."""
@@ -259,6 +262,10 @@ class StreamingSampler:
 
     def chunk(self, state: StreamState, text: PromptKV, noise: jnp.ndarray, step_noise: jnp.ndarray,
               ctx_noise: jnp.ndarray | None = None) -> tuple[StreamState, jnp.ndarray, dict]:
+        if noise.shape[1] != self.spec.chunk_frames:  # chunks start at multiples of the chunk (cache slots rely on it)
+            raise ValueError(f"chunk noise has {noise.shape[1]} latent frames, the sampler makes chunks of "
+                             f"sampler.chunk_frames={self.spec.chunk_frames}: noise must be [B, "
+                             f"{self.spec.chunk_frames}, C, h, w]")
         if ctx_noise is None:
             ctx_noise = jnp.zeros_like(noise)
         return self.steps.chunk(self.params, state, text, noise, step_noise, ctx_noise)

@@ -11,8 +11,8 @@ import pytest
 
 from memflow_jax.config import MemoryConfig
 from memflow_jax.memory import nam, sma
-from memflow_jax.memory.cache import (CacheSpec, ForwardPlan, chunk_placement, effective_slots, init_cache,
-                                      reference_slot_order, slot_valid)
+from memflow_jax.memory.cache import (CacheSpec, ForwardPlan, chunk_placement, chunk_slots_contiguous,
+                                      effective_slots, init_cache, put_frames, reference_slot_order, slot_valid)
 
 
 def _spec(window=12, sink=3, bank=3, chunk=3, ri=1) -> CacheSpec:
@@ -150,6 +150,31 @@ def test_recompute_protects_the_sink_and_drops_old_frames():
     assert np.asarray(write).tolist() == [False] * 3 + [True] * 9
     target, write = chunk_placement(_plan(0), 6, spec)  # recache from frame 0: sink rewritten
     assert bool(jnp.all(write)) and np.asarray(target).tolist() == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("window,sink,chunk", [(12, 3, 3), (12, 0, 3), (9, 3, 3), (8, 2, 2), (10, 3, 3),
+                                                (12, 4, 3), (7, 0, 3)])
+def test_contiguous_chunk_writes_match_frame_by_frame(window, sink, chunk):
+    """Where :func:`chunk_slots_contiguous` holds, every chunk-aligned forward lands in consecutive slots with every
+    frame written, and the one-write path of :func:`put_frames` equals one write per frame; where it does not
+    (the ring or the sink not a multiple of the chunk), some chunk straddles a wrap."""
+    spec = _spec(window=window, sink=sink, chunk=chunk)
+    contiguous = chunk_slots_contiguous(spec, chunk)
+    assert contiguous == (sink % chunk == 0 and (window - sink) % chunk == 0)
+    buf = jax.random.normal(jax.random.PRNGKey(0), (2, 1, spec.slots, 4, 2, 8))
+    straddles = False
+    for start in range(0, 40 * chunk, chunk):
+        target, write = chunk_placement(_plan(start), chunk, spec)
+        t = np.asarray(target)
+        consecutive = bool(np.all(t == t[0] + np.arange(chunk))) and bool(np.all(np.asarray(write)))
+        straddles |= not consecutive
+        if contiguous:
+            assert consecutive, (start, t)
+            frames = jax.random.normal(jax.random.PRNGKey(start + 1), (1, chunk, 4, 2, 8))
+            layer = jnp.array(start % 2, jnp.int32)
+            np.testing.assert_array_equal(put_frames(buf, frames, (target, write), layer, contiguous=True),
+                                          put_frames(buf, frames, (target, write), layer))
+    assert straddles != contiguous
 
 
 def test_spec_from_config_modes_and_errors():

@@ -110,6 +110,9 @@ def test_bad_inputs(params):
         validate_schedule([3], 3, 12, 3)
     with pytest.raises(ValueError, match="multiple"):
         SamplerConfig(num_output_frames=10).validate()
+    short = jnp.zeros((1, SAMPLER.chunk_frames - 1, MODEL.in_dim, *SAMPLER.latent_hw))
+    with pytest.raises(ValueError, match="chunk_frames"):
+        s.chunk(s.init_state(), None, short, short[None])
 
 
 @pytest.mark.parametrize("query", ["zeroed", "new_prompt"])
