@@ -71,3 +71,29 @@ def test_in_place_segments_choice():
     assert seg(1000, 2, 8, 175, 2, backend="gpu") == 0  # none divides: gather path
     assert seg(1 << 24, 12, 128, 176, 2, backend="gpu") == 0  # int32 element offsets would overflow
     assert seg(1000, 2, 8, 176, 2, backend="cpu") == 0
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "lengths", "per_head"])
+def test_cpu_flash_path_equals_plain_path(mask_kind, monkeypatch):
+    """Long key sets on CPU run over key blocks with an online softmax; same result as the materialised logits,
+    with key lengths, per-head masks (SMA) and blocks that are wholly masked for some rows."""
+    kq, kk, kv, km = jax.random.split(jax.random.PRNGKey(2), 4)
+    q = jax.random.normal(kq, (2, 6, 3, 8))
+    k = 3.0 * jax.random.normal(kk, (2, 40, 3, 8))
+    v = jax.random.normal(kv, (2, 40, 3, 8))
+    hi = jax.lax.Precision.HIGHEST
+    kw = {}
+    if mask_kind == "lengths":
+        kw["kv_lengths"] = jnp.array([40, 13], jnp.int32)  # row 1: blocks 2-4 of 8 keys wholly masked
+    elif mask_kind == "per_head":
+        mask = jax.random.bernoulli(km, 0.5, (2, 3, 40)).at[:, :, 0].set(True)
+        kw["kv_mask"] = mask.at[1, 2, 8:].set(False)
+    monkeypatch.setattr(attn_lib, "_FLASH_MIN_KEYS", 1 << 30)
+    plain = attn_lib.attention(q, k, v, impl="xla", precision=hi, **kw)
+    monkeypatch.setattr(attn_lib, "_FLASH_MIN_KEYS", 16)
+    monkeypatch.setattr(attn_lib, "_FLASH_MIN_BLOCK", 8)
+    monkeypatch.setattr(attn_lib, "_FLASH_MAX_BLOCK", 8)
+    assert attn_lib._key_block(40) == (8 if jax.default_backend() == "cpu" else 0)
+    flash = attn_lib.attention(q, k, v, impl="xla", precision=hi, **kw)
+    assert flash.shape == plain.shape and flash.dtype == plain.dtype
+    np.testing.assert_allclose(np.asarray(flash), np.asarray(plain), rtol=1e-5, atol=1e-6)
