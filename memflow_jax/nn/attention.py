@@ -2,7 +2,8 @@
 
 Masks are given as valid lengths (``kv_lengths``: the first n keys of each batch row are valid) or, more generally,
 a boolean ``kv_mask``. On TPU the XLA path runs; a Pallas splash-attention kernel
-(``jax.experimental.pallas.ops.tpu.splash_attention``) would be added here as one more ``impl`` branch.
+(``jax.experimental.pallas.ops.tpu.splash_attention``) would be added here as one more ``impl`` branch. On CPU,
+long key sets run over key blocks with an online softmax (no [Lq, Lk] logits; ``_xla_flash_attention``).
 
 Split-KV (inference only, ``kv_splits``): a chunk's queries are few (3 frames x 12 heads = 444 cuDNN tiles of 128
 rows), so the flash kernel's last wave leaves most of an H100's 132 SMs idle. Splitting the keys into ``s`` equal
