@@ -78,7 +78,7 @@ def make_attend_fn(spec: CacheSpec, mem: MemoryConfig, plan: ForwardPlan, n: int
     ``outputs["kv_state"]``. Needs a bank that is only read (``plan.q_bank is False``). ``chunk_aligned``: the
     caller guarantees ``plan.start`` is a multiple of ``n`` and no recompute (the sampler's chunk forwards), so the
     in-place write is one ``dynamic_update_slice`` per K and V where the slots allow
-    (:func:`memory.cache.chunk_slots_contiguous`; H100: -4 ms a chunk against one write per frame).
+    (:func:`memory.cache.chunk_slots_contiguous`; H100: -2.5 ms a chunk against one write per frame).
     """
     if in_place and plan.q_bank is not False:
         raise ValueError("in-place attention needs a read-only bank (plan.q_bank=False): run NAM before the forward")

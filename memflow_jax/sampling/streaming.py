@@ -62,8 +62,9 @@ def memory_forward(params: dit.Params, mcfg: ModelConfig, spec: CacheSpec, mem: 
     the written K/V come back in ``outputs["carry"]``. ``cand_mean`` (in place with SMA, [L, B, S + K, H, D]): the
     sink and bank slots' SMA descriptors, computed once per chunk (:func:`memory.sma.slot_descriptors`).
     ``chunk_aligned``: ``plan.start`` is a multiple of the forward's frames and nothing is recomputed (see
-    :func:`memory.attend.make_attend_fn`). A cache-writing forward (``update_cache``) writes its K/V frames into the cache in place, layer by layer
-    (:func:`memory.cache.kv_carry`); the written K/V come back in ``outputs["carry"]``.
+    :func:`memory.attend.make_attend_fn`). A cache-writing forward (``update_cache``) writes its K/V frames into
+    the cache in place, layer by layer (:func:`memory.cache.kv_carry`); the written K/V come back in
+    ``outputs["carry"]``.
     Returns (flow [B, n, C, h, w], t [B, n], per-layer outputs of the memory attention,
     (new slot map, placement) for :func:`memory.cache.commit`).
     """
