@@ -291,7 +291,8 @@ def _xla_attention(q, k, v, mask, precision):
 
 def _xla_flash_attention(q, k, v, mask, precision, kb: int):
     """The XLA path over key blocks of ``kb`` with an online softmax (running max, sum and output rescaled per
-    block), so no [Lq, Lk] logits are materialised. Same inputs and result as :func:`_xla_attention`."""
+    block), so no [Lq, Lk] logits are materialised; wholly masked blocks are skipped. Same inputs and result as
+    :func:`_xla_attention`."""
     b, lq, h, d = q.shape
     lk = k.shape[1]
     nk = lk // kb
@@ -307,7 +308,7 @@ def _xla_flash_attention(q, k, v, mask, precision, kb: int):
         qt = qb.transpose(0, 2, 1, 3)  # [B, H, Lq', D]
         n = qt.shape[2]
 
-        def step(carry, blk):
+        def block(carry, blk):
             mx, den, acc = carry
             kk, vv, ok = blk
             s = jnp.einsum("bhqd,bhkd->bhqk", qt, kk, precision=precision,
@@ -320,7 +321,10 @@ def _xla_flash_attention(q, k, v, mask, precision, kb: int):
             den = den * corr + p.sum(-1)
             acc = acc * corr[..., None] + jnp.einsum("bhqk,bhkd->bhqd", p.astype(vv.dtype), vv,
                                                      precision=precision, preferred_element_type=jnp.float32)
-            return (new, den, acc), None
+            return new, den, acc
+
+        def step(carry, blk):  # a block with no valid key (the warm-up's empty slots) is skipped
+            return lax.cond(jnp.any(blk[2]), block, lambda c, _: c, carry, blk), None
 
         init = (jnp.full((b, h, n), -jnp.inf, jnp.float32), jnp.zeros((b, h, n), jnp.float32),
                 jnp.zeros((b, h, n, d), jnp.float32))

@@ -76,7 +76,7 @@ def test_in_place_segments_choice():
 @pytest.mark.parametrize("mask_kind", ["none", "lengths", "per_head"])
 def test_cpu_flash_path_equals_plain_path(mask_kind, monkeypatch):
     """Long key sets on CPU run over key blocks with an online softmax; same result as the materialised logits,
-    with key lengths, per-head masks (SMA) and blocks that are wholly masked for some rows."""
+    with key lengths, per-head masks (SMA), blocks wholly masked for some rows and blocks skipped for all."""
     kq, kk, kv, km = jax.random.split(jax.random.PRNGKey(2), 4)
     q = jax.random.normal(kq, (2, 6, 3, 8))
     k = 3.0 * jax.random.normal(kk, (2, 40, 3, 8))
@@ -84,7 +84,7 @@ def test_cpu_flash_path_equals_plain_path(mask_kind, monkeypatch):
     hi = jax.lax.Precision.HIGHEST
     kw = {}
     if mask_kind == "lengths":
-        kw["kv_lengths"] = jnp.array([40, 13], jnp.int32)  # row 1: blocks 2-4 of 8 keys wholly masked
+        kw["kv_lengths"] = jnp.array([30, 13], jnp.int32)  # row 1: blocks 2-4 of 8 keys masked; block 4: both
     elif mask_kind == "per_head":
         mask = jax.random.bernoulli(km, 0.5, (2, 3, 40)).at[:, :, 0].set(True)
         kw["kv_mask"] = mask.at[1, 2, 8:].set(False)
@@ -97,3 +97,23 @@ def test_cpu_flash_path_equals_plain_path(mask_kind, monkeypatch):
     flash = attn_lib.attention(q, k, v, impl="xla", precision=hi, **kw)
     assert flash.shape == plain.shape and flash.dtype == plain.dtype
     np.testing.assert_allclose(np.asarray(flash), np.asarray(plain), rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_flash_path_gradients_equal_plain_path(monkeypatch):
+    """The flash path is differentiable (training may run it on CPU) and its gradients match the plain path's."""
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(3), 3)
+    q, k, v = (jax.random.normal(key, (1, 4 if key is kq else 32, 2, 8)) for key in (kq, kk, kv))
+    lengths = jnp.array([20], jnp.int32)  # block 3 of 8 keys is skipped
+    hi = jax.lax.Precision.HIGHEST
+
+    def loss(q, k, v):
+        return jnp.sum(jnp.sin(attn_lib.attention(q, k, v, kv_lengths=lengths, impl="xla", precision=hi)))
+
+    monkeypatch.setattr(attn_lib, "_FLASH_MIN_KEYS", 1 << 30)
+    plain = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    monkeypatch.setattr(attn_lib, "_FLASH_MIN_KEYS", 16)
+    monkeypatch.setattr(attn_lib, "_FLASH_MIN_BLOCK", 8)
+    monkeypatch.setattr(attn_lib, "_FLASH_MAX_BLOCK", 8)
+    flash = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    for g, want in zip(flash, plain):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-5, atol=1e-6)
