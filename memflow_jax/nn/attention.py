@@ -270,10 +270,10 @@ def _map_query_blocks(fn: Callable[[jnp.ndarray], jnp.ndarray], q: jnp.ndarray, 
 def _xla_attention(q, k, v, mask, precision):
     b, lq, h, d = q.shape
     lk = k.shape[1]
-    scale = 1.0 / math.sqrt(d)
     kb = _key_block(lk)
     if kb:
         return _xla_flash_attention(q, k, v, mask, precision, kb)
+    scale = 1.0 / math.sqrt(d)
 
     def one(qb):
         logits = jnp.einsum("bqhd,bkhd->bhqk", qb, k, precision=precision,
@@ -296,6 +296,7 @@ def _xla_flash_attention(q, k, v, mask, precision, kb: int):
     b, lq, h, d = q.shape
     lk = k.shape[1]
     nk = lk // kb
+    scale = 1.0 / math.sqrt(d)
     ks = k.reshape(b, nk, kb, h, d).transpose(1, 0, 3, 2, 4)  # [nk, B, H, kb, D]
     vs = v.reshape(b, nk, kb, h, d).transpose(1, 0, 3, 2, 4)
     if mask is None:
@@ -312,7 +313,7 @@ def _xla_flash_attention(q, k, v, mask, precision, kb: int):
             mx, den, acc = carry
             kk, vv, ok = blk
             s = jnp.einsum("bhqd,bhkd->bhqk", qt, kk, precision=precision,
-                           preferred_element_type=jnp.float32) * (1.0 / math.sqrt(d))
+                           preferred_element_type=jnp.float32) * scale
             s = jnp.where(ok[:, :, None, :], s, -jnp.inf)
             new = jnp.maximum(mx, s.max(-1))
             base = jnp.where(jnp.isfinite(new), new, 0.0)  # a row with no valid key yet: exp(-inf) = 0 below
