@@ -12,6 +12,7 @@ Parameters: non-block params at the top level, block params stacked on a leading
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -280,7 +281,13 @@ def _plain_attend(q, k, v, _):
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
-    """Random params (Wan init: xavier-uniform Dense, normal(0, 0.02) for text/time embeddings, zero head)."""
+    """Random params (Wan init: xavier-uniform Dense, normal(0, 0.02) for text/time embeddings, zero head).
+    One compiled program (eagerly, the init's dummy forward would compile op by op: ~10 s on CPU)."""
+    return _init_params_jit(cfg, rng)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_params_jit(cfg: ModelConfig, rng: jax.Array) -> Params:
     k_outer, k_blocks = jax.random.split(rng)
     x, t, ctx = _dummy_inputs(cfg)
     outer = WanOuter(cfg).init(k_outer, x, t, ctx)["params"]
