@@ -168,15 +168,17 @@ class TextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
-    """Wan2.1 causal 3-D VAE (defaults: Wan2.1_VAE.pth)."""
+    """Wan2.1 causal 3-D VAE (defaults: Wan2.1_VAE.pth), or the parameter-free pixel codec (``codec: pixel``,
+    ``nn.pixel_codec``: the same strides, lossless, ``z_dim = time stride * 3 * space stride^2``)."""
 
+    codec: str = "wan"
     dim: int = 96
     z_dim: int = 16
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
     attn_scales: tuple[float, ...] = ()
     temporal_downsample: tuple[bool, ...] = (False, True, True)
-    # per-channel latent statistics of the released VAE (WanVAEWrapper constants)
+    # per-channel latent statistics of the released VAE (WanVAEWrapper constants); one value = every channel
     latent_mean: tuple[float, ...] = (
         -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
         0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
@@ -186,8 +188,15 @@ class VAEConfig:
     dtype: str = "float32"
 
     def validate(self) -> None:
-        if len(self.latent_mean) != self.z_dim or len(self.latent_std) != self.z_dim:
-            raise ConfigError(f"vae.latent_mean/latent_std need z_dim={self.z_dim} values each")
+        _check_choice("vae.codec", self.codec, ("wan", "pixel"))
+        if self.codec == "pixel":
+            ts, ss = 2 ** sum(bool(t) for t in self.temporal_downsample), 2 ** (len(self.dim_mult) - 1)
+            if self.z_dim != ts * 3 * ss * ss:
+                raise ConfigError(f"vae.codec=pixel stores {ts} frames x 3 x {ss}x{ss} pixels per latent cell: "
+                                  f"set vae.z_dim={ts * 3 * ss * ss} (and model.in_dim / out_dim), not {self.z_dim}")
+        if len(self.latent_mean) not in (1, self.z_dim) or len(self.latent_std) not in (1, self.z_dim):
+            raise ConfigError(f"vae.latent_mean/latent_std need z_dim={self.z_dim} values each (or one value for "
+                              f"every channel), got {len(self.latent_mean)} / {len(self.latent_std)}")
         if len(self.temporal_downsample) != len(self.dim_mult) - 1:
             raise ConfigError("vae.temporal_downsample needs len(dim_mult) - 1 entries")
         _check_choice("vae.dtype", self.dtype, ("float32", "bfloat16"))

@@ -181,6 +181,8 @@ def save_converted(out_dir: str, components: Mapping[str, Any], config_dict: Map
     try:
         ckptr = ocp.StandardCheckpointer()
         for name, params in components.items():
+            if not jax.tree_util.tree_leaves(params):
+                continue  # a parameter-free component (the pixel codec): listed in config.json, nothing to store
             ckptr.save(os.path.join(tmp, name), jax.tree_util.tree_map(np.asarray, params))
         ckptr.wait_until_finished()
         for name, src in (copy_dirs or {}).items():
@@ -214,6 +216,11 @@ def load_component(ckpt_dir: str, name: str, abstract: Any | None = None) -> Any
     if name not in meta.get("components", []):
         raise ConversionError(f"{ckpt_dir}: has no component {name!r} (has {meta.get('components')})")
     path = os.path.join(os.path.abspath(ckpt_dir), name)
+    if abstract is not None and not jax.tree_util.tree_leaves(abstract):
+        return jax.tree_util.tree_map(lambda x: x, abstract)  # parameter-free: nothing was stored
+    if not os.path.isdir(path):
+        raise ConversionError(f"{ckpt_dir}: component {name!r} was saved without parameters (e.g. vae.codec=pixel), "
+                              "but this config expects some: load it with the config stored in its config.json")
     ckptr = ocp.StandardCheckpointer()
     if abstract is not None:
         stored = ckptr.metadata(path)

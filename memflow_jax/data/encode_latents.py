@@ -6,7 +6,7 @@
 
 ``--vae``: a ``train.recipe=vae`` run folder (newest checkpoint, EMA params if saved), a converted checkpoint
 folder or a ``Wan2.1_VAE.pth`` (:func:`memflow_jax.training.trainer.load_vae_host`); its architecture is the
-config's ``vae`` section.
+config's ``vae`` section. With ``vae.codec=pixel`` (the parameter-free codec) no ``--vae`` is needed.
 
 Pass 1 encodes (posterior mean ``mu``, no sampling) a seeded subset of ``--stats-from-samples`` clips and
 measures the per-channel mean / std of their latents; pass 2 encodes every clip and writes
@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m memflow_jax.data.encode_latents", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML whose vae / sampler sections describe the VAE and video")
-    p.add_argument("--vae", required=True, help="vae-recipe run folder | converted checkpoint folder | .pth")
+    p.add_argument("--vae", default="", help="vae-recipe run folder | converted checkpoint folder | .pth (not needed "
+                   "with vae.codec=pixel)")
     p.add_argument("--data", required=True, help="storyworld dataset folder (python -m memflow_jax.storyworld.export)")
     p.add_argument("--out", required=True, help="output folder (created; existing files are replaced)")
     p.add_argument("--batch-size", type=int, default=8, help="clips per encoder call")
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "video, which must then have that form and the same length for every clip")
     p.add_argument("--seed", type=int, default=0, help="seed of the statistics subset")
     p.add_argument("--workers", type=int, default=4, help="threads reading / decoding records")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="stored dtype of the latent files (float16 halves them, e.g. for the pixel codec's 192 "
+                        "channels; readers cast back)")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     return p
 
@@ -141,7 +145,8 @@ def make_encoder(params: Any, vae_cfg: Any) -> Callable[[np.ndarray], np.ndarray
 
 def encode_dataset(cfg: Any, vae_params: Any, data_dir: str, out_dir: str, batch_size: int = 8,
                    stats_from_samples: int = 512, frames: int | None = None, seed: int = 0, workers: int = 4,
-                   progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+                   progress: bool = True, log: Callable[[str], None] = print,
+                   dtype: str = "float32") -> dict[str, Any]:
     """Both passes (see the module docstring); returns the statistics record written to ``vae_stats.json``."""
     from memflow_jax.config import CHECKPOINT_SECTIONS
     from memflow_jax.convert.common import save_converted
@@ -220,7 +225,7 @@ def encode_dataset(cfg: Any, vae_params: Any, data_dir: str, out_dir: str, batch
         lat = (mu - mean32[None, None, :, None, None]) * inv_std[None, None, :, None, None]
         for i, x, prompt in zip(batch, lat, prompts):
             name = f"{i:06d}.npz"
-            write_latent_file(os.path.join(lat_dir, name), x.astype(np.float32), prompt)
+            write_latent_file(os.path.join(lat_dir, name), x.astype(dtype), prompt)
             lines.append(manifest_line(os.path.join("latents", name), prompt))
         shape = tuple(lat.shape[1:])
         if pb is not None:
@@ -256,10 +261,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.time()
     try:
         cfg = config_lib.load(args.config, args.overrides)
+        if not args.vae and cfg.vae.codec != "pixel":
+            raise EncodeError("--vae is required: a vae-recipe run folder, a converted checkpoint or a .pth (only "
+                              "vae.codec=pixel needs none)")
         params = trainer_lib.load_vae_host(args.vae, cfg.vae, "--vae")
         stats = encode_dataset(cfg, params, args.data, args.out, batch_size=args.batch_size,
                                stats_from_samples=args.stats_from_samples, frames=args.frames, seed=args.seed,
-                               workers=args.workers)
+                               workers=args.workers, dtype=args.dtype)
     except (EncodeError, ConversionError, config_lib.ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,8 +21,11 @@
 # Environment: DATA (data/storyworld), RUNS (runs/storyworld), ART ($RUNS/art), PACKAGE
 # (memflow_jax/assets/storyworld), VAE_SRC (the VAE the latents stage encodes with: $RUNS/vae_decoder),
 # N_CLIPS, N_SCRIPTS, WORKERS, MINUTES (wall-clock cap of each train.py run: it stops checkpointed and resumable),
-# ODE_SAMPLES (ODE pairs; default every clip prompt) and EXTRA (overrides appended to every train.py call, e.g.
-# EXTRA="train.max_iters=2 train.batch_size=2" for a smoke run).
+# ODE_SAMPLES (ODE pairs; default every clip prompt), EXTRA (overrides appended to every train.py call, e.g.
+# EXTRA="train.max_iters=2 train.batch_size=2" for a smoke run), ARCH (architecture overrides appended to every
+# stage that reads a config, from latents on; ARCH=pixel trains on the parameter-free pixel codec ($PIXEL below),
+# with no vae / vaedec stage and VAE_SRC unused) and STORE_DTYPE (float32 / float16: how latents and ODE pairs are
+# stored; float16 by default with ARCH=pixel, whose 192-channel latents are 24x the VAE's).
 set -euo pipefail
 
 DATA=${DATA:-data/storyworld}
@@ -33,6 +36,12 @@ N_CLIPS=${N_CLIPS:-6000}
 N_SCRIPTS=${N_SCRIPTS:-2000}
 WORKERS=${WORKERS:-$(python -c 'import os; print(max(1, min(16, os.cpu_count() or 1)))')}
 EXTRA=${EXTRA:-}
+ARCH=${ARCH:-}
+# the pixel codec (nn/pixel_codec.py): 4 frames x 4x4 px x RGB = 192 channels a latent cell, the same 16x16 grid
+PIXEL="vae.codec=pixel vae.z_dim=192 vae.latent_mean=[0] vae.latent_std=[1] model.in_dim=192 model.out_dim=192"
+PIXEL="$PIXEL teacher_model.in_dim=192 teacher_model.out_dim=192"
+if [ "$ARCH" = pixel ]; then ARCH=$PIXEL; STORE_DTYPE=${STORE_DTYPE:-float16}; fi
+STORE_DTYPE=${STORE_DTYPE:-float32}
 PY=${PYTHON:-python}
 # every path the configs name, redirected when DATA / RUNS / ART differ from the defaults
 PATHS="train.text_cache_dir=$DATA/text_cache"
@@ -58,30 +67,30 @@ stage() {
         --run-dir "$RUNS/vae_decoder" train.video_data_path="$DATA/scripts" run.vae_ckpt="$RUNS/vae" $EXTRA ;;
     latents)
       $PY -m memflow_jax.data.encode_latents --config configs/storyworld.yaml --vae "${VAE_SRC:-$RUNS/vae_decoder}" \
-        --data "$DATA/clips" --out "$DATA/latents" ;;
+        --data "$DATA/clips" --out "$DATA/latents" --dtype "$STORE_DTYPE" $ARCH ;;
     textcache)
-      $PY -m memflow_jax.data.text_cache build --converted-ckpt "$ART/text" --out "$DATA/text_cache" \
+      $PY -m memflow_jax.data.text_cache build --converted-ckpt "$ART/text" --out "$DATA/text_cache" --negative-prompt "" \
         --prompts "$DATA/clips/prompts.txt" "$DATA/scripts/prompts.txt" "$DATA/scripts/switch_prompts.txt" ;;
     teacher)
       $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_teacher.yaml --run-dir "$RUNS/teacher" --export "$ART/teacher" \
-        "$PATHS" train.latent_data_path="$DATA/latents" $EXTRA ;;
+        "$PATHS" train.latent_data_path="$DATA/latents" $ARCH $EXTRA ;;
     odepairs)
       $PY -m memflow_jax.training.ode_pairs --config configs/storyworld_ode_init.yaml --out "$DATA/ode_pairs" \
-        --steps 48 --guidance-scale 3.0 ${ODE_SAMPLES:+--num-samples $ODE_SAMPLES} \
-        "$PATHS" train.data_path="$DATA/clips/prompts.txt" run.teacher_ckpt="$ART/teacher" ;;
+        --steps 48 --guidance-scale 3.0 ${ODE_SAMPLES:+--num-samples $ODE_SAMPLES} --dtype "$STORE_DTYPE" \
+        "$PATHS" train.data_path="$DATA/clips/prompts.txt" run.teacher_ckpt="$ART/teacher" $ARCH ;;
     odeinit)
       $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_ode_init.yaml --run-dir "$RUNS/ode_init" --export "$ART/ode_init" \
         "$PATHS" train.latent_data_path="$DATA/ode_pairs" train.generator_ckpt="$ART/teacher" \
-        run.teacher_ckpt="$ART/teacher" $EXTRA ;;
+        run.teacher_ckpt="$ART/teacher" $ARCH $EXTRA ;;
     dmd)
       $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_dmd.yaml --run-dir "$RUNS/dmd" --export "$ART/dmd" \
         "$PATHS" train.data_path="$DATA/clips/prompts.txt" train.generator_ckpt="$ART/ode_init" \
-        run.teacher_ckpt="$ART/teacher" run.critic_ckpt="$ART/teacher" $EXTRA ;;
+        run.teacher_ckpt="$ART/teacher" run.critic_ckpt="$ART/teacher" $ARCH $EXTRA ;;
     dmdlong)
       $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_dmd_long.yaml --run-dir "$RUNS/dmd_long" --export "$ART/dmd_long" \
         "$PATHS" train.data_path="$DATA/scripts/prompts.txt" train.switch_prompt_path="$DATA/scripts/switch_prompts.txt" \
         train.generator_ckpt="$ART/dmd" run.teacher_ckpt="$ART/teacher" run.critic_ckpt="$ART/teacher" \
-        run.vae_ckpt="$DATA/latents/vae" $EXTRA ;;
+        run.vae_ckpt="$DATA/latents/vae" $ARCH $EXTRA ;;
     package)
       $PY -m memflow_jax.storyworld.package --dit "${PACKAGE_DIT:-$ART/dmd_long}" --text "$ART/text" \
         --vae "$DATA/latents/vae" --out "$PACKAGE" ;;

@@ -8,7 +8,7 @@ For each prompt the bidirectional teacher (``teacher_model`` section, weights ``
 shifted sigma table (``x <- x + flow · (σ_next - σ)``, the last step to σ = 0) under classifier-free guidance
 ``uncond + g · (cond - uncond)`` (Wan sampling convention; ``uncond`` = ``train.negative_prompt``). The states at
 the grid points nearest to the generator's warped denoising timesteps, then the final clean latent, form
-``ode_latent [S + 1, F, C, h, w]``.
+``ode_latent [S + 1, F, C, h, w]`` (``--dtype``: float32, or float16 for large latents such as the pixel codec's).
 
 Output (readable by :class:`memflow_jax.data.OdeTrajectorySource` / ``ArrayRecordSource``): ``ode_XXXXXX.npz``
 (``ode_latent`` float32 + ``prompt``) per sample or one ``ode_pairs.array_record``, plus ``ode_pairs.json``
@@ -72,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=None, help="prompts per solve (default: the data-parallel "
                     "device count)")
     ap.add_argument("--format", choices=("npz", "arrayrecord"), default="npz")
+    ap.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                    help="stored dtype of the trajectories (float16 halves the files; read back as float32)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
@@ -142,10 +144,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         states = fn(params, put(noise), put(cond), put(np.ascontiguousarray(unc)))  # [S+1, B, F, C, h, w]
         states = np.asarray(multihost_utils.process_allgather(states, tiled=True))
         for j, i in enumerate(idx):
-            ode = np.ascontiguousarray(states[:, j])
+            ode = np.ascontiguousarray(states[:, j]).astype(args.dtype)
             if args.format == "npz" and main_proc:
                 np.savez(os.path.join(args.out, f"ode_{i:06d}.npz"), ode_latent=ode, prompt=np.asarray(prompts[i]))
-            records.append({"ode_latent": ode, "prompts": prompts[i]})
+            elif args.format == "arrayrecord":
+                records.append({"ode_latent": ode, "prompts": prompts[i]})
         print(f"ode pairs: {min(start + bs, n)}/{n}", file=sys.stderr, flush=True)
     if main_proc:
         if args.format == "arrayrecord":
@@ -156,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "denoising_timesteps": [float(x) for x in targets],
                 "recorded_grid_timesteps": [float(np.asarray(schedule.timesteps)[i]) for i in rec],
                 "layout": "ode_latent [S+1, F, C, h, w]: states at the denoising timesteps, then the clean latent",
-                "teacher_ckpt": r.teacher_ckpt or "synthetic", "format": args.format}
+                "teacher_ckpt": r.teacher_ckpt or "synthetic", "format": args.format, "dtype": args.dtype}
         with open(os.path.join(args.out, "ode_pairs.json"), "w") as f:
             json.dump(meta, f, indent=1)
         print(f"wrote {n} ODE pairs to {os.path.abspath(args.out)}")

@@ -351,6 +351,26 @@ def _vae_run_item(path: str) -> str:
     raise ValueError(f"{step_dir}: no 'vae' params (items {have}): not a train.recipe=vae run")
 
 
+def checkpoint_latent_stats(path: str, vae_cfg: Any) -> Any:
+    """``vae_cfg`` with the latent statistics a converted VAE checkpoint was written with (``encode_latents``
+    stores them in its ``config.json``): the normalisation of the latents made by it, which decoding them must
+    invert. ``vae_cfg`` unchanged for other sources (a ``.pth``, a run folder) or a checkpoint without them."""
+    from memflow_jax.convert import common as conv
+
+    meta_path = os.path.join(path, conv.CONFIG_FILE) if path and os.path.isdir(path) else ""
+    if not os.path.isfile(meta_path):
+        return vae_cfg
+    with open(meta_path) as f:
+        stats = json.load(f).get("latent_stats")
+    if not stats:
+        return vae_cfg
+    mean, std = tuple(float(v) for v in stats["latent_mean"]), tuple(float(v) for v in stats["latent_std"])
+    if len(mean) != vae_cfg.z_dim or len(std) != vae_cfg.z_dim:
+        raise ConfigError(f"{path}: its latent statistics have {len(mean)} channels, vae.z_dim is {vae_cfg.z_dim}: "
+                          "the checkpoint was written for another VAE config")
+    return dataclasses.replace(vae_cfg, latent_mean=mean, latent_std=std)
+
+
 def load_vae_host(path: str, vae_cfg: Any, what: str = "VAE checkpoint") -> Params:
     """Host (numpy float32) VAE params, checked against ``vae_cfg``, from any of
 
@@ -360,11 +380,14 @@ def load_vae_host(path: str, vae_cfg: Any, what: str = "VAE checkpoint") -> Para
     * a ``train.recipe=vae`` run folder or its ``checkpoints/``: the newest complete step's EMA params when
       saved, else its trained params.
 
-    The one reader of VAE weights for the trainer (``run.vae_ckpt``) and the latent encoder CLI.
+    The one reader of VAE weights for the trainer (``run.vae_ckpt``) and the latent encoder CLI. The pixel codec
+    (``vae.codec=pixel``) has no weights: ``{}``, and ``path`` is not read.
     """
     from memflow_jax.convert import common as conv
     from memflow_jax.nn import vae as vae_lib
 
+    if vae_cfg.codec == "pixel":
+        return {}
     if not path:
         raise ValueError(f"{what}: no path given")
     if not os.path.exists(path):
@@ -615,7 +638,18 @@ class Trainer:
         self.reencode_fn = None
         slicing = self.recipe == "dmd" and t.slice_last_frames != -1 and t.num_training_frames > t.slice_last_frames
         if r.reencode_first_frame and (self.recipe == "dmd_long" or slicing):
-            self.reencode_fn = make_reencode_fn(self._vae_params(keys[5]), self.cfg.vae)
+            self.reencode_fn = make_reencode_fn(self._vae_params(keys[5]), self._reencode_vae_cfg())
+
+    def _reencode_vae_cfg(self) -> Any:
+        """The VAE config the re-encoding decodes with: ``vae``, with the latent statistics of ``run.vae_ckpt``
+        when it is a converted checkpoint that records them (the normalisation of the training latents)."""
+        vcfg = self.cfg.vae
+        stats_cfg = checkpoint_latent_stats(self.run_cfg.vae_ckpt, vcfg)
+        if stats_cfg is not vcfg and (stats_cfg.latent_mean, stats_cfg.latent_std) != (vcfg.latent_mean,
+                                                                                       vcfg.latent_std):
+            self.log(f"re-encoding with the latent statistics of run.vae_ckpt={self.run_cfg.vae_ckpt} "
+                     "(the config's vae.latent_mean / latent_std differ)")
+        return stats_cfg
 
     def _vae_params(self, key: jax.Array) -> Params:
         from memflow_jax.nn import vae as vae_lib
