@@ -168,8 +168,9 @@ class TextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
-    """Wan2.1 causal 3-D VAE (defaults: Wan2.1_VAE.pth), or the parameter-free pixel codec (``codec: pixel``,
-    ``nn.pixel_codec``: the same strides, lossless, ``z_dim = time stride * 3 * space stride^2``)."""
+    """Wan2.1 causal 3-D VAE (defaults: Wan2.1_VAE.pth), or a fixed pixel codec with the same strides
+    (``nn.pixel_codec``): ``pixel`` (lossless, no params, ``z_dim = time stride * 3 * space stride^2``) or ``pca``
+    (the ``z_dim`` leading principal components of that)."""
 
     codec: str = "wan"
     dim: int = 96
@@ -188,12 +189,16 @@ class VAEConfig:
     dtype: str = "float32"
 
     def validate(self) -> None:
-        _check_choice("vae.codec", self.codec, ("wan", "pixel"))
-        if self.codec == "pixel":
+        _check_choice("vae.codec", self.codec, ("wan", "pixel", "pca"))
+        if self.codec in ("pixel", "pca"):
             ts, ss = 2 ** sum(bool(t) for t in self.temporal_downsample), 2 ** (len(self.dim_mult) - 1)
-            if self.z_dim != ts * 3 * ss * ss:
+            cell = ts * 3 * ss * ss
+            if self.codec == "pixel" and self.z_dim != cell:
                 raise ConfigError(f"vae.codec=pixel stores {ts} frames x 3 x {ss}x{ss} pixels per latent cell: "
-                                  f"set vae.z_dim={ts * 3 * ss * ss} (and model.in_dim / out_dim), not {self.z_dim}")
+                                  f"set vae.z_dim={cell} (and model.in_dim / out_dim), not {self.z_dim}")
+            if self.codec == "pca" and not 1 <= self.z_dim <= cell:
+                raise ConfigError(f"vae.codec=pca keeps 1..{cell} principal components of the {cell} values a "
+                                  f"latent cell holds; vae.z_dim={self.z_dim} is out of range")
         if len(self.latent_mean) not in (1, self.z_dim) or len(self.latent_std) not in (1, self.z_dim):
             raise ConfigError(f"vae.latent_mean/latent_std need z_dim={self.z_dim} values each (or one value for "
                               f"every channel), got {len(self.latent_mean)} / {len(self.latent_std)}")

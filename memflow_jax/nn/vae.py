@@ -12,8 +12,9 @@ Public API (pure functions, arrays in/out; ``cfg`` is a static, hashable :class:
 * Training (traceable, differentiable): :func:`encode_moments` (posterior ``mu`` / log-variance) and
   :func:`decode_clip` (whole clip from a fresh cache: the streaming decoder step under ``lax.scan``).
 
-``cfg.codec == "pixel"`` swaps the network for :mod:`memflow_jax.nn.pixel_codec` (lossless space-to-depth, no
-params: ``{}``) behind the same functions, so samplers, latent encoding and evaluation need no other change.
+``cfg.codec`` ``"pixel"`` / ``"pca"`` swaps the network for :mod:`memflow_jax.nn.pixel_codec` (lossless
+space-to-depth, params ``{}``; or its PCA, params ``mean`` / ``basis``) behind the same functions, so samplers,
+latent encoding and evaluation need no other change.
 
 Mapping the reference's stateful chunking onto fixed shapes:
 
@@ -52,6 +53,7 @@ ENCODER_KEYS = ("encoder", "conv1")  # params of the encoder path (video -> late
 CACHE_T = 2  # frames of history kept per causal conv (reference constant)
 NORM_EPS = 1e-12  # F.normalize's floor on the L2 norm
 
+PIXEL_CODECS = ("pixel", "pca")  # the fixed codecs of nn/pixel_codec.py (no network, no decode cache)
 Array = jax.Array
 First = Union[bool, Array]  # static Python bool, or a traced scalar bool (see the module docstring)
 
@@ -533,8 +535,8 @@ def abstract_params(cfg: VAEConfig) -> dict:
 
 @functools.lru_cache(maxsize=32)
 def _abstract_params(cfg: VAEConfig) -> dict:
-    if cfg.codec == "pixel":
-        return {}
+    if cfg.codec in PIXEL_CODECS:
+        return pixel_codec.abstract_params(cfg)
     ts, ss = time_stride(cfg), space_stride(cfg)
     video = jax.ShapeDtypeStruct((1, ts, ss, ss, 3), jnp.float32)
     z = jax.ShapeDtypeStruct((1, 1, 1, 1, cfg.z_dim), jnp.float32)
@@ -547,8 +549,8 @@ def init_params(cfg: VAEConfig, rng: Array) -> dict:
     scale 1); traceable (jit it with out_shardings to init sharded). The tree mirrors the reference state dict,
     runs of identical residual blocks stacked (see convert/vae.py). Values come from ONE uniform draw split over
     the leaves (per-leaf initializers would compile ~200 threefry kernels: a minute on CPU)."""
-    if cfg.codec == "pixel":
-        return {}
+    if cfg.codec in PIXEL_CODECS:
+        return pixel_codec.init_params(cfg, rng)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params(cfg))
     names = [tuple(str(getattr(k, "key", k)) for k in path) for path, _ in leaves]
     shapes = [tuple(s.shape) for _, s in leaves]
@@ -636,8 +638,9 @@ def _encode_moments(params: dict, cfg: VAEConfig, video: Array, remat: bool = Fa
 
 def _encode_mu(params: dict, cfg: VAEConfig, video: Array) -> Array:
     """Raw ``mu`` ``[B, T', h, w, z]`` (float32) of a checked video ``[B, 3, T, H, W]`` (log-var dropped)."""
-    if cfg.codec == "pixel":
-        return pixel_codec.encode_raw(cfg, jnp.transpose(video, (0, 2, 3, 4, 1)).astype(jnp.float32))
+    if cfg.codec in PIXEL_CODECS:
+        cells = pixel_codec.encode_raw(cfg, jnp.transpose(video, (0, 2, 3, 4, 1)).astype(jnp.float32))
+        return pixel_codec.project(params, cells) if cfg.codec == "pca" else cells
     return _encode_moments(params, cfg, video)[..., :cfg.z_dim]
 
 
@@ -672,9 +675,9 @@ def encode_moments(params: dict, cfg: VAEConfig, video: Array, remat: bool = Fal
     The same chunked, cached encoder as :func:`encode` (``mu`` here equals ``encode(..., normalize=False)``).
     """
     _check_cfg(cfg)
-    if cfg.codec == "pixel":
-        raise ValueError("encode_moments: vae.codec=pixel is a fixed, parameter-free codec: there is no posterior "
-                         "to train; train a VAE with vae.codec=wan")
+    if cfg.codec in PIXEL_CODECS:
+        raise ValueError(f"encode_moments: vae.codec={cfg.codec} is a fixed codec (pca: fitted in closed form by "
+                         "pixel_codec.fit_pca): there is no posterior to train; train a VAE with vae.codec=wan")
     _check_video(cfg, video)
     moments = jnp.transpose(_encode_moments(params, cfg, video, remat), (0, 1, 4, 2, 3))  # [B, T', 2z, h, w]
     return moments[:, :, :cfg.z_dim], moments[:, :, cfg.z_dim:]
@@ -709,7 +712,7 @@ def init_decode_cache(cfg: VAEConfig, batch: int, h: int, w: int, dtype: Any = N
 
 @functools.lru_cache(maxsize=32)
 def _cache_shapes(cfg: VAEConfig, batch: int, h: int, w: int, dtype: Any) -> dict:
-    if cfg.codec == "pixel":
+    if cfg.codec in PIXEL_CODECS:
         return {}  # every latent frame decodes on its own
     x = jax.ShapeDtypeStruct((batch, 1, h, w, cfg.z_dim), dtype)
     _, feats = jax.eval_shape(  # the cache a first step builds from nothing has the fixed cache shapes
@@ -721,7 +724,7 @@ def _cache_shapes(cfg: VAEConfig, batch: int, h: int, w: int, dtype: Any) -> dic
 def _check_latents(cfg: VAEConfig, latents: Any, cache: Optional[DecodeCache]) -> None:
     if latents.ndim != 5 or latents.shape[2] != cfg.z_dim or latents.shape[1] < 1:
         raise ValueError(f"decode: latents must be [B, T>=1, z_dim={cfg.z_dim}, h, w], got {tuple(latents.shape)}")
-    if cache is not None and cache.feats:  # (the pixel codec's cache is empty: nothing to match)
+    if cache is not None and cache.feats:  # (the pixel codecs' cache is empty: nothing to match)
         b, _, _, h, w = latents.shape
         want = cache.feats["conv1"].shape  # decoder.conv1 sees the latent grid: [B, 2, h, w, z]
         if want[0] != b or tuple(want[2:4]) != (h, w):
@@ -742,8 +745,8 @@ def _decode_step(params: dict, cfg: VAEConfig, z: Array, feats: dict, first: Fir
     if normalized:
         mean, inv_std = _stats(cfg)
         z = z / inv_std + mean
-    if cfg.codec == "pixel":
-        y = pixel_codec.decode_raw(cfg, z)  # [B, 4k, H, W, 3]
+    if cfg.codec in PIXEL_CODECS:
+        y = pixel_codec.decode_raw(cfg, pixel_codec.unproject(params, z) if cfg.codec == "pca" else z)  # [B,4k,H,W,3]
         if first is not False:  # the video's first latent frame: its one real frame is the mean of its slots
             ts = time_stride(cfg)
             y = jnp.concatenate([jnp.where(first, pixel_codec.first_frame(cfg, y[:, :ts]), y[:, :ts]), y[:, ts:]],

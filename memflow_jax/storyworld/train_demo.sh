@@ -10,6 +10,7 @@
 #   text      sentencepiece tokenizer on the world's captions + the small UMT5 encoder  -> $ART/text
 #   vae       Wan-architecture VAE on whole clips (recipe vae)                           -> $RUNS/vae
 #   vaedec    its decoder fine-tuned on 141-frame script windows (encoder frozen)        -> $RUNS/vae_decoder
+#   pca       (ARCH=pca, instead of vae / vaedec) the PCA pixel codec, closed form         -> $RUNS/pca
 #   latents   encode the clips with the VAE, measure latent statistics                  -> $DATA/latents (+ vae/)
 #   textcache UMT5 embeddings of every prompt (and of the empty negative prompt)         -> $DATA/text_cache
 #   teacher   bidirectional teacher (recipe teacher)                                     -> $ART/teacher
@@ -21,11 +22,12 @@
 # Environment: DATA (data/storyworld), RUNS (runs/storyworld), ART ($RUNS/art), PACKAGE
 # (memflow_jax/assets/storyworld), VAE_SRC (the VAE the latents stage encodes with: $RUNS/vae_decoder),
 # N_CLIPS, N_SCRIPTS, WORKERS, MINUTES (wall-clock cap of each train.py run: it stops checkpointed and resumable),
-# ODE_SAMPLES (ODE pairs; default every clip prompt), EXTRA (overrides appended to every train.py call, e.g.
+# ODE_SAMPLES (ODE pairs; default every clip prompt), ODE_BATCH (prompts per ODE solve), EXTRA (overrides appended to every train.py call, e.g.
 # EXTRA="train.max_iters=2 train.batch_size=2" for a smoke run), ARCH (architecture overrides appended to every
 # stage that reads a config, from latents on; ARCH=pixel trains on the parameter-free pixel codec ($PIXEL below),
-# with no vae / vaedec stage and VAE_SRC unused) and STORE_DTYPE (float32 / float16: how latents and ODE pairs are
-# stored; float16 by default with ARCH=pixel, whose 192-channel latents are 24x the VAE's).
+# with no vae / vaedec stage and VAE_SRC unused; ARCH=pca on its 32-component PCA ($PCA below: the pca stage
+# replaces vae / vaedec and VAE_SRC defaults to its output) and STORE_DTYPE (float32 / float16: how latents and
+# ODE pairs are stored; float16 by default with ARCH=pixel, whose 192-channel latents are 24x the VAE's).
 set -euo pipefail
 
 DATA=${DATA:-data/storyworld}
@@ -40,7 +42,11 @@ ARCH=${ARCH:-}
 # the pixel codec (nn/pixel_codec.py): 4 frames x 4x4 px x RGB = 192 channels a latent cell, the same 16x16 grid
 PIXEL="vae.codec=pixel vae.z_dim=192 vae.latent_mean=[0] vae.latent_std=[1] model.in_dim=192 model.out_dim=192"
 PIXEL="$PIXEL teacher_model.in_dim=192 teacher_model.out_dim=192"
+# its 32 leading principal components: 4 x 32 = 128 values a 1x2x2 token, the DiT's width (nn/pixel_codec.py)
+PCA="vae.codec=pca vae.z_dim=32 vae.latent_mean=[0] vae.latent_std=[1] model.in_dim=32 model.out_dim=32"
+PCA="$PCA teacher_model.in_dim=32 teacher_model.out_dim=32"
 if [ "$ARCH" = pixel ]; then ARCH=$PIXEL; STORE_DTYPE=${STORE_DTYPE:-float16}; fi
+if [ "$ARCH" = pca ]; then ARCH=$PCA; VAE_SRC=${VAE_SRC:-$RUNS/pca}; fi
 STORE_DTYPE=${STORE_DTYPE:-float32}
 PY=${PYTHON:-python}
 # every path the configs name, redirected when DATA / RUNS / ART differ from the defaults
@@ -65,6 +71,9 @@ stage() {
     vaedec)
       $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_vae_decoder.yaml \
         --run-dir "$RUNS/vae_decoder" train.video_data_path="$DATA/scripts" run.vae_ckpt="$RUNS/vae" $EXTRA ;;
+    pca)
+      $PY -m memflow_jax.storyworld.pca_codec --config configs/storyworld.yaml --data "$DATA/clips" "$DATA/scripts" \
+        --out "$RUNS/pca" $ARCH ;;
     latents)
       $PY -m memflow_jax.data.encode_latents --config configs/storyworld.yaml --vae "${VAE_SRC:-$RUNS/vae_decoder}" \
         --data "$DATA/clips" --out "$DATA/latents" --dtype "$STORE_DTYPE" $ARCH ;;
@@ -76,7 +85,8 @@ stage() {
         "$PATHS" train.latent_data_path="$DATA/latents" $ARCH $EXTRA ;;
     odepairs)
       $PY -m memflow_jax.training.ode_pairs --config configs/storyworld_ode_init.yaml --out "$DATA/ode_pairs" \
-        --steps 48 --guidance-scale 3.0 ${ODE_SAMPLES:+--num-samples $ODE_SAMPLES} --dtype "$STORE_DTYPE" \
+        --steps 48 --guidance-scale 3.0 ${ODE_SAMPLES:+--num-samples $ODE_SAMPLES} ${ODE_BATCH:+--batch-size $ODE_BATCH} \
+        --dtype "$STORE_DTYPE" \
         "$PATHS" train.data_path="$DATA/clips/prompts.txt" run.teacher_ckpt="$ART/teacher" $ARCH ;;
     odeinit)
       $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_ode_init.yaml --run-dir "$RUNS/ode_init" --export "$ART/ode_init" \
@@ -95,7 +105,7 @@ stage() {
       $PY -m memflow_jax.storyworld.package --dit "${PACKAGE_DIT:-$ART/dmd_long}" --text "$ART/text" \
         --vae "$DATA/latents/vae" --out "$PACKAGE" ;;
     *)
-      echo "unknown stage '$name' (data text vae vaedec latents textcache teacher odepairs odeinit dmd dmdlong package)" >&2
+      echo "unknown stage '$name' (data text vae vaedec pca latents textcache teacher odepairs odeinit dmd dmdlong package)" >&2
       exit 2 ;;
   esac
   echo "=== stage $name done in $((SECONDS - t0)) s"

@@ -396,6 +396,9 @@ def load_vae_host(path: str, vae_cfg: Any, what: str = "VAE checkpoint") -> Para
     abstract = vae_lib.abstract_params(vae_cfg)
     if os.path.isfile(path):
         if path.endswith((".pth", ".pt")):
+            if vae_cfg.codec != "wan":
+                raise ValueError(f"{what}: {path} is a Wan VAE state dict, but vae.codec={vae_cfg.codec}; pass the "
+                                 "codec's converted checkpoint (storyworld.pca_codec) or set vae.codec=wan")
             from memflow_jax.convert.vae import convert_vae_state_dict
 
             return jax.tree_util.tree_map(np.asarray, convert_vae_state_dict(path, vae_cfg))
