@@ -144,3 +144,21 @@ def test_tiny_end_to_end_json(tmp_path):
     assert len(rep["ground_truth_through_vae_per_script"]) == setup["num_scripts"]
     assert "| ground truth through the VAE |" in rep["table"]
     assert {(c["mode"], c["baseline"]) for c in rep["comparisons"]} == {("nam", "none")}
+
+
+def test_codec_only_scores_the_lossless_codec_as_the_ground_truth(tmp_path):
+    """--codec-only: no generation; the lossless pixel codec's ceiling equals the ground truth's metrics."""
+    out = tmp_path / "codec.json"
+    pixel = ["vae.codec=pixel", "vae.z_dim=192", "vae.dim_mult=[1,2,2]", "vae.temporal_downsample=[true,true]",
+             "vae.latent_mean=[0]", "vae.latent_std=[1]", "model.in_dim=192", "model.out_dim=192",
+             "sampler.vae_stride=[4,4,4]"]
+    assert E.main(["--tiny", "--codec-only", "--num-scripts", "2", "--max-chunks", "3", "--json", str(out),
+                   *pixel]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["codec_only"] and rep["setup"]["codec"] == "pixel" and "runs" not in rep
+    for k, _, _ in E.METRICS:
+        gt, codec = rep["ground_truth"][k], rep["ground_truth_through_vae"][k]
+        # decoded pixels go through the reference's truncating uint8 cast: a pixel may come back 1 level lower,
+        # which moves the mean |frame difference| by at most 2/255 and no segmentation-based metric here
+        tol = 2 / 255 if k == "smoothness" else 1e-9
+        assert (gt is None and codec is None) or codec == pytest.approx(gt, abs=tol), k
