@@ -11,6 +11,7 @@ interactive JSONL, or a .txt with one prompt). Output: an .mp4 written atomicall
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     text_device = jax.devices("cpu")[0] if args.text_device == "cpu" else None
     comp = load_components(cfg, args.ckpt, seed=args.seed if args.seed is not None else s.seed,
                            text_device=text_device)
+    if args.no_vae:  # latents only: no decode (the VAE's programs are not even compiled)
+        comp = dataclasses.replace(comp, vae_params=None)
     if comp.random_weights:
         print("NOTE: running with RANDOM weights (a smoke run; the video is noise). Without --ckpt / --config, "
               "sample.py uses the bundled storyworld model; see README 'Real weights' for the released model.")

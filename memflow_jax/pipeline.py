@@ -120,7 +120,7 @@ def generate(comp: Components, timeline: Timeline, *, num_frames: int, seed: int
     return np.concatenate(lat, axis=1)
 
 
-def _fit_context(ctx: jnp.ndarray, cfg: Config) -> jnp.ndarray:
+def _fit_context(ctx: jnp.ndarray, cfg: Config) -> np.ndarray:
     """UMT5 output [B, text.text_len, text.dim] -> the DiT's [B, model.text_len, model.text_dim]."""
     b, length, width = ctx.shape
     if width != cfg.model.text_dim:
@@ -128,4 +128,6 @@ def _fit_context(ctx: jnp.ndarray, cfg: Config) -> jnp.ndarray:
                          "configs do not belong together")
     if length != cfg.model.text_len:
         raise ValueError(f"text encoder length {length} != model.text_len {cfg.model.text_len}: set text.text_len")
-    return ctx
+    # a host copy: the DiT places it like its other inputs (an array committed to the text encoder's device,
+    # e.g. --text-device cpu, would pin the DiT's programs there and compile the chunk step once more)
+    return np.asarray(ctx)

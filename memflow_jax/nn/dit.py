@@ -23,6 +23,7 @@ from jax import lax
 
 from memflow_jax.config import ModelConfig
 from memflow_jax.nn import attention as attn_lib
+from memflow_jax.nn import initializers as init_lib
 from memflow_jax.nn.rope import apply_rope, rope_tables, sinusoidal_embedding
 
 Params = dict[str, Any]
@@ -54,7 +55,7 @@ def matmul_precision(cfg: ModelConfig) -> lax.Precision | None:
 def _dense(cfg: ModelConfig, features: int, name: str | None = None) -> nn.Dense:
     return nn.Dense(features, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
                     precision=matmul_precision(cfg), name=name,
-                    kernel_init=nn.initializers.xavier_uniform())
+                    kernel_init=init_lib.xavier_uniform())  # = nn.initializers.xavier_uniform(), drawn flat
 
 
 class RMSNorm(nn.Module):
@@ -141,7 +142,7 @@ class WanBlock(nn.Module):
         self.ffn_0 = _dense(c, c.ffn_dim)
         self.ffn_2 = _dense(c, c.dim)
         self.modulation = self.param(
-            "modulation", lambda k, s, d: (jax.random.normal(k, s) / math.sqrt(c.dim)).astype(d), (6, c.dim),
+            "modulation", lambda k, s, d: (init_lib.standard_normal(k, s) / math.sqrt(c.dim)).astype(d), (6, c.dim),
             _dtype(c.param_dtype))
 
     def init_all(self, x, e0, cos, sin, context, attend_fn):
@@ -244,7 +245,7 @@ class Head(nn.Module):
         c = self.cfg
         self.head = _dense(c, c.out_dim * math.prod(c.patch_size))
         self.modulation = self.param(
-            "modulation", lambda k, s, d: (jax.random.normal(k, s) / math.sqrt(c.dim)).astype(d), (2, c.dim),
+            "modulation", lambda k, s, d: (init_lib.standard_normal(k, s) / math.sqrt(c.dim)).astype(d), (2, c.dim),
             _dtype(c.param_dtype))
 
     def apply_head(self, x: jnp.ndarray, e: jnp.ndarray, grid: tuple[int, int, int]) -> jnp.ndarray:

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from memflow_jax.config import TextConfig
+from memflow_jax.nn import initializers as init_lib
 
 Params = Any  # nested dict of arrays: the ``params`` collection
 
@@ -80,7 +81,7 @@ class RMSNorm(nn.Module):
 
 def _dense(features: int, std: float, dtype: Any, param_dtype: Any, name: str) -> nn.Dense:
     return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=nn.initializers.normal(std), name=name)
+                    kernel_init=init_lib.normal(std), name=name)
 
 
 class RelativeBias(nn.Module):
@@ -92,7 +93,7 @@ class RelativeBias(nn.Module):
 
     @nn.compact
     def __call__(self, buckets: jnp.ndarray) -> jnp.ndarray:  # [Lq, Lk] int32 -> [H, Lq, Lk] float32
-        emb = self.param("embedding", nn.initializers.normal((2 * self.num_buckets * self.num_heads) ** -0.5),
+        emb = self.param("embedding", init_lib.normal((2 * self.num_buckets * self.num_heads) ** -0.5),
                          (self.num_buckets, self.num_heads), self.param_dtype)
         return jnp.take(emb.astype(jnp.float32), buckets, axis=0).transpose(2, 0, 1)
 
@@ -174,7 +175,7 @@ class _TokenEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, ids: jnp.ndarray) -> jnp.ndarray:  # [B, L] int32 -> [B, L, D] float32
-        emb = self.param("embedding", nn.initializers.normal(1.0), (self.vocab_size, self.dim), self.param_dtype)
+        emb = self.param("embedding", init_lib.normal(1.0), (self.vocab_size, self.dim), self.param_dtype)
         # gather first, then cast: never materialise a float32 copy of a bf16 table
         return jnp.take(emb, ids, axis=0).astype(jnp.float32)
 

@@ -304,14 +304,24 @@ class StreamingSampler:
                 sn = jnp.asarray(step_noise[ci], jnp.float32)
                 cn = jnp.zeros_like(noise)
             else:
-                rng, k1, k2, k3 = jax.random.split(rng, 4)
-                shape = (self.batch, c, self.mcfg.in_dim, h, w)
-                noise = jax.random.normal(k1, shape)
-                sn = jax.random.normal(k2, (nsteps - 1,) + shape)
-                cn = jax.random.normal(k3, shape)
+                rng, noise, sn, cn = _chunk_noise(rng, (self.batch, c, self.mcfg.in_dim, h, w), nsteps)
             state, x0, dbg = self.chunk(state, texts[seg], noise, sn, cn)
             self.current_state = state
             yield ci, x0, dbg
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _chunk_noise(rng: jax.Array, shape: tuple[int, ...], nsteps: int):
+    """One chunk's draws: ``split(rng, 4)`` -> (next rng, ``normal(k1, shape)``, ``normal(k2, (nsteps - 1,) +
+    shape)``, ``normal(k3, shape)``), as one compiled program. Each draw is made flat and reshaped: the same
+    values as drawing the shape directly (threefry counts the flat index either way), but the rank-5/6 counter
+    arithmetic costs seconds of XLA compile time on CPU."""
+    rng, k1, k2, k3 = jax.random.split(rng, 4)
+    n = int(np.prod(shape))
+    noise = jax.random.normal(k1, (n,)).reshape(shape)
+    sn = jax.random.normal(k2, ((nsteps - 1) * n,)).reshape((nsteps - 1,) + shape)
+    cn = jax.random.normal(k3, (n,)).reshape(shape)
+    return rng, noise, sn, cn
 
 
 def validate_schedule(switch_frames: Sequence[int], num_segments: int, num_frames: int, chunk: int) -> None:

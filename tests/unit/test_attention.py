@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 
 from memflow_jax.nn import attention as attn_lib
+from tests import rand
 
 
 @pytest.mark.parametrize("splits", [1, 2, 3])
 def test_split_kv_merge_equals_full_attention(splits):
     kq, kk, kv = jax.random.split(jax.random.PRNGKey(0), 3)
-    q = jax.random.normal(kq, (2, 5, 3, 8))  # [B, Lq, H, D]
-    k = 3.0 * jax.random.normal(kk, (2, 12, 3, 8))  # large logits: the merge must be exact, not just smooth
-    v = jax.random.normal(kv, (2, 12, 3, 8))
+    q = rand.normal(kq, (2, 5, 3, 8))  # [B, Lq, H, D]
+    k = 3.0 * rand.normal(kk, (2, 12, 3, 8))  # large logits: the merge must be exact, not just smooth
+    v = rand.normal(kv, (2, 12, 3, 8))
     hi = jax.lax.Precision.HIGHEST
     full = attn_lib.attention(q, k, v, impl="xla", precision=hi)
     split = attn_lib.split_kv_attention(q, k, v, splits,
@@ -26,9 +27,9 @@ def test_split_kv_merge_equals_full_attention(splits):
 def test_merge_lse_of_unequal_parts_equals_full_attention():
     """SMA's in-place path merges the window's segments with the gathered per-head frames: parts of any sizes."""
     kq, kk, kv = jax.random.split(jax.random.PRNGKey(1), 3)
-    q = jax.random.normal(kq, (2, 5, 3, 8))
-    k = 3.0 * jax.random.normal(kk, (2, 12, 3, 8))
-    v = jax.random.normal(kv, (2, 12, 3, 8))
+    q = rand.normal(kq, (2, 5, 3, 8))
+    k = 3.0 * rand.normal(kk, (2, 12, 3, 8))
+    v = rand.normal(kv, (2, 12, 3, 8))
     hi = jax.lax.Precision.HIGHEST
     full = attn_lib.attention(q, k, v, impl="xla", precision=hi)
     parts = [attn_lib.xla_attention_lse(q, k[:, a:z], v[:, a:z], precision=hi) for a, z in ((0, 2), (2, 9), (9, 12))]
@@ -78,9 +79,9 @@ def test_cpu_flash_path_equals_plain_path(mask_kind, monkeypatch):
     """Long key sets on CPU run over key blocks with an online softmax; same result as the materialised logits,
     with key lengths, per-head masks (SMA), blocks wholly masked for some rows and blocks skipped for all."""
     kq, kk, kv, km = jax.random.split(jax.random.PRNGKey(2), 4)
-    q = jax.random.normal(kq, (2, 6, 3, 8))
-    k = 3.0 * jax.random.normal(kk, (2, 40, 3, 8))
-    v = jax.random.normal(kv, (2, 40, 3, 8))
+    q = rand.normal(kq, (2, 6, 3, 8))
+    k = 3.0 * rand.normal(kk, (2, 40, 3, 8))
+    v = rand.normal(kv, (2, 40, 3, 8))
     hi = jax.lax.Precision.HIGHEST
     kw = {}
     if mask_kind == "lengths":
@@ -102,7 +103,7 @@ def test_cpu_flash_path_equals_plain_path(mask_kind, monkeypatch):
 def test_cpu_flash_path_gradients_equal_plain_path(monkeypatch):
     """The flash path is differentiable (training may run it on CPU) and its gradients match the plain path's."""
     kq, kk, kv = jax.random.split(jax.random.PRNGKey(3), 3)
-    q, k, v = (jax.random.normal(key, (1, 4 if key is kq else 32, 2, 8)) for key in (kq, kk, kv))
+    q, k, v = (rand.normal(key, (1, 4 if key is kq else 32, 2, 8)) for key in (kq, kk, kv))
     lengths = jnp.array([20], jnp.int32)  # block 3 of 8 keys is skipped
     hi = jax.lax.Precision.HIGHEST
 

@@ -14,9 +14,13 @@ from memflow_jax.config import ModelConfig
 from memflow_jax.nn import attention as attn_lib
 from memflow_jax.nn import dit
 from memflow_jax.nn.rope import apply_rope, precise_cos_sin, rope_tables, sinusoidal_embedding
+from tests import rand
 
 TINY = ModelConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, freq_dim=32, text_len=8, text_dim=12,
                    in_dim=4, out_dim=4)
+
+# compiled once per config and shape: run eagerly, a forward dispatches (and compiles) hundreds of single ops
+_forward = jax.jit(dit.forward, static_argnums=1)
 
 
 def _count_formula(c: ModelConfig) -> int:
@@ -48,43 +52,46 @@ def test_stacked_block_params_and_shapes():
     chex.assert_shape(p["blocks"]["self_attn"]["q"]["kernel"], (2, 32, 32))
     chex.assert_shape(p["blocks"]["modulation"], (2, 6, 32))
     chex.assert_shape(p["patch_embedding"]["kernel"], (4 * 4, 32))
-    x = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 3, 6, 8))
-    ctx = jax.random.normal(jax.random.PRNGKey(2), (2, 8, 12))
-    out = dit.forward(p, TINY, x, jnp.array([999.0, 10.5]), ctx)
+    x = rand.normal(jax.random.PRNGKey(1), (2, 4, 3, 6, 8))
+    ctx = rand.normal(jax.random.PRNGKey(2), (2, 8, 12))
+    out = _forward(p, TINY, x, jnp.array([999.0, 10.5]), ctx)
     chex.assert_shape(out, x.shape)
     chex.assert_tree_all_finite(out)
-    with pytest.raises(ValueError, match="text_dim"):
-        dit.forward(p, TINY, x, jnp.array([1.0, 2.0]), ctx[..., :5])
+    with pytest.raises(ValueError, match="text_dim"):  # shape checks: raised while tracing
+        _forward(p, TINY, x, jnp.array([1.0, 2.0]), ctx[..., :5])
     with pytest.raises(ValueError, match="divisible"):
-        dit.forward(p, TINY, x[..., :5], jnp.array([1.0, 2.0]), ctx)
+        _forward(p, TINY, x[..., :5], jnp.array([1.0, 2.0]), ctx)
 
 
 def test_causal_chunk_with_full_attention_equals_bidirectional():
     """chunk_forward at f0=0 with plain self-attention over the chunk is the bidirectional forward."""
     p = dit.init_params(TINY, jax.random.PRNGKey(0))
-    p = jax.tree_util.tree_map(lambda a: a + 0.01 * jax.random.normal(jax.random.PRNGKey(3), a.shape), p)
-    x = jax.random.normal(jax.random.PRNGKey(1), (1, 4, 3, 4, 4))
-    ctx = jax.random.normal(jax.random.PRNGKey(2), (1, 8, 12))
+    p = jax.jit(lambda p: jax.tree_util.tree_map(
+        lambda a: a + 0.01 * rand.normal(jax.random.PRNGKey(3), a.shape), p))(p)
+    x = rand.normal(jax.random.PRNGKey(1), (1, 4, 3, 4, 4))
+    ctx = rand.normal(jax.random.PRNGKey(2), (1, 8, 12))
     t = jnp.array([[500.0, 400.0, 300.0]])
-    ref = dit.forward(p, TINY, x, t, ctx)
-    tk, tv = dit.text_kv(p, TINY, ctx)
-    got, _ = dit.chunk_forward(p, TINY, x, t, jnp.array(0), tk, tv,
-                               lambda q, k, v, _: (attn_lib.attention(q, k, v, impl="xla"), None))
+    ref = _forward(p, TINY, x, t, ctx)
+    tk, tv = jax.jit(dit.text_kv, static_argnums=1)(p, TINY, ctx)
+    got, _ = jax.jit(lambda p, x, t, f0, tk, tv: dit.chunk_forward(
+        p, TINY, x, t, f0, tk, tv, lambda q, k, v, _: (attn_lib.attention(q, k, v, impl="xla"), None)))(
+        p, x, t, jnp.array(0), tk, tv)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
 def test_remat_policies_match():
     p = dit.init_params(TINY, jax.random.PRNGKey(0))
-    x = jax.random.normal(jax.random.PRNGKey(1), (1, 4, 1, 4, 4))
+    x = rand.normal(jax.random.PRNGKey(1), (1, 4, 1, 4, 4))
     ctx = jnp.ones((1, 8, 12))
 
     def loss(params, cfg):
         return jnp.sum(dit.forward(params, cfg, x, jnp.array([3.0]), ctx) ** 2)
 
-    g0 = jax.grad(loss)(p, TINY)
+    grad = jax.jit(jax.grad(loss), static_argnums=1)  # remat acts on the compiled program
+    g0 = grad(p, TINY)
     for remat in ("full", "dots"):
         cfg = ModelConfig(**{**TINY.__dict__, "remat": remat})
-        g = jax.grad(loss)(p, cfg)
+        g = grad(p, cfg)
         chex.assert_trees_all_close(g, g0, rtol=1e-5, atol=1e-6)
 
 
@@ -105,8 +112,8 @@ def test_precise_cos_sin_float64_accuracy_at_any_position():
 def test_rope_relative_property_and_offsets():
     """<R(p)q, R(p')k> depends only on p - p': shifting every frame by the same offset changes nothing."""
     d = 16
-    q = jax.random.normal(jax.random.PRNGKey(0), (1, 2 * 2 * 3, 1, d))
-    k = jax.random.normal(jax.random.PRNGKey(1), (1, 2 * 2 * 3, 1, d))
+    q = rand.normal(jax.random.PRNGKey(0), (1, 2 * 2 * 3, 1, d))
+    k = rand.normal(jax.random.PRNGKey(1), (1, 2 * 2 * 3, 1, d))
     def logits(f0):
         c, s = rope_tables(jnp.array(f0), 2, 2, 3, d)
         return jnp.einsum("bqhd,bkhd->qk", apply_rope(q, c, s), apply_rope(k, c, s))
@@ -116,9 +123,9 @@ def test_rope_relative_property_and_offsets():
 
 
 def test_attention_dispatcher_masks():
-    q = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 2, 8))
-    k = jax.random.normal(jax.random.PRNGKey(1), (2, 7, 2, 8))
-    v = jax.random.normal(jax.random.PRNGKey(2), (2, 7, 2, 8))
+    q = rand.normal(jax.random.PRNGKey(0), (2, 5, 2, 8))
+    k = rand.normal(jax.random.PRNGKey(1), (2, 7, 2, 8))
+    v = rand.normal(jax.random.PRNGKey(2), (2, 7, 2, 8))
     full = attn_lib.attention(q[:, :, :, :], k[:, :4], v[:, :4], impl="xla")
     by_len = attn_lib.attention(q, k, v, kv_lengths=jnp.array([4, 4]), impl="xla")
     by_mask = attn_lib.attention(q, k, v, kv_mask=jnp.arange(7)[None] < 4 * jnp.ones((2, 1)), impl="xla")

@@ -13,6 +13,7 @@ from memflow_jax.config import MemoryConfig
 from memflow_jax.memory import nam, sma
 from memflow_jax.memory.cache import (CacheSpec, ForwardPlan, chunk_placement, chunk_slots_contiguous,
                                       effective_slots, init_cache, put_frames, reference_slot_order, slot_valid)
+from tests import rand
 
 
 def _spec(window=12, sink=3, bank=3, chunk=3, ri=1) -> CacheSpec:
@@ -161,7 +162,7 @@ def test_contiguous_chunk_writes_match_frame_by_frame(window, sink, chunk):
     spec = _spec(window=window, sink=sink, chunk=chunk)
     contiguous = chunk_slots_contiguous(spec, chunk)
     assert contiguous == (sink % chunk == 0 and (window - sink) % chunk == 0)
-    buf = jax.random.normal(jax.random.PRNGKey(0), (2, 1, spec.slots, 4, 2, 8))
+    buf = rand.normal(jax.random.PRNGKey(0), (2, 1, spec.slots, 4, 2, 8))
     straddles = False
     for start in range(0, 40 * chunk, chunk):
         target, write = chunk_placement(_plan(start), chunk, spec)
@@ -170,7 +171,7 @@ def test_contiguous_chunk_writes_match_frame_by_frame(window, sink, chunk):
         straddles |= not consecutive
         if contiguous:
             assert consecutive, (start, t)
-            frames = jax.random.normal(jax.random.PRNGKey(start + 1), (1, chunk, 4, 2, 8))
+            frames = rand.normal(jax.random.PRNGKey(start + 1), (1, chunk, 4, 2, 8))
             layer = jnp.array(start % 2, jnp.int32)
             np.testing.assert_array_equal(put_frames(buf, frames, (target, write), layer, contiguous=True),
                                           put_frames(buf, frames, (target, write), layer))

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from memflow_jax.config import MemoryConfig
 from memflow_jax.memory.attend import LayerMemory, make_attend_fn
 from memflow_jax.memory.cache import CacheSpec, ForwardPlan, commit, init_cache, record_chunk, with_bank
+from tests import rand
 
 L, B, N, H, D, C, T = 2, 1, 4, 2, 8, 3, 5
 mem = MemoryConfig(mode="nam", local_attn_size=9, sink_size=3, bank_size=2, record_interval=1, sma=True,
@@ -39,13 +40,13 @@ def toy_step(params, cache, x, text_query, start, update_cache, q_bank):
 
 
 def test_toy_model_streams_with_nam_and_sma():
-    params = 0.2 * jax.random.normal(jax.random.PRNGKey(0), (L, 3, H * D, H, D))
-    tq = jax.random.normal(jax.random.PRNGKey(1), (L, B, T, H, D))
+    params = 0.2 * rand.normal(jax.random.PRNGKey(0), (L, 3, H * D, H, D))
+    tq = rand.normal(jax.random.PRNGKey(1), (L, B, T, H, D))
     step = jax.jit(toy_step, static_argnums=(5,))
     cache = init_cache(spec)
     shapes = jax.tree_util.tree_map(jnp.shape, cache)
     for chunk in range(12):
-        x = jax.random.normal(jax.random.PRNGKey(10 + chunk), (B, C * N, H * D))
+        x = rand.normal(jax.random.PRNGKey(10 + chunk), (B, C * N, H * D))
         start = jnp.array(chunk * C, jnp.int32)
         h, cache = step(params, cache, x, tq, start, False, jnp.array(True))  # "denoising" pass, bank update
         h, cache = step(params, cache, h, tq, start, True, jnp.array(False))  # clean pass writes the cache

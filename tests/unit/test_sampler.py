@@ -15,6 +15,7 @@ from memflow_jax.memory.attend import LayerMemory, make_attend_fn
 from memflow_jax.memory.cache import CacheSpec, ForwardPlan, commit, init_cache, recache_dead_frames
 from memflow_jax.sampling.streaming import (PromptKV, StreamingSampler, memory_forward, to_model_layout,
                                             validate_schedule)
+from tests import rand
 
 MODEL = ModelConfig(dim=16, ffn_dim=32, num_heads=2, num_layers=2, freq_dim=16, text_len=4, text_dim=8,
                     in_dim=4, out_dim=4)
@@ -34,7 +35,7 @@ def params():
 
 
 def _contexts(n, batch=1):
-    return [jax.random.normal(jax.random.PRNGKey(100 + i), (batch, MODEL.text_len, MODEL.text_dim))
+    return [rand.normal(jax.random.PRNGKey(100 + i), (batch, MODEL.text_len, MODEL.text_dim))
             for i in range(n)]
 
 
@@ -139,11 +140,11 @@ def test_in_place_cache_write_equals_stacked_commit(params):
                                  tokens_per_frame=dit.tokens_per_frame(MODEL, h, w), num_heads=MODEL.num_heads,
                                  head_dim=MODEL.head_dim, chunk_frames=n)
     cache = init_cache(spec)
-    rnd = jax.random.normal(jax.random.PRNGKey(7), cache.k.shape)
+    rnd = rand.normal(jax.random.PRNGKey(7), cache.k.shape)
     cache = cache.replace(k=rnd, v=-rnd, slot_frame=jnp.arange(spec.window, dtype=jnp.int32),
                           end_frame=jnp.array(9, jnp.int32), bank_pointer=jnp.array(2, jnp.int32))
     text = PromptKV(*dit.text_kv(params, MODEL, _contexts(1)[0]))
-    x = jax.random.normal(jax.random.PRNGKey(8), (1, n, MODEL.in_dim, h, w))
+    x = rand.normal(jax.random.PRNGKey(8), (1, n, MODEL.in_dim, h, w))
     plan = ForwardPlan(start=jnp.array(9, jnp.int32), q_bank=jnp.array(True), recompute=jnp.array(False),
                        zero_text_query=jnp.array(False))
 
@@ -197,8 +198,8 @@ def test_recache_prunes_only_dead_frames(params, mode):
     shape = (1, SAMPLER.chunk_frames, MODEL.in_dim, *SAMPLER.latent_hw)
     for i in range(5):  # 15 frames > W = 9 (none: 6)
         k1, k2 = jax.random.split(jax.random.PRNGKey(20 + i))
-        state, _, _ = s.chunk(state, texts[0], jax.random.normal(k1, shape),
-                              jax.random.normal(k2, (len(s.timesteps) - 1,) + shape))
+        state, _, _ = s.chunk(state, texts[0], rand.normal(k1, shape),
+                              rand.normal(k2, (len(s.timesteps) - 1,) + shape))
     want_drop = 0 if mode in ("nam+sma", "none") else mem.sink_size
     assert recache_dead_frames(s.spec, int(state.frame), mem.sma) == want_drop
     assert recache_dead_frames(s.spec, s.spec.window, mem.sma) == 0  # from frame 0 the sink is re-written

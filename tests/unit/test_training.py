@@ -23,6 +23,7 @@ from memflow_jax.sampling.streaming import StreamingSampler
 from memflow_jax.training import lora as lora_lib
 from memflow_jax.training import rollout as ro
 from memflow_jax.training import trainer as tr
+from tests import rand
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = os.path.join(ROOT, "configs")
@@ -134,8 +135,8 @@ def test_rollout_matches_streaming_sampler_with_a_switch():
     rc = ro.rollout_config(cfg, b, last_step_only=True, ctx_noise_always=False, ctx_qbank_quirk=False,
                            reset_cache_at_switch=False, bank_record_rule="interactive")
     params = _init(rc.model, 0)
-    ctx1 = jax.random.normal(jax.random.key(1), (b, rc.model.text_len, rc.model.text_dim))
-    ctx2 = jax.random.normal(jax.random.key(2), ctx1.shape)
+    ctx1 = rand.normal(jax.random.key(1), (b, rc.model.text_len, rc.model.text_dim))
+    ctx2 = rand.normal(jax.random.key(2), ctx1.shape)
     rng = jax.random.key(3)
     x, mask, aux = jax.jit(lambda p, c1, c2: ro.rollout(p, rc, rng, (c1, c2), num_frames=f, switch_frame=sw))(
         params, ctx1, ctx2)
@@ -186,8 +187,8 @@ def _one_chunk_setup(cfg):
     rc = ro.rollout_config(cfg, 1, last_step_only=True)
     c = rc.chunk_frames
     params = _init(rc.model, 0)
-    ctx = jax.random.normal(jax.random.key(1), (1, rc.model.text_len, rc.model.text_dim))
-    w = jax.random.normal(jax.random.key(4), (1, c) + rc.latent_shape)
+    ctx = rand.normal(jax.random.key(1), (1, rc.model.text_len, rc.model.text_dim))
+    w = rand.normal(jax.random.key(4), (1, c) + rc.latent_shape)
     return rc, c, params, ctx, jax.random.key(5), w
 
 

@@ -17,6 +17,7 @@ from memflow_jax.config import VAEConfig
 from memflow_jax.convert.common import ConversionError, flatten
 from memflow_jax.convert.vae import convert_tensor, convert_vae_state_dict, map_key
 from memflow_jax.nn import vae
+from tests import rand
 from tests.conftest import fixture_dir, load_json
 
 Z = 4
@@ -35,7 +36,7 @@ def params():
 
 @pytest.fixture(scope="module")
 def latents():
-    return jax.random.normal(jax.random.PRNGKey(1), (B, T_LAT, Z, H_LAT, W_LAT), jnp.float32)
+    return rand.normal(jax.random.PRNGKey(1), (B, T_LAT, Z, H_LAT, W_LAT), jnp.float32)
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +114,9 @@ def test_causal_conv_layouts_equal_3d_conv(cin, cout) -> None:
     when kt * cout <= cin, the decoder head), with the cached frames in front passed apart or not, equal lax's
     direct 3-D conv."""
     kx, kk, kb = jax.random.split(jax.random.PRNGKey(0), 3)
-    x = jax.random.normal(kx, (2, 6, 5, 7, cin))  # [B, T, H, W, C]
-    k = jax.random.normal(kk, (3, 3, 3, cin, cout))
-    b = jax.random.normal(kb, (cout,))
+    x = rand.normal(kx, (2, 6, 5, 7, cin))  # [B, T, H, W, C]
+    k = rand.normal(kk, (3, 3, 3, cin, cout))
+    b = rand.normal(kb, (cout,))
     ref = jax.lax.conv_general_dilated(x, k, (1, 1, 1), ((0, 0), (1, 1), (1, 1)), precision="highest",
                                        dimension_numbers=("NDHWC", "DHWIO", "NDHWC")) + b
     for prev_frames in (0, 2, 4):  # the first frames passed separately as the cached ``prev``
@@ -128,9 +129,9 @@ def test_causal_conv_layouts_equal_3d_conv(cin, cout) -> None:
 def test_upsample_conv_equals_repeat_then_conv() -> None:
     """The sub-pixel form of nearest-x2 + 3x3 conv (the decoder's upsample) equals upsampling first."""
     kx, kk, kb = jax.random.split(jax.random.PRNGKey(1), 3)
-    x = jax.random.normal(kx, (2, 5, 7, 6))  # [N, H, W, C]
-    k = jax.random.normal(kk, (3, 3, 6, 4))
-    b = jax.random.normal(kb, (4,))
+    x = rand.normal(kx, (2, 5, 7, 6))  # [N, H, W, C]
+    k = rand.normal(kk, (3, 3, 6, 4))
+    b = rand.normal(kb, (4,))
     up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
     ref = jax.lax.conv_general_dilated(up, k, (1, 1), ((1, 1), (1, 1)), precision="highest",
                                        dimension_numbers=("NHWC", "HWIO", "NHWC")) + b
@@ -161,7 +162,7 @@ def test_video_to_input_layout_and_range() -> None:
 
 def test_encode_shapes_and_causal_first_frame(params) -> None:
     """Latent shape; normalised == (mu - mean) / std; frame 0 is encoded alone (chunk [0])."""
-    video = jax.random.uniform(jax.random.PRNGKey(2), (B, 3, 1 + T_STRIDE, 8, 12), jnp.float32, -1, 1)
+    video = rand.uniform(jax.random.PRNGKey(2), (B, 3, 1 + T_STRIDE, 8, 12), jnp.float32, -1, 1)
     lat = vae.encode(params, CFG, video)
     chex.assert_shape(lat, (B, 2, Z, 8 // S_STRIDE, 12 // S_STRIDE))
     mu = vae.encode(params, CFG, video, normalize=False)

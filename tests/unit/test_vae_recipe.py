@@ -23,6 +23,7 @@ from memflow_jax.nn import vae
 from memflow_jax.storyworld.dataset import write_dataset
 from memflow_jax.training import losses
 from memflow_jax.training import trainer as tr
+from tests import rand
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_VAE = os.path.join(ROOT, "configs", "tiny_vae.yaml")
@@ -50,7 +51,7 @@ def params():
 
 def test_decode_clip_equals_streaming_decode_and_is_causal(params) -> None:
     b, t_lat, h, w = 2, 3, 3, 4
-    lat = jax.random.normal(jax.random.PRNGKey(1), (b, t_lat, Z, h, w), jnp.float32)
+    lat = rand.normal(jax.random.PRNGKey(1), (b, t_lat, Z, h, w), jnp.float32)
     dec = jax.jit(vae.decode_clip, static_argnums=(1, 3, 4))
     full = dec(params, CFG, lat, True, False)
     chex.assert_shape(full, (b, 1 + TS * (t_lat - 1), 3, SS * h, SS * w))
@@ -69,7 +70,7 @@ def test_decode_clip_equals_streaming_decode_and_is_causal(params) -> None:
 
 
 def test_encode_moments_mu_is_encode(params) -> None:
-    video = jax.random.uniform(jax.random.PRNGKey(2), (2, 3, 1 + 2 * TS, 8, 8), jnp.float32, -1, 1)
+    video = rand.uniform(jax.random.PRNGKey(2), (2, 3, 1 + 2 * TS, 8, 8), jnp.float32, -1, 1)
     mu, logvar = vae.encode_moments(params, CFG, video)
     chex.assert_shape([mu, logvar], (2, 3, Z, 8 // SS, 8 // SS))
     np.testing.assert_allclose(np.asarray(mu), np.asarray(vae.encode(params, CFG, video, normalize=False)),
@@ -132,7 +133,7 @@ def test_vae_loss_chroma_weight() -> None:
 
 def test_text_dropout_masks_whole_samples() -> None:
     b, length, d = 256, 3, 5
-    ctx = jax.random.normal(jax.random.key(0), (b, length, d))
+    ctx = rand.normal(jax.random.key(0), (b, length, d))
     uncond = jnp.full((length, d), 7.0)
     out, dropped = losses.text_dropout(ctx, uncond, 0.0, jax.random.key(1))
     assert out is ctx and not bool(dropped.any())
