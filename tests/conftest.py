@@ -35,3 +35,25 @@ def load_json(component: str, name: str) -> dict:
 @pytest.fixture(scope="session")
 def fixtures_root() -> str:
     return FIXTURES_ROOT
+
+
+# Modules of long tests (minutes under -n 2) that the run should not end on. pytest-xdist's default (load)
+# scheduling hands each worker a first batch of len(items) // workers // 4 consecutive tests, then ever smaller
+# batches in collection order; a long test near the end of the collection (these sort late) keeps one worker busy
+# while the other idles. They go, module by module and in their own order, to the front of the second worker's
+# first batch (the first worker's is the long parity DiT cases).
+LONG_MODULES = ("tests/unit/test_training_multidevice.py", "tests/unit/test_training.py",
+                "tests/unit/test_vae_recipe.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers < 2:
+        return
+    module = lambda item: item.nodeid.split("::")[0]  # noqa: E731
+    long = sorted((it for it in items if module(it) in LONG_MODULES), key=lambda it: LONG_MODULES.index(module(it)))
+    if not long:
+        return
+    rest = [it for it in items if module(it) not in LONG_MODULES]
+    at = min(len(items) // workers // 4, len(rest))
+    items[:] = rest[:at] + long + rest[at:]

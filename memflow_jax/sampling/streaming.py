@@ -90,6 +90,11 @@ def memory_forward(params: dit.Params, mcfg: ModelConfig, spec: CacheSpec, mem: 
     return to_model_layout(flow), tt, outs, (attend.new_slot_frame, attend.placement)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _prompt_kv(mcfg: ModelConfig, params, context: jnp.ndarray) -> PromptKV:
+    return PromptKV(*dit.text_kv(params, mcfg, context))
+
+
 class ChunkSteps:
     """The jitted pieces of streaming generation; they depend only on static configuration (no params), so
     samplers with the same configuration share one instance and its compiled code."""
@@ -101,7 +106,7 @@ class ChunkSteps:
         self.schedule = sch.make_schedule(scfg.timestep_shift, num_train_timesteps=scfg.num_train_timesteps)
         self.traces = 0
         self.chunk = jax.jit(self._chunk_impl, donate_argnums=(1,))
-        self.prompt_kv = jax.jit(lambda p, c: PromptKV(*dit.text_kv(p, self.mcfg, c)))
+        self.prompt_kv = functools.partial(_prompt_kv, mcfg)  # depends on the model config only: shared
         self.recache: dict[tuple[int, int], Callable] = {}
 
     def recache_fn(self, n: int, drop: int = 0) -> Callable:

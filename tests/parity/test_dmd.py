@@ -17,6 +17,7 @@ raised to the reference's own float32-vs-float64 spread where ``tolerance_measur
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable
 
@@ -92,10 +93,22 @@ DIT_FLOORS = {
 }
 
 
+@functools.cache
+def _jitted_forward():
+    from memflow_jax.nn import dit
+
+    return jax.jit(dit.forward, static_argnums=1)
+
+
+def _dit_forward(params, cfg, x, t, ctx):
+    """``dit.forward``, one compiled program per (config, shapes): the fake and critic scores and every case share
+    them."""
+    return _jitted_forward()(params, cfg, x, t, ctx)
+
+
 def _dit_backend(case: dict, a: dict) -> Backend:
     """Our Wan DiT (loaded through the converter from the two tiny folders; the teacher one is sharded)."""
     from memflow_jax.convert.dit import load_wan_folder
-    from memflow_jax.nn import dit
 
     root = fixture_dir("dmd")
     real_cfg, real_p = load_wan_folder(os.path.join(root, META["real_score_folder"]))
@@ -105,11 +118,9 @@ def _dit_backend(case: dict, a: dict) -> Backend:
     calls: list = []
 
     def score(cfg, params, who):
-        fwd = jax.jit(lambda p, x, t, c: dit.forward(p, cfg, x, t, c))
-
         def fn(xt, t, ctx):  # [B,F,C,H,W], t [B,F] (WanDiffusionWrapper passes t[:, 0]) -> flow [B,F,C,H,W]
             calls.append((who, "cond" if ctx is cond else "uncond", xt, t))
-            flow = fwd(params, jnp.swapaxes(xt, 1, 2), t[:, 0], ctx["prompt_embeds"])
+            flow = _dit_forward(params, cfg, jnp.swapaxes(xt, 1, 2), t[:, 0], ctx["prompt_embeds"])
             return jnp.swapaxes(flow, 1, 2)
         return fn
 

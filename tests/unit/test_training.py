@@ -87,10 +87,10 @@ def test_lora_init_merge_and_save_round_trip(tmp_path):
     back, meta = lora_lib.load_lora(out, "generator_lora", jax.eval_shape(lambda x: x, lora))
     chex.assert_trees_all_equal(back, lora)
     assert meta == {"rank": rank, "alpha": alpha, "scale": alpha / rank}
+    teacher = jax.eval_shape(lambda: tr.synthetic_init(cfg.teacher_model, jax.random.key(2)))
+    wrong = jax.eval_shape(lambda: lora_lib.init_lora(teacher, rank, jax.random.key(3)))  # shapes are enough
     with pytest.raises(ValueError, match="do not fit"):
-        lora_lib.merge_lora_params(params, lora_lib.init_lora(
-            jax.eval_shape(lambda: tr.synthetic_init(cfg.teacher_model, jax.random.key(2))), rank, jax.random.key(3)),
-            1.0)
+        lora_lib.merge_lora_params(params, wrong, 1.0)
 
 
 # --------------------------------------------------------------------------------------------------
