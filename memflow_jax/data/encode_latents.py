@@ -1,22 +1,29 @@
 """Encode a storyworld dataset to normalised VAE latents (the data of the teacher / ODE recipes).
 
     python -m memflow_jax.data.encode_latents --config configs/storyworld.yaml --vae RUN_OR_CONVERTED_DIR \\
-        --data STORYWORLD_DATASET_DIR --out OUT_DIR [--batch-size 8] [--stats-from-samples 512] [--frames N] \\
-        [section.key=value ...]
+        --data STORYWORLD_DATASET_DIR --out OUT_DIR [--batch-size 8] [--stats-from-samples 512] [--stats channel] \\
+        [--frames N] [section.key=value ...]
+
+``--data`` may be repeated (several dataset folders; their items are numbered in order). ``--segment-windows`` (with
+``--frames N``) encodes, instead of each video's first N frames with its first prompt, the first N frames of every
+prompt segment at least N frames long, with that segment's prompt: a narrative script's continuation segments
+("the small red square leaves ...") become single-prompt training clips, and a one-segment clip stays itself.
 
 ``--vae``: a ``train.recipe=vae`` run folder (newest checkpoint, EMA params if saved), a converted checkpoint
 folder or a ``Wan2.1_VAE.pth`` (:func:`memflow_jax.training.trainer.load_vae_host`); its architecture is the
 config's ``vae`` section. With ``vae.codec=pixel`` (the parameter-free codec) no ``--vae`` is needed.
 
 Pass 1 encodes (posterior mean ``mu``, no sampling) a seeded subset of ``--stats-from-samples`` clips and
-measures the per-channel mean / std of their latents; pass 2 encodes every clip and writes
+measures the mean / std of their latents, per channel (``--stats channel``, the Wan VAE's convention) or one
+value over all channels (``--stats global``: keeps the channels' relative scales, e.g. a PCA codec's variance
+spectrum, so diffusion noise drowns the weak high-frequency components first as in pixel space); pass 2 encodes every clip and writes
 ``(mu - mean) * (1 / std)``, the convention of ``vae.encode(normalize=True)`` with ``vae.latent_mean`` /
 ``vae.latent_std`` set to the measured values (so a sampler decoding with that config inverts it).
 
 Output folder::
 
-    latents/<i>.npz    ``latents`` float32 [F, C, h, w] + ``prompt`` (the clip's first prompt): LatentSource
-                       (of ``OUT_DIR`` or ``OUT_DIR/latents``: the only sample files in the folder)
+    latents/<i>.npz    ``latents`` float32 [F, C, h, w] + ``prompt`` (the clip's first prompt, or the window's
+                       segment's): LatentSource (of ``OUT_DIR`` or ``OUT_DIR/latents``: the only sample files there)
     latents.jsonl      the same as a manifest (LatentSource.from_manifest)
     vae/               converted checkpoint: component "vae" + config.json whose vae section has the statistics
     vae_stats.json     {"latent_mean": [...], "latent_std": [...], ...}; written last (a finished run)
@@ -45,17 +52,25 @@ class EncodeError(ValueError):
     """Inputs that do not fit together (resolution, clip length, VAE architecture, ...)."""
 
 
+STATS_MODES = ("channel", "global")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m memflow_jax.data.encode_latents", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML whose vae / sampler sections describe the VAE and video")
     p.add_argument("--vae", default="", help="vae-recipe run folder | converted checkpoint folder | .pth (not needed "
                    "with vae.codec=pixel)")
-    p.add_argument("--data", required=True, help="storyworld dataset folder (python -m memflow_jax.storyworld.export)")
+    p.add_argument("--data", required=True, action="append",
+                   help="storyworld dataset folder (python -m memflow_jax.storyworld.export); repeat for several")
+    p.add_argument("--segment-windows", action="store_true",
+                   help="encode the first --frames frames of every prompt segment that long, with its prompt")
     p.add_argument("--out", required=True, help="output folder (created; existing files are replaced)")
     p.add_argument("--batch-size", type=int, default=8, help="clips per encoder call")
     p.add_argument("--stats-from-samples", type=int, default=512,
                    help="clips (seeded random subset) whose latents give the per-channel mean / std")
+    p.add_argument("--stats", choices=STATS_MODES, default="channel",
+                   help="channel: a mean / std per latent channel; global: one mean / std over all channels")
     p.add_argument("--frames", type=int, default=None,
                    help="encode the first N frames of every video (N = 1 + k * time stride); default: the whole "
                         "video, which must then have that form and the same length for every clip")
@@ -143,10 +158,24 @@ def make_encoder(params: Any, vae_cfg: Any) -> Callable[[np.ndarray], np.ndarray
     return lambda video: np.asarray(enc(params, video), np.float32)
 
 
-def encode_dataset(cfg: Any, vae_params: Any, data_dir: str, out_dir: str, batch_size: int = 8,
+def segment_windows(records: Sequence[dict[str, Any]], frames: int) -> list[tuple[int, int, str]]:
+    """``(example, start frame, prompt)`` of every prompt segment with at least ``frames`` frames (index.jsonl
+    records: ``num_frames``, ``start_frames``, ``prompts``)."""
+    out = []
+    for i, r in enumerate(records):
+        starts, n = [int(x) for x in r["start_frames"]], int(r["num_frames"])
+        if len(starts) != len(r["prompts"]):
+            raise EncodeError(f"example {i}: {len(starts)} start frames but {len(r['prompts'])} prompts")
+        for start, end, prompt in zip(starts, starts[1:] + [n], r["prompts"]):
+            if end - start >= frames:
+                out.append((i, start, str(prompt)))
+    return out
+
+
+def encode_dataset(cfg: Any, vae_params: Any, data_dir: str | Sequence[str], out_dir: str, batch_size: int = 8,
                    stats_from_samples: int = 512, frames: int | None = None, seed: int = 0, workers: int = 4,
                    progress: bool = True, log: Callable[[str], None] = print,
-                   dtype: str = "float32") -> dict[str, Any]:
+                   dtype: str = "float32", stats: str = "channel", windows: bool = False) -> dict[str, Any]:
     """Both passes (see the module docstring); returns the statistics record written to ``vae_stats.json``."""
     from memflow_jax.config import CHECKPOINT_SECTIONS
     from memflow_jax.convert.common import save_converted
@@ -159,30 +188,53 @@ def encode_dataset(cfg: Any, vae_params: Any, data_dir: str, out_dir: str, batch
         raise EncodeError(f"--batch-size {batch_size} must be >= 1")
     if stats_from_samples < 1:
         raise EncodeError(f"--stats-from-samples {stats_from_samples} must be >= 1")
+    if stats not in STATS_MODES:
+        raise EncodeError(f"--stats {stats!r}: expected one of {STATS_MODES}")
     vcfg, s = cfg.vae, cfg.sampler
     ts, ss = vae_lib.time_stride(vcfg), vae_lib.space_stride(vcfg)
-    src = StoryworldSource(data_dir)
-    h, w = int(src.meta["height"]), int(src.meta["width"])
-    if (h, w) != (s.height, s.width):
-        raise EncodeError(f"{data_dir}: videos are {h}x{w} px, the config's sampler.height x width is "
-                          f"{s.height}x{s.width}; export the dataset at that size (storyworld.export --height "
-                          f"{s.height} --width {s.width}) or fix the config")
-    if h % ss or w % ss:
-        raise EncodeError(f"{h}x{w} px is not a multiple of the VAE's spatial stride {ss}")
-    n = len(src)
+    dirs = [data_dir] if isinstance(data_dir, (str, os.PathLike)) else list(data_dir)
+    if not dirs:
+        raise EncodeError("no --data folder given")
+    sources = [StoryworldSource(d) for d in dirs]
+    for d, src in zip(dirs, sources):
+        h, w = int(src.meta["height"]), int(src.meta["width"])
+        if (h, w) != (s.height, s.width):
+            raise EncodeError(f"{d}: videos are {h}x{w} px, the config's sampler.height x width is "
+                              f"{s.height}x{s.width}; export the dataset at that size (storyworld.export --height "
+                              f"{s.height} --width {s.width}) or fix the config")
+    if s.height % ss or s.width % ss:
+        raise EncodeError(f"{s.height}x{s.width} px is not a multiple of the VAE's spatial stride {ss}")
     try:
-        lengths = src.num_frames()
+        records = [src.index_records() for src in sources]
     except ValueError as e:
         raise EncodeError(str(e)) from None
-    nf = clip_frames(lengths, frames, ts)
+    # items: (dataset, example, first frame, prompt)
+    if windows:
+        if frames is None:
+            raise EncodeError("--segment-windows needs --frames N (the window length, 1 + time stride * k)")
+        nf = clip_frames(np.asarray([frames]), frames, ts)
+        items = [(k, i, start, p) for k, recs in enumerate(records) for i, start, p in segment_windows(recs, nf)]
+        if not items:
+            raise EncodeError(f"no prompt segment has {nf} frames: pass a smaller --frames")
+    else:
+        lengths = np.asarray([int(r["num_frames"]) for recs in records for r in recs], np.int64)
+        nf = clip_frames(lengths, frames, ts)
+        items = [(k, i, 0, str(r["prompts"][0])) for k, recs in enumerate(records) for i, r in enumerate(recs)]
+    n = len(items)
     encode = make_encoder(vae_params, vcfg)
 
     def load(batch: list[int]) -> tuple[list[int], np.ndarray, list[str]]:
-        recs = [src[i] for i in batch]
-        video = np.stack([r["video"][:nf] for r in recs])  # [b, nf, H, W, 3] uint8
+        decoded: dict[tuple[int, int], np.ndarray] = {}  # a script's windows share one decode
+        clips = []
+        for j in batch:
+            k, i, start, _ = items[j]
+            if (k, i) not in decoded:
+                decoded[(k, i)] = sources[k][i]["video"]
+            clips.append(decoded[(k, i)][start:start + nf])
+        video = np.stack(clips)  # [b, nf, H, W, 3] uint8
         if len(batch) < batch_size:  # pad: one compiled shape for every batch
             video = np.concatenate([video, np.repeat(video[-1:], batch_size - len(batch), axis=0)])
-        return batch, video, [str(r["prompts"][0]) for r in recs]
+        return batch, video, [items[j][3] for j in batch]
 
     def bar(total: int, desc: str):
         if not progress:
@@ -191,7 +243,7 @@ def encode_dataset(cfg: Any, vae_params: Any, data_dir: str, out_dir: str, batch
 
         return tqdm(total=total, desc=desc, unit="clip", dynamic_ncols=True)
 
-    # pass 1: per-channel statistics of mu over a seeded subset (float64 accumulators)
+    # pass 1: statistics of mu over a seeded subset (float64 accumulators per channel)
     rng = np.random.default_rng(seed)
     subset = np.sort(rng.choice(n, size=min(stats_from_samples, n), replace=False)).tolist()
     z = vcfg.z_dim
@@ -206,6 +258,8 @@ def encode_dataset(cfg: Any, vae_params: Any, data_dir: str, out_dir: str, batch
             pb.update(len(batch))
     if pb is not None:
         pb.close()
+    if stats == "global":  # one value for every channel: vae.latent_mean / latent_std of length 1 broadcast
+        s1, s2, count = s1.sum(keepdims=True), s2.sum(keepdims=True), count * z
     mean = s1 / count
     std = np.sqrt(np.maximum(s2 / count - np.square(mean), 0.0))
     if (std < STD_FLOOR).any():
@@ -238,8 +292,9 @@ def encode_dataset(cfg: Any, vae_params: Any, data_dir: str, out_dir: str, batch
         vcfg, latent_mean=tuple(float(v) for v in mean32), latent_std=tuple(float(v) for v in std32)))
     config_dict = {k: v for k, v in stats_cfg.to_dict().items() if k in CHECKPOINT_SECTIONS}
     stats = {"latent_mean": [float(v) for v in mean32], "latent_std": [float(v) for v in std32],
-             "num_clips": n, "stats_from_samples": len(subset), "frames": nf, "latent_shape": list(shape),
-             "data": os.path.abspath(data_dir)}
+             "stats": stats, "num_clips": n, "stats_from_samples": len(subset), "frames": nf,
+             "latent_shape": list(shape), "segment_windows": bool(windows),
+             "data": [os.path.abspath(d) for d in dirs] if len(dirs) > 1 else os.path.abspath(dirs[0])}
     save_converted(os.path.join(out_dir, "vae"), {"vae": vae_params}, config_dict,
                    extra_meta={"latent_stats": {k: stats[k] for k in ("latent_mean", "latent_std")}})
     write_text(os.path.join(out_dir, "vae_stats.json"), json.dumps(stats, indent=1, sort_keys=True) + "\n")
@@ -267,7 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         params = trainer_lib.load_vae_host(args.vae, cfg.vae, "--vae")
         stats = encode_dataset(cfg, params, args.data, args.out, batch_size=args.batch_size,
                                stats_from_samples=args.stats_from_samples, frames=args.frames, seed=args.seed,
-                               workers=args.workers, dtype=args.dtype)
+                               workers=args.workers, dtype=args.dtype, stats=args.stats,
+                               windows=args.segment_windows)
     except (EncodeError, ConversionError, config_lib.ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

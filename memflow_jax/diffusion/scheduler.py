@@ -105,7 +105,8 @@ def _host_tables(shift: float, num_train_timesteps: int, sigma_min: float, extra
     y = np.exp(arg.astype(np.float64)).astype(np.float32)
     y_shifted = y - y.min()
     total = f32(np.sum(y_shifted, dtype=np.float64))
-    weights = y_shifted * (f32(n) / total)
+    with np.errstate(divide="ignore", invalid="ignore"):  # total = 0 for a few-step table: NaN weights, as in the
+        weights = y_shifted * (f32(n) / total)               # reference (only the training table's are used)
     return sigmas.astype(np.float32), timesteps.astype(np.float32), weights.astype(np.float32)
 
 

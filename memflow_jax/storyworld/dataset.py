@@ -279,6 +279,17 @@ class StoryworldSource:
                              "dataset folder is incomplete")
         return lengths
 
+    def index_records(self) -> list[dict[str, Any]]:
+        """Every example's ``index.jsonl`` record (``num_frames``, ``prompts``, ``start_frames``, ...), no video
+        decoded."""
+        index = os.path.join(self.path, "index.jsonl")
+        with open(index, encoding="utf-8") as f:
+            recs = [json.loads(line) for line in f if line.strip()]
+        if len(recs) != self._len:
+            raise ValueError(f"{index} lists {len(recs)} examples, {self.path}/meta.json {self._len}: the "
+                             "dataset folder is incomplete")
+        return recs
+
     def _raw(self, index: int) -> bytes:
         if self._files is not None:
             with open(os.path.join(self.path, self._files[index]), "rb") as f:

@@ -27,7 +27,11 @@
 # stage that reads a config, from latents on; ARCH=pixel trains on the parameter-free pixel codec ($PIXEL below),
 # with no vae / vaedec stage and VAE_SRC unused; ARCH=pca on its 32-component PCA ($PCA below: the pca stage
 # replaces vae / vaedec and VAE_SRC defaults to its output) and STORE_DTYPE (float32 / float16: how latents and
-# ODE pairs are stored; float16 by default with ARCH=pixel, whose 192-channel latents are 24x the VAE's).
+# ODE pairs are stored; float16 by default with ARCH=pixel, whose 192-channel latents are 24x the VAE's) and
+# LATENT_STATS (channel / global: the latents stage's normalisation, data.encode_latents --stats; global by default
+# with ARCH=pca, channel otherwise) and WINDOWS=1 (the latents stage also encodes the first 33 frames of every
+# script segment that long with its own prompt, so the teacher learns the continuation prompts that long tuning
+# and sampling use; data.encode_latents --segment-windows).
 set -euo pipefail
 
 DATA=${DATA:-data/storyworld}
@@ -46,8 +50,11 @@ PIXEL="$PIXEL teacher_model.in_dim=192 teacher_model.out_dim=192"
 PCA="vae.codec=pca vae.z_dim=32 vae.latent_mean=[0] vae.latent_std=[1] model.in_dim=32 model.out_dim=32"
 PCA="$PCA teacher_model.in_dim=32 teacher_model.out_dim=32"
 if [ "$ARCH" = pixel ]; then ARCH=$PIXEL; STORE_DTYPE=${STORE_DTYPE:-float16}; fi
-if [ "$ARCH" = pca ]; then ARCH=$PCA; VAE_SRC=${VAE_SRC:-$RUNS/pca}; fi
+if [ "$ARCH" = pca ]; then ARCH=$PCA; VAE_SRC=${VAE_SRC:-$RUNS/pca}; LATENT_STATS=${LATENT_STATS:-global}; fi
 STORE_DTYPE=${STORE_DTYPE:-float32}
+LATENT_STATS=${LATENT_STATS:-channel}
+LATENT_DATA="--data $DATA/clips"
+[ -n "${WINDOWS:-}" ] && LATENT_DATA="$LATENT_DATA --data $DATA/scripts --frames 33 --segment-windows"
 PY=${PYTHON:-python}
 # every path the configs name, redirected when DATA / RUNS / ART differ from the defaults
 PATHS="train.text_cache_dir=$DATA/text_cache"
@@ -76,7 +83,7 @@ stage() {
         --out "$RUNS/pca" $ARCH ;;
     latents)
       $PY -m memflow_jax.data.encode_latents --config configs/storyworld.yaml --vae "${VAE_SRC:-$RUNS/vae_decoder}" \
-        --data "$DATA/clips" --out "$DATA/latents" --dtype "$STORE_DTYPE" $ARCH ;;
+        $LATENT_DATA --out "$DATA/latents" --dtype "$STORE_DTYPE" --stats "$LATENT_STATS" $ARCH ;;
     textcache)
       $PY -m memflow_jax.data.text_cache build --converted-ckpt "$ART/text" --out "$DATA/text_cache" --negative-prompt "" \
         --prompts "$DATA/clips/prompts.txt" "$DATA/scripts/prompts.txt" "$DATA/scripts/switch_prompts.txt" ;;

@@ -78,6 +78,70 @@ def test_encode_writes_normalised_latents_stats_and_checkpoint(setup, capsys) ->
     chex.assert_trees_all_equal(load_vae_host(str(out / "vae"), cfg.vae), params)
 
 
+def test_global_stats_keep_the_channels_relative_scales(setup, tmp_path, capsys) -> None:
+    """--stats global: one mean / std over all channels (length-1 config tuples that broadcast), so the written
+    latents are the raw latents shifted and scaled by scalars; vae.encode(normalize=True) still reproduces them."""
+    per_channel, glob = tmp_path / "channel", tmp_path / "global"
+    base = ["--config", TINY_VAE, "--vae", setup["conv"], "--data", setup["data"], "--stats-from-samples", str(N_CLIPS)]
+    assert el.main(base + ["--out", str(per_channel)]) == 0
+    assert el.main(base + ["--out", str(glob), "--stats", "global"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1].split()
+    cfg = cfg_lib.load(TINY_VAE, line)
+    assert len(cfg.vae.latent_mean) == len(cfg.vae.latent_std) == 1
+    stats = json.loads((glob / "vae_stats.json").read_text())
+    assert stats["stats"] == "global" and len(stats["latent_std"]) == 1
+    z = cfg.vae.z_dim
+    lat = np.stack([LatentSource(str(glob / "latents"))[i]["latents"] for i in range(N_CLIPS)])  # [N, F, C, h, w]
+    np.testing.assert_allclose([lat.mean(), lat.std()], [0.0, 1.0], atol=1e-4)  # over every channel together
+    # raw = lat * std + mean; the per-channel files give the same raw latents with their own statistics
+    ch = json.loads((per_channel / "vae_stats.json").read_text())
+    lat_ch = np.stack([LatentSource(str(per_channel / "latents"))[i]["latents"] for i in range(N_CLIPS)])
+    raw_g = lat * stats["latent_std"][0] + stats["latent_mean"][0]
+    raw_c = lat_ch * np.float32(ch["latent_std"]).reshape(1, 1, z, 1, 1) + np.float32(ch["latent_mean"]).reshape(
+        1, 1, z, 1, 1)
+    np.testing.assert_allclose(raw_g, raw_c, rtol=0, atol=1e-4)
+    video = np.stack([StoryworldSource(setup["data"])[i]["video"] for i in range(N_CLIPS)])
+    x = np.transpose(video, (0, 4, 1, 2, 3)).astype(np.float32) / 127.5 - 1.0
+    np.testing.assert_allclose(np.asarray(vae.encode(setup["params"], cfg.vae, x, normalize=True)), lat, rtol=0,
+                               atol=1e-5)
+
+
+def test_segment_windows_add_every_long_enough_segment_with_its_prompt(setup, tmp_path) -> None:
+    """--segment-windows over clips + scripts: each clip once (its one segment), then the first FRAMES frames of
+    every script segment that long, with that segment's prompt, numbered in --data order."""
+    scripts = write_dataset(tmp_path / "scripts", kind="scripts", num_examples=3, seed=1, height=16, width=16,
+                            segment_frames=(4, 8))
+    out = tmp_path / "win"
+    rc = el.main(["--config", TINY_VAE, "--vae", setup["conv"], "--data", setup["data"], "--data", scripts,
+                  "--out", str(out), "--frames", str(FRAMES), "--segment-windows", "--stats-from-samples", "4"])
+    assert rc == 0
+    clips, scr = StoryworldSource(setup["data"]), StoryworldSource(scripts)
+    want = [(clips, i, 0, clips[i]["prompts"][0]) for i in range(N_CLIPS)]
+    for i in range(len(scr)):
+        ex = scr[i]
+        ends = list(ex["start_frames"][1:]) + [ex["num_frames"]]
+        want += [(scr, i, a, p) for a, b, p in zip(ex["start_frames"], ends, ex["prompts"]) if b - a >= FRAMES]
+    assert len(want) > N_CLIPS and any(a > 0 for _, _, a, _ in want)  # the scripts give continuation windows
+    src = LatentSource(str(out / "latents"))
+    assert len(src) == len(want) and json.loads((out / "vae_stats.json").read_text())["segment_windows"]
+    cfg2 = setup["cfg"]
+    stats = json.loads((out / "vae_stats.json").read_text())
+    mean = np.float32(stats["latent_mean"]).reshape(1, 1, -1, 1, 1)
+    std = np.float32(stats["latent_std"]).reshape(1, 1, -1, 1, 1)
+    for j, (ds, i, a, prompt) in enumerate(want):
+        rec = src[j]
+        assert rec["prompts"] == prompt
+        video = ds[i]["video"][a:a + FRAMES][None]  # [1, T, H, W, 3]
+        raw = vae.encode(setup["params"], cfg2.vae, vae.video_to_input(video), normalize=False)
+        np.testing.assert_allclose(rec["latents"][None], (np.asarray(raw) - mean) / std, rtol=0, atol=1e-4)
+    # windows need --frames, and a length some segment has
+    base = ["--config", TINY_VAE, "--vae", setup["conv"], "--data", scripts, "--out", str(tmp_path / "x"),
+            "--segment-windows"]
+    with pytest.raises(el.EncodeError, match="needs --frames"):
+        el.encode_dataset(cfg2, setup["params"], [scripts], str(tmp_path / "x"), windows=True)
+    assert el.main(base + ["--frames", "61"]) == 2
+
+
 def test_encode_errors_name_the_problem(setup, tmp_path, capsys) -> None:
     base = ["--config", TINY_VAE, "--vae", setup["conv"], "--out", str(tmp_path / "out")]
     assert el.main(base + ["--data", setup["data"], "sampler.height=32", "sampler.width=32"]) == 2

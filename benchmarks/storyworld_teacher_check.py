@@ -1,0 +1,243 @@
+"""Storyworld teacher check: does a bidirectional teacher, through its codec, make clips that follow their prompts?
+
+Run it before distilling (the ODE pairs, ODE init and DMD all copy the teacher): for N held-out single-prompt
+clips (the split of ``storyworld_eval.py``: ``eval_rng(split_seed, i)``, disjoint from every training stream) the
+teacher solves the flow ODE from noise (``training.ode_pairs.solve``: Euler, classifier-free guidance against the
+negative prompt), the codec decodes the clean latent, and the video is scored against the clip's ground truth:
+prompt adherence and temporal smoothness (``storyworld.metrics``), plus the std of the clean latent in the
+normalised latent space (the training data has std 1; a teacher whose samples drift far from 1 diverges under
+guidance). The ground truth through the codec is scored too: the ceiling of every teacher on this codec.
+``--prompts FILE`` adds prompts without a ground truth (one a line, e.g. a script's continuation prompts, which
+the clip-trained teacher never saw but scores during long tuning): smoothness and latent std only.
+
+    python benchmarks/storyworld_teacher_check.py --teacher ART/teacher --text ART/text --vae DATA/latents/vae \\
+        [--num-clips 8] [--seeds 0] [--steps 48] [--guidance-scale 3.0] [--json OUT.json] [--png OUT.png] \\
+        [--prompts EXTRA_PROMPTS.txt]
+
+``--teacher``: a converted DiT checkpoint (``train.py --export``), its ``model`` / ``sampler`` sections are used;
+``--text``: a converted checkpoint with ``t5`` + ``tokenizer/`` (the ``text`` stage or a demo package);
+``--vae``: the codec with the latent statistics the teacher was trained with (``data.encode_latents``' ``vae/``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `python benchmarks/storyworld_teacher_check.py` without an installed package
+    sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+
+from benchmarks import storyworld_eval as E  # noqa: E402
+from memflow_jax.storyworld import captions as C  # noqa: E402
+from memflow_jax.storyworld import metrics as M  # noqa: E402
+from memflow_jax.storyworld import render as R  # noqa: E402
+from memflow_jax.storyworld import scripts as SC  # noqa: E402
+
+COLUMNS = (("adherence", "adherence"), ("smoothness", "smoothness (|dF|)"), ("latent_std", "latent std"))
+
+
+class CheckError(ValueError):
+    """Inputs that cannot be checked (named, with the fix)."""
+
+
+def held_out_clip(index: int, *, split_seed: int, num_frames: int, height: int, width: int, fps: int
+                  ) -> tuple[str, np.ndarray, dict[str, Any]]:
+    """(prompt, ground truth uint8 [T, H, W, 3], annotations) of held-out clip ``index``."""
+    rng = E.eval_rng(split_seed, index)
+    script = SC.sample_clip(rng, num_frames=num_frames)
+    render_seed = int(rng.integers(0, 2**31 - 1))
+    video, ann = R.render_video(script, render_seed, None, height, width, fps)
+    return C.script_prompts(script)[0], video, ann
+
+
+def load_config(teacher: str, text: str, vae: str, overrides: Sequence[str]):
+    """The teacher's sections, then the text and codec sections of their own checkpoints, then overrides."""
+    from memflow_jax import config as config_lib
+    from memflow_jax.convert.common import read_converted_meta
+
+    def sections(ckpt: str, names: Sequence[str], flag: str) -> dict[str, Any]:
+        try:
+            stored = read_converted_meta(ckpt)["config"]
+        except FileNotFoundError as e:
+            raise CheckError(f"{flag} {ckpt}: not a converted checkpoint ({e})") from e
+        missing = [n for n in names if n not in stored]
+        if missing:
+            raise CheckError(f"{flag} {ckpt}: its config.json lacks section(s) {missing}")
+        return {n: stored[n] for n in names}
+
+    data = sections(teacher, ("model", "sampler"), "--teacher")
+    data.update(sections(text, ("text",), "--text"))
+    data.update(sections(vae, ("vae",), "--vae"))
+    cfg = config_lib.from_dict(config_lib.merge(data, config_lib.parse_overrides(list(overrides))))
+    from memflow_jax.pipeline import check_compatible
+
+    check_compatible(cfg)
+    return cfg
+
+
+def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+
+    from memflow_jax.convert.common import load_component
+    from memflow_jax.diffusion import scheduler as sch
+    from memflow_jax.io.video import pixels_to_uint8
+    from memflow_jax.nn import dit, t5 as t5_nn, vae as vae_nn
+    from memflow_jax.pipeline import _fit_context
+    from memflow_jax.text.encoder import TextEncoder
+    from memflow_jax.text.tokenizer import UMT5Tokenizer
+    from memflow_jax.training.ode_pairs import solve
+
+    t_start = time.perf_counter()
+    cfg = load_config(args.teacher, args.text, args.vae, args.overrides)
+    s, mcfg = cfg.sampler, cfg.model
+    stride = vae_nn.time_stride(cfg.vae)
+    if args.num_frames < 1 or (args.num_frames - 1) % stride:
+        raise CheckError(f"--num-frames {args.num_frames}: a codec with time stride {stride} needs 1 + {stride}k "
+                         f"video frames (the teacher's clips have 33)")
+    num_latent = 1 + (args.num_frames - 1) // stride
+    mcfg32 = dataclasses.replace(mcfg, dtype="float32", param_dtype="float32")
+    params = load_component(args.teacher, "dit", dit.abstract_params(mcfg32))
+    vparams = load_component(args.vae, "vae", vae_nn.abstract_params(cfg.vae))
+    tok = UMT5Tokenizer(os.path.join(args.text, "tokenizer"), cfg.text.text_len)
+    enc = TextEncoder(tok, load_component(args.text, "t5", t5_nn.abstract_params(cfg.text)), cfg.text)
+    schedule = sch.make_schedule(s.timestep_shift, num_train_timesteps=s.num_train_timesteps,
+                                 num_inference_steps=args.steps)
+    fn = jax.jit(lambda p, z, c, u: solve(p, mcfg32, z, c, u, schedule, args.guidance_scale)[-1])
+    neg = _fit_context(enc.encode([args.negative_prompt]), cfg)  # [1, L, D]
+    h, w = s.latent_hw
+    clips = [held_out_clip(i, split_seed=args.split_seed, num_frames=args.num_frames, height=s.height,
+                           width=s.width, fps=s.fps) for i in range(args.num_clips)]
+    gt = [E.score(v, a)[0] for _, v, a in clips]
+    codec = [E.score(E.codec_roundtrip(_Comp(cfg, vparams), v), a)[0] for _, v, a in clips]
+    runs, strips = [], []
+    for seed in args.seeds:
+        for i, (prompt, _, ann) in enumerate(clips):
+            noise = jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), (1, num_latent, mcfg.in_dim, h, w))
+            cond = _fit_context(enc.encode([prompt]), cfg)
+            x0 = fn(params, noise, jnp.asarray(cond), jnp.asarray(neg))  # [1, F, C, h, w] normalised latents
+            video = pixels_to_uint8(np.asarray(vae_nn.decode(vparams, cfg.vae, x0)[0]))  # [T, H, W, 3]
+            m = E.score(video, ann)[0]
+            rec = {"seed": seed, "clip": i, "prompt": prompt, "adherence": m["adherence"],
+                   "smoothness": m["smoothness"], "latent_std": float(np.std(np.asarray(x0)))}
+            runs.append(rec)
+            log(f"seed {seed} clip {i}: adherence {rec['adherence']:.3f}, smoothness {rec['smoothness']:.4f}, "
+                f"latent std {rec['latent_std']:.2f}  ({prompt})")
+            if seed == args.seeds[0] and i < 4:  # one row of 11 evenly spaced frames
+                strips.append(np.concatenate(list(video[np.linspace(0, video.shape[0] - 1, 11).astype(int)]), 1))
+    extra = []
+    for seed in args.seeds:
+        for j, prompt in enumerate(read_prompts(args.prompts) if args.prompts else []):
+            noise = jax.random.normal(jax.random.fold_in(jax.random.key(seed), 10_000 + j),
+                                      (1, num_latent, mcfg.in_dim, h, w))
+            x0 = fn(params, noise, jnp.asarray(_fit_context(enc.encode([prompt]), cfg)), jnp.asarray(neg))
+            video = pixels_to_uint8(np.asarray(vae_nn.decode(vparams, cfg.vae, x0)[0]))
+            rec = {"seed": seed, "prompt": prompt, "smoothness": float(M.temporal_smoothness(video)),
+                   "latent_std": float(np.std(np.asarray(x0)))}
+            extra.append(rec)
+            log(f"seed {seed} extra prompt {j}: smoothness {rec['smoothness']:.4f}, latent std "
+                f"{rec['latent_std']:.2f}  ({prompt})")
+    summary = {k: float(np.mean([r[k] for r in runs])) for k, _ in COLUMNS}
+    per_seed = {k: [float(np.mean([r[k] for r in runs if r["seed"] == sd])) for sd in args.seeds] for k, _ in COLUMNS}
+    rows = [("teacher", summary),
+            ("ground truth through the codec", {"adherence": _mean(codec, "adherence"),
+                                                "smoothness": _mean(codec, "smoothness"), "latent_std": 1.0}),
+            ("ground truth", {"adherence": _mean(gt, "adherence"), "smoothness": _mean(gt, "smoothness")})]
+    if extra:
+        rows.append(("teacher, --prompts (no ground truth)", {k: _mean(extra, k) for k in ("smoothness", "latent_std")}))
+    table = "\n".join(["| | " + " | ".join(c for _, c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"] + [
+        f"| {name} | " + " | ".join(f"{row[k]:.3f}" if k in row else "–" for k, _ in COLUMNS) + " |"
+        for name, row in rows])
+    log("")
+    log(table)
+    log(f"cells: mean over {len(args.seeds)} seed(s) x {args.num_clips} held-out clip(s); latent std of the codec "
+        f"row is the training data's by construction")
+    if args.png and strips:
+        from memflow_jax.io.video import frame_strip_png
+
+        frame_strip_png(np.concatenate(strips, 0)[None], args.png, num_frames=None)  # one image, a row a clip
+        log(f"wrote {args.png} (rows of 11 frames: the first {len(strips)} clips, seed {args.seeds[0]})")
+    report = {"benchmark": "storyworld_teacher_check",
+              "setup": {"teacher": args.teacher, "text": args.text, "vae": args.vae, "codec": cfg.vae.codec,
+                        "num_clips": args.num_clips, "seeds": list(args.seeds), "steps": args.steps,
+                        "guidance_scale": args.guidance_scale, "negative_prompt": args.negative_prompt,
+                        "num_frames": args.num_frames, "split_seed": args.split_seed,
+                        "split": {"eval_spawn_key": E.EVAL_SPAWN_KEY}, "platform": platform.platform(),
+                        "jax": jax.__version__},
+              "summary": summary, "per_seed": per_seed, "ground_truth": rows[2][1],
+              "ground_truth_through_codec": rows[1][1], "runs": runs, "extra_prompts": extra,
+              "table": table,
+              "total_seconds": time.perf_counter() - t_start}
+    if args.json:
+        E.write_json(args.json, report)
+        log(f"wrote {args.json}")
+    return report
+
+
+def read_prompts(path: str) -> list[str]:
+    """One prompt a non-empty line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except OSError as e:
+        raise CheckError(f"--prompts {path}: cannot read it ({e})") from e
+    if not prompts:
+        raise CheckError(f"--prompts {path}: no prompts (give one a line)")
+    return prompts
+
+
+class _Comp:
+    """The two fields of ``pipeline.Components`` that ``storyworld_eval.codec_roundtrip`` reads."""
+
+    def __init__(self, cfg: Any, vae_params: Any):
+        self.cfg, self.vae_params = cfg, vae_params
+
+
+def _mean(metrics: list[dict[str, Any]], key: str) -> float:
+    return float(np.mean([m[key] for m in metrics]))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--teacher", required=True, help="converted teacher DiT checkpoint (train.py --export)")
+    ap.add_argument("--text", required=True, help="converted checkpoint with t5 + tokenizer/")
+    ap.add_argument("--vae", required=True, help="codec checkpoint with the teacher's latent statistics")
+    ap.add_argument("--num-clips", type=int, default=8)
+    ap.add_argument("--seeds", type=E._seeds, default=[0], help="comma-separated noise seeds")
+    ap.add_argument("--steps", type=int, default=48, help="Euler steps (the odepairs stage uses 48)")
+    ap.add_argument("--guidance-scale", type=float, default=3.0, help="the odepairs stage uses 3.0")
+    ap.add_argument("--negative-prompt", default="", help="the storyworld recipes' negative prompt is empty")
+    ap.add_argument("--num-frames", type=int, default=33, help="video frames a clip (the teacher's clips: 33)")
+    ap.add_argument("--split-seed", type=int, default=0)
+    ap.add_argument("--prompts", default="", help="extra prompts, one a line, scored without a ground truth")
+    ap.add_argument("--json", default="")
+    ap.add_argument("--png", default="", help="frame strips of the first 4 clips (first seed)")
+    ap.add_argument("overrides", nargs="*", help="config overrides section.key=value")
+    args = ap.parse_args(argv)
+    if args.num_clips < 1 or args.steps < 2:
+        ap.error("--num-clips must be >= 1 and --steps >= 2")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    from memflow_jax import config as config_lib
+    from memflow_jax.convert.common import ConversionError
+
+    try:
+        run(args)
+    except (CheckError, ConversionError, config_lib.ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
