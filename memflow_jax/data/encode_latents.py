@@ -25,6 +25,8 @@ Output folder::
     latents/<i>.npz    ``latents`` float32 [F, C, h, w] + ``prompt`` (the clip's first prompt, or the window's
                        segment's): LatentSource (of ``OUT_DIR`` or ``OUT_DIR/latents``: the only sample files there)
     latents.jsonl      the same as a manifest (LatentSource.from_manifest)
+    prompts.txt        every item's prompt, one a line, in a --seed shuffled order (a PromptSource for the ODE-pair
+                       and DMD stages: with --segment-windows it holds the continuation prompts too)
     vae/               converted checkpoint: component "vae" + config.json whose vae section has the statistics
     vae_stats.json     {"latent_mean": [...], "latent_std": [...], ...}; written last (a finished run)
 
@@ -287,6 +289,9 @@ def encode_dataset(cfg: Any, vae_params: Any, data_dir: str | Sequence[str], out
     if pb is not None:
         pb.close()
     write_text(os.path.join(out_dir, "latents.jsonl"), "\n".join(lines) + "\n")
+    # every item's prompt in a seeded order, so any first N (ode_pairs --num-samples) mixes clips and windows
+    order = np.random.default_rng([seed, 1]).permutation(n)
+    write_text(os.path.join(out_dir, "prompts.txt"), "\n".join(items[j][3] for j in order) + "\n")
 
     stats_cfg = cfg.replace(vae=dataclasses.replace(
         vcfg, latent_mean=tuple(float(v) for v in mean32), latent_std=tuple(float(v) for v in std32)))

@@ -13,6 +13,7 @@
 #   pca       (ARCH=pca, instead of vae / vaedec) the PCA pixel codec, closed form         -> $RUNS/pca
 #   latents   encode the clips with the VAE, measure latent statistics                  -> $DATA/latents (+ vae/)
 #   textcache UMT5 embeddings of every prompt (and of the empty negative prompt)         -> $DATA/text_cache
+#             (with WINDOWS=1 after latents: the script segments' prompts come from its prompts.txt)
 #   teacher   bidirectional teacher (recipe teacher)                                     -> $ART/teacher
 #   odepairs  teacher ODE trajectories (48 Euler steps, guidance)                        -> $DATA/ode_pairs
 #   odeinit   causal 4-step generator regressed on the trajectories (recipe ode_init)    -> $ART/ode_init
@@ -31,7 +32,8 @@
 # LATENT_STATS (channel / global: the latents stage's normalisation, data.encode_latents --stats; global by default
 # with ARCH=pca, channel otherwise) and WINDOWS=1 (the latents stage also encodes the first 33 frames of every
 # script segment that long with its own prompt, so the teacher learns the continuation prompts that long tuning
-# and sampling use; data.encode_latents --segment-windows).
+# and sampling use; data.encode_latents --segment-windows; the odepairs and dmd stages then draw their prompts from
+# the same mix).
 set -euo pipefail
 
 DATA=${DATA:-data/storyworld}
@@ -54,7 +56,11 @@ if [ "$ARCH" = pca ]; then ARCH=$PCA; VAE_SRC=${VAE_SRC:-$RUNS/pca}; LATENT_STAT
 STORE_DTYPE=${STORE_DTYPE:-float32}
 LATENT_STATS=${LATENT_STATS:-channel}
 LATENT_DATA="--data $DATA/clips"
-[ -n "${WINDOWS:-}" ] && LATENT_DATA="$LATENT_DATA --data $DATA/scripts --frames 33 --segment-windows"
+CLIP_PROMPTS=$DATA/clips/prompts.txt  # the prompts of the odepairs and dmd stages
+if [ -n "${WINDOWS:-}" ]; then
+  LATENT_DATA="$LATENT_DATA --data $DATA/scripts --frames 33 --segment-windows"
+  CLIP_PROMPTS=$DATA/latents/prompts.txt  # clips + script segments, shuffled
+fi
 PY=${PYTHON:-python}
 # every path the configs name, redirected when DATA / RUNS / ART differ from the defaults
 PATHS="train.text_cache_dir=$DATA/text_cache"
@@ -86,7 +92,8 @@ stage() {
         $LATENT_DATA --out "$DATA/latents" --dtype "$STORE_DTYPE" --stats "$LATENT_STATS" $ARCH ;;
     textcache)
       $PY -m memflow_jax.data.text_cache build --converted-ckpt "$ART/text" --out "$DATA/text_cache" --negative-prompt "" \
-        --prompts "$DATA/clips/prompts.txt" "$DATA/scripts/prompts.txt" "$DATA/scripts/switch_prompts.txt" ;;
+        --prompts "$DATA/clips/prompts.txt" "$DATA/scripts/prompts.txt" "$DATA/scripts/switch_prompts.txt" \
+        ${WINDOWS:+"$DATA/latents/prompts.txt"} ;;
     teacher)
       $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_teacher.yaml --run-dir "$RUNS/teacher" --export "$ART/teacher" \
         "$PATHS" train.latent_data_path="$DATA/latents" $ARCH $EXTRA ;;
@@ -94,14 +101,14 @@ stage() {
       $PY -m memflow_jax.training.ode_pairs --config configs/storyworld_ode_init.yaml --out "$DATA/ode_pairs" \
         --steps 48 --guidance-scale 3.0 ${ODE_SAMPLES:+--num-samples $ODE_SAMPLES} ${ODE_BATCH:+--batch-size $ODE_BATCH} \
         --dtype "$STORE_DTYPE" \
-        "$PATHS" train.data_path="$DATA/clips/prompts.txt" run.teacher_ckpt="$ART/teacher" $ARCH ;;
+        "$PATHS" train.data_path="$CLIP_PROMPTS" run.teacher_ckpt="$ART/teacher" $ARCH ;;
     odeinit)
       $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_ode_init.yaml --run-dir "$RUNS/ode_init" --export "$ART/ode_init" \
         "$PATHS" train.latent_data_path="$DATA/ode_pairs" train.generator_ckpt="$ART/teacher" \
         run.teacher_ckpt="$ART/teacher" $ARCH $EXTRA ;;
     dmd)
       $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_dmd.yaml --run-dir "$RUNS/dmd" --export "$ART/dmd" \
-        "$PATHS" train.data_path="$DATA/clips/prompts.txt" train.generator_ckpt="$ART/ode_init" \
+        "$PATHS" train.data_path="$CLIP_PROMPTS" train.generator_ckpt="$ART/ode_init" \
         run.teacher_ckpt="$ART/teacher" run.critic_ckpt="$ART/teacher" $ARCH $EXTRA ;;
     dmdlong)
       $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_dmd_long.yaml --run-dir "$RUNS/dmd_long" --export "$ART/dmd_long" \
@@ -119,7 +126,7 @@ stage() {
 }
 
 if [ $# -eq 0 ]; then
-  sed -n '2,25p' "$0"
+  sed -n '2,/^set -euo pipefail/{/^set/d;p}' "$0"
   exit 2
 fi
 for s in "$@"; do stage "$s"; done

@@ -124,6 +124,8 @@ def test_segment_windows_add_every_long_enough_segment_with_its_prompt(setup, tm
     assert len(want) > N_CLIPS and any(a > 0 for _, _, a, _ in want)  # the scripts give continuation windows
     src = LatentSource(str(out / "latents"))
     assert len(src) == len(want) and json.loads((out / "vae_stats.json").read_text())["segment_windows"]
+    listed = (out / "prompts.txt").read_text().splitlines()  # every item's prompt, shuffled: the ODE / DMD prompts
+    assert sorted(listed) == sorted(p for _, _, _, p in want) and listed != [p for _, _, _, p in want]
     cfg2 = setup["cfg"]
     stats = json.loads((out / "vae_stats.json").read_text())
     mean = np.float32(stats["latent_mean"]).reshape(1, 1, -1, 1, 1)
