@@ -15,6 +15,7 @@
 #   textcache UMT5 embeddings of every prompt (and of the empty negative prompt)         -> $DATA/text_cache
 #             (with WINDOWS=1 after latents: the script segments' prompts come from its prompts.txt)
 #   teacher   bidirectional teacher (recipe teacher)                                     -> $ART/teacher
+#   teachercheck  (optional gate) the teacher on held-out clips and 16 continuation prompts -> $RUNS/teacher_check.json
 #   odepairs  teacher ODE trajectories (48 Euler steps, guidance)                        -> $DATA/ode_pairs
 #   odeinit   causal 4-step generator regressed on the trajectories (recipe ode_init)    -> $ART/ode_init
 #   dmd       DMD with memory (recipe dmd)                                               -> $ART/dmd
@@ -97,6 +98,10 @@ stage() {
     teacher)
       $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_teacher.yaml --run-dir "$RUNS/teacher" --export "$ART/teacher" \
         "$PATHS" train.latent_data_path="$DATA/latents" $ARCH $EXTRA ;;
+    teachercheck)
+      head -n 16 "$DATA/scripts/switch_prompts.txt" > "$RUNS/continuation_prompts.txt"
+      $PY benchmarks/storyworld_teacher_check.py --teacher "$ART/teacher" --text "$ART/text" --vae "$DATA/latents/vae" \
+        --num-clips 16 --prompts "$RUNS/continuation_prompts.txt" --json "$RUNS/teacher_check.json" ;;
     odepairs)
       $PY -m memflow_jax.training.ode_pairs --config configs/storyworld_ode_init.yaml --out "$DATA/ode_pairs" \
         --steps 48 --guidance-scale 3.0 ${ODE_SAMPLES:+--num-samples $ODE_SAMPLES} ${ODE_BATCH:+--batch-size $ODE_BATCH} \
@@ -119,7 +124,7 @@ stage() {
       $PY -m memflow_jax.storyworld.package --dit "${PACKAGE_DIT:-$ART/dmd_long}" --text "$ART/text" \
         --vae "$DATA/latents/vae" --out "$PACKAGE" ;;
     *)
-      echo "unknown stage '$name' (data text vae vaedec pca latents textcache teacher odepairs odeinit dmd dmdlong package)" >&2
+      echo "unknown stage '$name' (data text vae vaedec pca latents textcache teacher teachercheck odepairs odeinit dmd dmdlong package)" >&2
       exit 2 ;;
   esac
   echo "=== stage $name done in $((SECONDS - t0)) s"
