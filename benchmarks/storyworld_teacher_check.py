@@ -103,7 +103,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         raise CheckError(f"--num-frames {args.num_frames}: a codec with time stride {stride} needs 1 + {stride}k "
                          f"video frames (the teacher's clips have 33)")
     num_latent = 1 + (args.num_frames - 1) // stride
-    mcfg32 = dataclasses.replace(mcfg, dtype="float32", param_dtype="float32")
+    extra_prompts = read_prompts(args.prompts) if args.prompts else []
+    mcfg32 = dataclasses.replace(mcfg, dtype="float32", param_dtype="float32")  # a check: float32 on any device
     params = load_component(args.teacher, "dit", dit.abstract_params(mcfg32))
     vparams = load_component(args.vae, "vae", vae_nn.abstract_params(cfg.vae))
     tok = UMT5Tokenizer(os.path.join(args.text, "tokenizer"), cfg.text.text_len)
@@ -134,7 +135,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
                 strips.append(np.concatenate(list(video[np.linspace(0, video.shape[0] - 1, 11).astype(int)]), 1))
     extra = []
     for seed in args.seeds:
-        for j, prompt in enumerate(read_prompts(args.prompts) if args.prompts else []):
+        for j, prompt in enumerate(extra_prompts):
             noise = jax.random.normal(jax.random.fold_in(jax.random.key(seed), 10_000 + j),
                                       (1, num_latent, mcfg.in_dim, h, w))
             x0 = fn(params, noise, jnp.asarray(_fit_context(enc.encode([prompt]), cfg)), jnp.asarray(neg))
