@@ -152,7 +152,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
                                                 "smoothness": _mean(codec, "smoothness"), "latent_std": 1.0}),
             ("ground truth", {"adherence": _mean(gt, "adherence"), "smoothness": _mean(gt, "smoothness")})]
     if extra:
-        rows.append(("teacher, --prompts (no ground truth)", {k: _mean(extra, k) for k in ("smoothness", "latent_std")}))
+        rows.append(("teacher, --prompts (no ground truth)",
+                     {k: _mean(extra, k) for k in ("smoothness", "latent_std")}))
     table = "\n".join(["| | " + " | ".join(c for _, c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"] + [
         f"| {name} | " + " | ".join(f"{row[k]:.3f}" if k in row else "–" for k, _ in COLUMNS) + " |"
         for name, row in rows])

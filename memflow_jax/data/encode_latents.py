@@ -16,9 +16,10 @@ config's ``vae`` section. With ``vae.codec=pixel`` (the parameter-free codec) no
 Pass 1 encodes (posterior mean ``mu``, no sampling) a seeded subset of ``--stats-from-samples`` clips and
 measures the mean / std of their latents, per channel (``--stats channel``, the Wan VAE's convention) or one
 value over all channels (``--stats global``: keeps the channels' relative scales, e.g. a PCA codec's variance
-spectrum, so diffusion noise drowns the weak high-frequency components first as in pixel space); pass 2 encodes every clip and writes
-``(mu - mean) * (1 / std)``, the convention of ``vae.encode(normalize=True)`` with ``vae.latent_mean`` /
-``vae.latent_std`` set to the measured values (so a sampler decoding with that config inverts it).
+spectrum, so diffusion noise drowns the weak high-frequency components first, as in pixel space); pass 2 encodes
+every clip and writes ``(mu - mean) * (1 / std)``, the convention of ``vae.encode(normalize=True)`` with
+``vae.latent_mean`` / ``vae.latent_std`` set to the measured values (so a sampler decoding with that config inverts
+it).
 
 Output folder::
 

@@ -15,7 +15,7 @@
 #   textcache UMT5 embeddings of every prompt (and of the empty negative prompt)         -> $DATA/text_cache
 #             (with WINDOWS=1 after latents: the script segments' prompts come from its prompts.txt)
 #   teacher   bidirectional teacher (recipe teacher)                                     -> $ART/teacher
-#   teachercheck  (optional gate) the teacher on held-out clips and 16 continuation prompts -> $RUNS/teacher_check.json
+#   teachercheck (optional gate) the teacher on 16 held-out clips + 16 continuation prompts -> $RUNS/teacher_check.json
 #   odepairs  teacher ODE trajectories (48 Euler steps, guidance)                        -> $DATA/ode_pairs
 #   odeinit   causal 4-step generator regressed on the trajectories (recipe ode_init)    -> $ART/ode_init
 #   dmd       DMD with memory (recipe dmd)                                               -> $ART/dmd
