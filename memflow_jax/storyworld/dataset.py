@@ -271,13 +271,7 @@ class StoryworldSource:
 
     def num_frames(self) -> np.ndarray:
         """``[N]`` int64 frame count of every video, from ``index.jsonl`` (no video is decoded)."""
-        index = os.path.join(self.path, "index.jsonl")
-        with open(index, encoding="utf-8") as f:
-            lengths = np.asarray([int(json.loads(line)["num_frames"]) for line in f if line.strip()], np.int64)
-        if len(lengths) != self._len:
-            raise ValueError(f"{index} lists {len(lengths)} examples, {self.path}/meta.json {self._len}: the "
-                             "dataset folder is incomplete")
-        return lengths
+        return np.asarray([int(r["num_frames"]) for r in self.index_records()], np.int64)
 
     def index_records(self) -> list[dict[str, Any]]:
         """Every example's ``index.jsonl`` record (``num_frames``, ``prompts``, ``start_frames``, ...), no video
