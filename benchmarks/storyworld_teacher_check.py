@@ -26,6 +26,7 @@ import os
 import platform
 import sys
 import time
+import types
 from typing import Any, Callable, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,17 +118,23 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     clips = [held_out_clip(i, split_seed=args.split_seed, num_frames=args.num_frames, height=s.height,
                            width=s.width, fps=s.fps) for i in range(args.num_clips)]
     gt = [E.score(v, a)[0] for _, v, a in clips]
-    codec = [E.score(E.codec_roundtrip(_Comp(cfg, vparams), v), a)[0] for _, v, a in clips]
+    codec = [E.score(E.codec_roundtrip(types.SimpleNamespace(cfg=cfg, vae_params=vparams), v), a)[0]
+             for _, v, a in clips]
+
+    def sample(seed: int, index: int, prompt: str) -> tuple[np.ndarray, float]:
+        """(decoded uint8 video [T, H, W, 3], std of the clean normalised latent) of one teacher solve."""
+        noise = jax.random.normal(jax.random.fold_in(jax.random.key(seed), index), (1, num_latent, mcfg.in_dim, h, w))
+        x0 = fn(params, noise, jnp.asarray(_fit_context(enc.encode([prompt]), cfg)), jnp.asarray(neg))
+        video = pixels_to_uint8(np.asarray(vae_nn.decode(vparams, cfg.vae, x0)[0]))
+        return video, float(np.std(np.asarray(x0)))
+
     runs, strips = [], []
     for seed in args.seeds:
         for i, (prompt, _, ann) in enumerate(clips):
-            noise = jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), (1, num_latent, mcfg.in_dim, h, w))
-            cond = _fit_context(enc.encode([prompt]), cfg)
-            x0 = fn(params, noise, jnp.asarray(cond), jnp.asarray(neg))  # [1, F, C, h, w] normalised latents
-            video = pixels_to_uint8(np.asarray(vae_nn.decode(vparams, cfg.vae, x0)[0]))  # [T, H, W, 3]
+            video, latent_std = sample(seed, i, prompt)
             m = E.score(video, ann)[0]
             rec = {"seed": seed, "clip": i, "prompt": prompt, "adherence": m["adherence"],
-                   "smoothness": m["smoothness"], "latent_std": float(np.std(np.asarray(x0)))}
+                   "smoothness": m["smoothness"], "latent_std": latent_std}
             runs.append(rec)
             log(f"seed {seed} clip {i}: adherence {rec['adherence']:.3f}, smoothness {rec['smoothness']:.4f}, "
                 f"latent std {rec['latent_std']:.2f}  ({prompt})")
@@ -136,12 +143,9 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     extra = []
     for seed in args.seeds:
         for j, prompt in enumerate(extra_prompts):
-            noise = jax.random.normal(jax.random.fold_in(jax.random.key(seed), 10_000 + j),
-                                      (1, num_latent, mcfg.in_dim, h, w))
-            x0 = fn(params, noise, jnp.asarray(_fit_context(enc.encode([prompt]), cfg)), jnp.asarray(neg))
-            video = pixels_to_uint8(np.asarray(vae_nn.decode(vparams, cfg.vae, x0)[0]))
+            video, latent_std = sample(seed, 10_000 + j, prompt)
             rec = {"seed": seed, "prompt": prompt, "smoothness": float(M.temporal_smoothness(video)),
-                   "latent_std": float(np.std(np.asarray(x0)))}
+                   "latent_std": latent_std}
             extra.append(rec)
             log(f"seed {seed} extra prompt {j}: smoothness {rec['smoothness']:.4f}, latent std "
                 f"{rec['latent_std']:.2f}  ({prompt})")
@@ -193,13 +197,6 @@ def read_prompts(path: str) -> list[str]:
     if not prompts:
         raise CheckError(f"--prompts {path}: no prompts (give one a line)")
     return prompts
-
-
-class _Comp:
-    """The two fields of ``pipeline.Components`` that ``storyworld_eval.codec_roundtrip`` reads."""
-
-    def __init__(self, cfg: Any, vae_params: Any):
-        self.cfg, self.vae_params = cfg, vae_params
 
 
 def _mean(metrics: list[dict[str, Any]], key: str) -> float:

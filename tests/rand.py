@@ -12,10 +12,12 @@ from typing import Any
 
 import jax
 
+from memflow_jax.nn import initializers as init_lib
+
 
 def normal(key: jax.Array, shape: tuple[int, ...], dtype: Any = None) -> jax.Array:
     """``jax.random.normal(key, shape, dtype)``."""
-    return jax.random.normal(key, (math.prod(shape),), dtype).reshape(shape)
+    return init_lib.standard_normal(key, shape, dtype)  # dtype None: jax's default float, as jax.random.normal
 
 
 def uniform(key: jax.Array, shape: tuple[int, ...], dtype: Any = None, minval: float = 0.0,

@@ -62,16 +62,20 @@ def init_params(cfg: VAEConfig, rng: jax.Array) -> dict:
     return {"mean": jnp.zeros((cell_dim(cfg),), jnp.float32), "basis": q}
 
 
+def _video_cells(cfg: VAEConfig, video: np.ndarray) -> np.ndarray:
+    """uint8 video ``[T, H, W, 3]`` (trimmed to 1 + ts k frames) -> its lossless cells ``[N, P]`` float64."""
+    ts = strides(cfg)[0]
+    x = np.asarray(video[None, :1 + (video.shape[0] - 1) // ts * ts], np.float32) / 127.5 - 1.0
+    return np.asarray(encode_raw(cfg, x), np.float64).reshape(-1, cell_dim(cfg))
+
+
 def fit_pca(cfg: VAEConfig, videos: Iterable[np.ndarray], stride: int = 1) -> dict:
     """Closed-form PCA params for ``cfg`` (``codec: pca``) from uint8 videos ``[T, H, W, 3]`` (T = 1 + ts k, or
     trimmed to it): every ``stride``-th cell of their lossless latents; float64 moments, float32 params."""
     p = cell_dim(cfg)
     s1, s2, n = np.zeros(p), np.zeros((p, p)), 0
-    ts = strides(cfg)[0]
     for v in videos:
-        t = 1 + (v.shape[0] - 1) // ts * ts
-        x = np.asarray(v[None, :t], np.float32) / 127.5 - 1.0
-        cells = np.asarray(encode_raw(cfg, x), np.float64).reshape(-1, p)[::stride]
+        cells = _video_cells(cfg, v)[::stride]
         s1 += cells.sum(0)
         s2 += cells.T @ cells
         n += cells.shape[0]
@@ -88,11 +92,8 @@ def fit_pca(cfg: VAEConfig, videos: Iterable[np.ndarray], stride: int = 1) -> di
 def explained_variance(cfg: VAEConfig, params: dict, videos: Iterable[np.ndarray]) -> float:
     """Fraction of the (mean-removed) cell variance of ``videos`` that ``params`` keep."""
     kept = total = 0.0
-    ts = strides(cfg)[0]
     for v in videos:
-        t = 1 + (v.shape[0] - 1) // ts * ts
-        cells = np.asarray(encode_raw(cfg, np.asarray(v[None, :t], np.float32) / 127.5 - 1.0), np.float64)
-        d = cells.reshape(-1, cell_dim(cfg)) - params["mean"]
+        d = _video_cells(cfg, v) - params["mean"]
         kept += float(np.square(d @ params["basis"]).sum())
         total += float(np.square(d).sum())
     return kept / max(total, 1e-30)
