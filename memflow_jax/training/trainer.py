@@ -365,7 +365,7 @@ def checkpoint_latent_stats(path: str, vae_cfg: Any) -> Any:
     if not stats:
         return vae_cfg
     mean, std = tuple(float(v) for v in stats["latent_mean"]), tuple(float(v) for v in stats["latent_std"])
-    if len(mean) != vae_cfg.z_dim or len(std) != vae_cfg.z_dim:
+    if len(mean) != len(std) or len(mean) not in (1, vae_cfg.z_dim):  # one global pair, or one per channel
         raise ConfigError(f"{path}: its latent statistics have {len(mean)} channels, vae.z_dim is {vae_cfg.z_dim}: "
                           "the checkpoint was written for another VAE config")
     return dataclasses.replace(vae_cfg, latent_mean=mean, latent_std=std)

@@ -99,6 +99,10 @@ def test_checkpoint_latent_stats(tmp_path):
     with pytest.raises(ConfigError, match="another VAE config"):
         checkpoint_latent_stats(str(tmp_path / "vae"), dataclasses.replace(
             cfg, codec="wan", z_dim=8, latent_mean=(0.0,), latent_std=(1.0,)))
+    with open(tmp_path / "vae" / "config.json", "w") as f:  # encode_latents --stats global: one pair for every channel
+        json.dump({"config": {}, "components": ["vae"], "latent_stats": {"latent_mean": [0.1], "latent_std": [2.0]}}, f)
+    got = checkpoint_latent_stats(str(tmp_path / "vae"), cfg)
+    assert got.latent_mean == (0.1,) and got.latent_std == (2.0,)
 
 
 def _pca_cfg(z: int = 8, **kw) -> VAEConfig:
