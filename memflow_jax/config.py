@@ -170,9 +170,11 @@ class TextConfig:
 class VAEConfig:
     """Wan2.1 causal 3-D VAE (defaults: Wan2.1_VAE.pth), or a fixed pixel codec with the same strides
     (``nn.pixel_codec``): ``pixel`` (lossless, no params, ``z_dim = time stride * 3 * space stride^2``) or ``pca``
-    (the ``z_dim`` leading principal components of that)."""
+    (the ``z_dim`` leading principal components of that). ``pca_decoder`` (``pca`` only): decode with a trained
+    Wan-architecture decoder (``dim``, ``dim_mult``, ... as for ``wan``) instead of the basis; the PCA still encodes."""
 
     codec: str = "wan"
+    pca_decoder: bool = False
     dim: int = 96
     z_dim: int = 16
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)
@@ -199,6 +201,9 @@ class VAEConfig:
             if self.codec == "pca" and not 1 <= self.z_dim <= cell:
                 raise ConfigError(f"vae.codec=pca keeps 1..{cell} principal components of the {cell} values a "
                                   f"latent cell holds; vae.z_dim={self.z_dim} is out of range")
+        if self.pca_decoder and self.codec != "pca":
+            raise ConfigError(f"vae.pca_decoder=true decodes PCA latents with a trained decoder, but vae.codec="
+                              f"{self.codec}: set vae.codec=pca or drop vae.pca_decoder")
         if len(self.latent_mean) not in (1, self.z_dim) or len(self.latent_std) not in (1, self.z_dim):
             raise ConfigError(f"vae.latent_mean/latent_std need z_dim={self.z_dim} values each (or one value for "
                               f"every channel), got {len(self.latent_mean)} / {len(self.latent_std)}")

@@ -14,7 +14,8 @@ Public API (pure functions, arrays in/out; ``cfg`` is a static, hashable :class:
 
 ``cfg.codec`` ``"pixel"`` / ``"pca"`` swaps the network for :mod:`memflow_jax.nn.pixel_codec` (lossless
 space-to-depth, params ``{}``; or its PCA, params ``mean`` / ``basis``) behind the same functions, so samplers,
-latent encoding and evaluation need no other change.
+latent encoding and evaluation need no other change. ``pca`` with ``cfg.pca_decoder`` encodes with the PCA and
+decodes with this module's decoder (params ``mean`` / ``basis`` + ``conv2`` / ``decoder``, cached like ``wan``'s).
 
 Mapping the reference's stateful chunking onto fixed shapes:
 
@@ -53,7 +54,8 @@ ENCODER_KEYS = ("encoder", "conv1")  # params of the encoder path (video -> late
 CACHE_T = 2  # frames of history kept per causal conv (reference constant)
 NORM_EPS = 1e-12  # F.normalize's floor on the L2 norm
 
-PIXEL_CODECS = ("pixel", "pca")  # the fixed codecs of nn/pixel_codec.py (no network, no decode cache)
+PIXEL_CODECS = ("pixel", "pca")  # the fixed codecs of nn/pixel_codec.py (encode without a network)
+PCA_KEYS = ("mean", "basis")  # the fitted (frozen) params of the pca codec
 Array = jax.Array
 First = Union[bool, Array]  # static Python bool, or a traced scalar bool (see the module docstring)
 
@@ -533,15 +535,23 @@ def abstract_params(cfg: VAEConfig) -> dict:
     return jax.tree_util.tree_map(lambda x: x, _abstract_params(cfg))  # fresh containers: callers may mutate
 
 
+def learned_decoder(cfg: VAEConfig) -> bool:
+    """Whether ``cfg`` decodes with the Wan decoder network (``wan``, or ``pca`` with ``pca_decoder``)."""
+    return cfg.codec == "wan" or (cfg.codec == "pca" and cfg.pca_decoder)
+
+
 @functools.lru_cache(maxsize=32)
 def _abstract_params(cfg: VAEConfig) -> dict:
-    if cfg.codec in PIXEL_CODECS:
+    if not learned_decoder(cfg):
         return pixel_codec.abstract_params(cfg)
     ts, ss = time_stride(cfg), space_stride(cfg)
     video = jax.ShapeDtypeStruct((1, ts, ss, ss, 3), jnp.float32)
     z = jax.ShapeDtypeStruct((1, 1, 1, 1, cfg.z_dim), jnp.float32)
     init = functools.partial(WanVAE(_f32(cfg)).init, method=WanVAE.init_all)
-    return jax.eval_shape(init, jax.random.PRNGKey(0), video, z)["params"]
+    wan = jax.eval_shape(init, jax.random.PRNGKey(0), video, z)["params"]
+    if cfg.codec == "wan":
+        return wan
+    return {**pixel_codec.abstract_params(cfg), **{k: v for k, v in wan.items() if k not in ENCODER_KEYS}}
 
 
 def init_params(cfg: VAEConfig, rng: Array) -> dict:
@@ -549,9 +559,17 @@ def init_params(cfg: VAEConfig, rng: Array) -> dict:
     scale 1); traceable (jit it with out_shardings to init sharded). The tree mirrors the reference state dict,
     runs of identical residual blocks stacked (see convert/vae.py). Values come from ONE uniform draw split over
     the leaves (per-leaf initializers would compile ~200 threefry kernels: a minute on CPU)."""
-    if cfg.codec in PIXEL_CODECS:
+    if not learned_decoder(cfg):
         return pixel_codec.init_params(cfg, rng)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params(cfg))
+    if cfg.codec == "pca":  # the fitted codec's stand-in params + a fresh decoder
+        k_pca, rng = jax.random.split(rng)
+        net = {k: v for k, v in abstract_params(cfg).items() if k not in PCA_KEYS}
+        return {**pixel_codec.init_params(cfg, k_pca), **_init_network(net, rng)}
+    return _init_network(abstract_params(cfg), rng)
+
+
+def _init_network(abstract: dict, rng: Array) -> dict:
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     names = [tuple(str(getattr(k, "key", k)) for k in path) for path, _ in leaves]
     shapes = [tuple(s.shape) for _, s in leaves]
     # fan_in = kernel dims x in-channels; a stacked run (module name "<seq>_<a>-<b>") has a layer axis in front
@@ -712,7 +730,7 @@ def init_decode_cache(cfg: VAEConfig, batch: int, h: int, w: int, dtype: Any = N
 
 @functools.lru_cache(maxsize=32)
 def _cache_shapes(cfg: VAEConfig, batch: int, h: int, w: int, dtype: Any) -> dict:
-    if cfg.codec in PIXEL_CODECS:
+    if not learned_decoder(cfg):
         return {}  # every latent frame decodes on its own
     x = jax.ShapeDtypeStruct((batch, 1, h, w, cfg.z_dim), dtype)
     _, feats = jax.eval_shape(  # the cache a first step builds from nothing has the fixed cache shapes
@@ -745,7 +763,7 @@ def _decode_step(params: dict, cfg: VAEConfig, z: Array, feats: dict, first: Fir
     if normalized:
         mean, inv_std = _stats(cfg)
         z = z / inv_std + mean
-    if cfg.codec in PIXEL_CODECS:
+    if not learned_decoder(cfg):
         y = pixel_codec.decode_raw(cfg, pixel_codec.unproject(params, z) if cfg.codec == "pca" else z)  # [B,4k,H,W,3]
         if first is not False:  # the video's first latent frame: its one real frame is the mean of its slots
             ts = time_stride(cfg)

@@ -6,7 +6,8 @@ it as a converted VAE checkpoint (component ``vae`` + ``config.json``), the ``--
 
 Closed form: the per-cell mean and the ``z_dim`` leading eigenvectors of the lossless codec's cell covariance over
 the first ``--num-videos`` examples of each dataset (every ``--cell-stride``-th cell). Deterministic. Prints the
-variance kept on the fitting videos.
+variance kept on the fitting videos. With ``vae.pca_decoder=true`` the checkpoint also holds a freshly initialised
+Wan-architecture decoder (``--seed``): the ``run.vae_ckpt`` that ``configs/storyworld_pca_decoder.yaml`` trains.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="converted checkpoint folder (replaced atomically)")
     ap.add_argument("--num-videos", type=int, default=300, help="videos read from each dataset")
     ap.add_argument("--cell-stride", type=int, default=3, help="use every n-th latent cell")
+    ap.add_argument("--seed", type=int, default=0, help="init of the decoder (vae.pca_decoder=true)")
     ap.add_argument("overrides", nargs="*", help="section.key=value (at least vae.codec=pca vae.z_dim=N)")
     args = ap.parse_args(argv)
 
@@ -55,13 +57,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     params = pixel_codec.fit_pca(cfg.vae, videos(), stride=args.cell_stride)
     kept = pixel_codec.explained_variance(cfg.vae, params, itertools.islice(videos(), 64))
+    if cfg.vae.pca_decoder:  # a fresh decoder beside the fitted PCA (the fit above is the encoder)
+        import jax
+        import numpy as np
+
+        from memflow_jax.nn import vae as vae_lib
+
+        fresh = vae_lib.init_params(cfg.vae, jax.random.PRNGKey(args.seed))
+        params = {**jax.tree_util.tree_map(np.asarray, fresh), **params}
     config_dict = {k: v for k, v in cfg.to_dict().items() if k in CHECKPOINT_SECTIONS}
     save_converted(args.out, {"vae": params}, config_dict,
                    extra_meta={"pca_codec": {"data": [os.path.abspath(d) for d in args.data],
                                              "num_videos": args.num_videos, "cell_stride": args.cell_stride,
                                              "variance_kept": kept}})
+    decoder = " + an untrained decoder (vae.pca_decoder)" if cfg.vae.pca_decoder else ""
     print(f"wrote {args.out}: {cfg.vae.z_dim} of {pixel_codec.cell_dim(cfg.vae)} components, {kept:.4f} of the "
-          f"variance kept (first 64 fitting videos), in {time.time() - t0:.1f}s")
+          f"variance kept (first 64 fitting videos){decoder}, in {time.time() - t0:.1f}s")
     return 0
 
 

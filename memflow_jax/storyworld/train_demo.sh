@@ -11,6 +11,7 @@
 #   vae       Wan-architecture VAE on whole clips (recipe vae)                           -> $RUNS/vae
 #   vaedec    its decoder fine-tuned on 141-frame script windows (encoder frozen)        -> $RUNS/vae_decoder
 #   pca       (ARCH=pca, instead of vae / vaedec) the PCA pixel codec, closed form         -> $RUNS/pca
+#   pcadec    (ARCH=pcadec, after pca) a Wan decoder for the PCA latents (recipe vae)       -> $RUNS/pca_decoder
 #   latents   encode the clips with the VAE, measure latent statistics                  -> $DATA/latents (+ vae/)
 #   textcache UMT5 embeddings of every prompt (and of the empty negative prompt)         -> $DATA/text_cache
 #             (with WINDOWS=1 after latents: the script segments' prompts come from its prompts.txt)
@@ -31,10 +32,11 @@
 # replaces vae / vaedec and VAE_SRC defaults to its output) and STORE_DTYPE (float32 / float16: how latents and
 # ODE pairs are stored; float16 by default with ARCH=pixel, whose 192-channel latents are 24x the VAE's) and
 # LATENT_STATS (channel / global: the latents stage's normalisation, data.encode_latents --stats; global by default
-# with ARCH=pca, channel otherwise) and WINDOWS=1 (the latents stage also encodes the first 33 frames of every
-# script segment that long with its own prompt, so the teacher learns the continuation prompts that long tuning
-# and sampling use; data.encode_latents --segment-windows; the odepairs and dmd stages then draw their prompts from
-# the same mix).
+# with ARCH=pca, channel otherwise); ARCH=pcadec is ARCH=pca decoded by a trained decoder (vae.pca_decoder: the
+# pcadec stage trains it; VAE_SRC defaults to its run, the PCA encodes as before); and WINDOWS=1 (the latents
+# stage also encodes the first 33 frames of every script segment that long with its own prompt, so the teacher
+# learns the continuation prompts that long tuning and sampling use; data.encode_latents --segment-windows; the
+# odepairs and dmd stages then draw their prompts from the same mix).
 set -euo pipefail
 
 DATA=${DATA:-data/storyworld}
@@ -54,6 +56,9 @@ PCA="vae.codec=pca vae.z_dim=32 vae.latent_mean=[0] vae.latent_std=[1] model.in_
 PCA="$PCA teacher_model.in_dim=32 teacher_model.out_dim=32"
 if [ "$ARCH" = pixel ]; then ARCH=$PIXEL; STORE_DTYPE=${STORE_DTYPE:-float16}; fi
 if [ "$ARCH" = pca ]; then ARCH=$PCA; VAE_SRC=${VAE_SRC:-$RUNS/pca}; LATENT_STATS=${LATENT_STATS:-global}; fi
+if [ "$ARCH" = pcadec ]; then
+  ARCH="$PCA vae.pca_decoder=true"; VAE_SRC=${VAE_SRC:-$RUNS/pca_decoder}; LATENT_STATS=${LATENT_STATS:-global}
+fi
 STORE_DTYPE=${STORE_DTYPE:-float32}
 LATENT_STATS=${LATENT_STATS:-channel}
 LATENT_DATA="--data $DATA/clips"
@@ -88,6 +93,9 @@ stage() {
     pca)
       $PY -m memflow_jax.storyworld.pca_codec --config configs/storyworld.yaml --data "$DATA/clips" "$DATA/scripts" \
         --out "$RUNS/pca" $ARCH ;;
+    pcadec)
+      $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_pca_decoder.yaml \
+        --run-dir "$RUNS/pca_decoder" train.video_data_path="$DATA/clips" run.vae_ckpt="$RUNS/pca" $ARCH $EXTRA ;;
     latents)
       $PY -m memflow_jax.data.encode_latents --config configs/storyworld.yaml --vae "${VAE_SRC:-$RUNS/vae_decoder}" \
         $LATENT_DATA --out "$DATA/latents" --dtype "$STORE_DTYPE" --stats "$LATENT_STATS" $ARCH ;;
@@ -124,7 +132,7 @@ stage() {
       $PY -m memflow_jax.storyworld.package --dit "${PACKAGE_DIT:-$ART/dmd_long}" --text "$ART/text" \
         --vae "$DATA/latents/vae" --out "$PACKAGE" ;;
     *)
-      echo "unknown stage '$name' (data text vae vaedec pca latents textcache teacher teachercheck odepairs odeinit dmd dmdlong package)" >&2
+      echo "unknown stage '$name' (data text vae vaedec pca pcadec latents textcache teacher teachercheck odepairs odeinit dmd dmdlong package)" >&2
       exit 2 ;;
   esac
   echo "=== stage $name done in $((SECONDS - t0)) s"

@@ -122,6 +122,9 @@ class TrainConfig:
     vae_kl_weight: float = 1e-6  # loss = L1 + MSE (pixel means) + vae_kl_weight * KL (nats per latent element)
     vae_freeze_encoder: bool = False  # train the decoder only (keeps latents a trained DiT already models valid)
     vae_chroma_weight: float = 0.0  # reconstruction weight 1 + this * chroma(target) per pixel (losses.vae_loss)
+    # decoder input noise: latents + U(0, this) * std(latents) * N(0, 1) per sample (losses.latent_noise), so the
+    # decoder learns to map imperfect latents (a DiT's) onto clean frames; 0 = off
+    vae_latent_noise: float = 0.0
 
     @property
     def min_step(self) -> int:
@@ -183,6 +186,8 @@ class TrainConfig:
             raise ConfigError(f"train.vae_kl_weight={self.vae_kl_weight} must be >= 0")
         if self.vae_chroma_weight < 0:
             raise ConfigError(f"train.vae_chroma_weight={self.vae_chroma_weight} must be >= 0")
+        if self.vae_latent_noise < 0:
+            raise ConfigError(f"train.vae_latent_noise={self.vae_latent_noise} must be >= 0")
         if self.vae_clip_frames < 1:
             raise ConfigError(f"train.vae_clip_frames={self.vae_clip_frames} must be >= 1")
         if self.recipe == "vae" and self.lora_enabled:

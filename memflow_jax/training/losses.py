@@ -368,13 +368,22 @@ def gaussian_kl(mu: jax.Array, logvar: jax.Array) -> jax.Array:
     return jnp.mean(0.5 * (jnp.square(mu) + jnp.exp(logvar) - 1.0 - logvar))
 
 
+def latent_noise(z: jax.Array, max_sigma: float, rng: jax.Array) -> jax.Array:
+    """``z + sigma * std(z) * eps`` with ``sigma ~ U(0, max_sigma)`` per sample (axis 0) and ``std(z)`` over the
+    whole batch, not differentiated: decoder-input augmentation (``train.vae_latent_noise``). float32."""
+    z = z.astype(jnp.float32)
+    k_sigma, k_eps = jax.random.split(rng)
+    sigma = jax.random.uniform(k_sigma, (z.shape[0],) + (1,) * (z.ndim - 1), jnp.float32, 0.0, max_sigma)
+    return z + sigma * jax.lax.stop_gradient(jnp.std(z)) * jax.random.normal(k_eps, z.shape, jnp.float32)
+
+
 def chroma(pixels: jax.Array) -> jax.Array:
     """Chroma ``(max - min) / 2`` over the channel axis of pixels ``[B, T, 3, H, W]`` in [-1, 1]: ``[B, T, 1, H, W]``
     in [0, 1] (0 for greys, 1 for a fully saturated colour)."""
     return (jnp.max(pixels, axis=-3, keepdims=True) - jnp.min(pixels, axis=-3, keepdims=True)) / 2.0
 
 
-def vae_loss(target: jax.Array, recon: jax.Array, mu: jax.Array, logvar: jax.Array,
+def vae_loss(target: jax.Array, recon: jax.Array, mu: jax.Array | None, logvar: jax.Array | None,
              kl_weight: float, chroma_weight: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
     """VAE training loss ``mean(w |d|) + mean(w d^2) + kl_weight * KL`` with ``d = recon - target`` and per-pixel
     weight ``w = 1 + chroma_weight * chroma(target)`` (0: plain L1 + MSE pixel means). The chroma weight puts
@@ -382,7 +391,7 @@ def vae_loss(target: jax.Array, recon: jax.Array, mu: jax.Array, logvar: jax.Arr
     all of the colour; its backgrounds are greys).
 
     target / recon: pixels of equal shape ``[B, T, 3, H, W]`` in [-1, 1] (``recon`` unclamped); mu / logvar: the
-    posterior ``[B, ...]``. Returns ``(loss, aux)`` with ``l1``, ``mse`` (unweighted means), ``kl`` (nats per latent
+    posterior ``[B, ...]``, or both None for a fixed encoder (no KL term: ``kl`` is 0). Returns ``(loss, aux)`` with ``l1``, ``mse`` (unweighted means), ``kl`` (nats per latent
     element) and ``psnr`` (dB, of the reconstruction clamped to [-1, 1], per sample then averaged; peak-to-peak 2).
     """
     if target.shape != recon.shape:
@@ -393,7 +402,7 @@ def vae_loss(target: jax.Array, recon: jax.Array, mu: jax.Array, logvar: jax.Arr
     diff = recon - target
     l1 = jnp.mean(jnp.abs(diff))
     mse = jnp.mean(jnp.square(diff))
-    kl = gaussian_kl(mu, logvar)
+    kl = gaussian_kl(mu, logvar) if mu is not None else jnp.zeros((), jnp.float32)
     if chroma_weight:
         w = 1.0 + chroma_weight * chroma(target)
         loss = jnp.mean(w * jnp.abs(diff)) + jnp.mean(w * jnp.square(diff)) + kl_weight * kl

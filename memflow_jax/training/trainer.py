@@ -677,6 +677,10 @@ class Trainer:
 
         t, r = self.train_cfg, self.run_cfg
         vcfg = self.cfg.vae
+        if not vae_lib.learned_decoder(vcfg):
+            raise ConfigError(f"train.recipe=vae: vae.codec={vcfg.codec} has no network to train (pixel: none; pca: "
+                              "fitted in closed form by storyworld.pca_codec); set vae.codec=wan, or "
+                              "vae.pca_decoder=true to train a decoder for the PCA latents")
         self.vae_cfg = dataclasses.replace(vcfg, dtype="bfloat16") if t.mixed_precision else vcfg
         abstract = vae_lib.abstract_params(vcfg)
         shardings = sh.param_shardings(abstract, self.mesh)
@@ -1038,6 +1042,9 @@ class Trainer:
 
         t = self.train_cfg
         vcfg, remat = self.vae_cfg, t.gradient_checkpointing
+        fixed_encoder = vcfg.codec == "pca"  # (vae.pca_decoder) the fitted PCA encodes; only the decoder trains
+        # frozen params: no gradient, and restored after the update (weight decay would move them otherwise)
+        frozen = vae_lib.PCA_KEYS if fixed_encoder else vae_lib.ENCODER_KEYS if t.vae_freeze_encoder else ()
 
         def step(gen: TrainState, ema, gen_base, batch, rng, loop_step):
             video = self._pin(batch["video"])  # [B, T, H, W, 3] uint8
@@ -1045,16 +1052,26 @@ class Trainer:
             target = jnp.transpose(x, (0, 2, 1, 3, 4))  # [B, T, 3, H, W]
 
             def loss_fn(params):
-                if t.vae_freeze_encoder:  # decoder-only fine-tune: the latents (and their statistics) stay fixed
-                    params = dict(params, **{k: sg(params[k]) for k in vae_lib.ENCODER_KEYS})
-                mu, logvar = vae_lib.encode_moments(params, vcfg, x, remat=remat)  # [B, T', z, h, w] each
-                z, logvar = losses.gaussian_sample(mu, logvar, rng)
+                params = dict(params, **{k: sg(params[k]) for k in frozen})
+                if fixed_encoder:
+                    mu = logvar = None
+                    z = vae_lib.encode(params, vcfg, x, normalize=False)  # [B, T', z, h, w]
+                else:
+                    mu, logvar = vae_lib.encode_moments(params, vcfg, x, remat=remat)  # [B, T', z, h, w] each
+                    z, logvar = losses.gaussian_sample(mu, logvar, rng)
+                if t.vae_latent_noise > 0:
+                    z = losses.latent_noise(z, t.vae_latent_noise, jax.random.fold_in(rng, 0x1A7E))
                 recon = vae_lib.decode_clip(params, vcfg, z, normalized=False, remat=remat)  # [B, T, 3, H, W]
                 return losses.vae_loss(target, self._pin(recon), mu, logvar, t.vae_kl_weight,
                                        t.vae_chroma_weight)
 
             (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(gen.params)
-            return self._apply(gen, ema, grads, loop_step, dict(aux, vae_loss=loss), grad_metric="vae_grad_norm")
+            new, ema, metrics = self._apply(gen, ema, grads, loop_step, dict(aux, vae_loss=loss),
+                                            grad_metric="vae_grad_norm")
+            if frozen:
+                new = TrainState(dict(new.params, **{k: gen.params[k] for k in frozen}), new.opt_state)
+                ema = dict(ema, **{k: gen.params[k] for k in frozen}) if ema is not None else None
+            return new, ema, metrics
 
         return self._simple_jit(step, {"video": self.bsh})
 
