@@ -391,8 +391,9 @@ def vae_loss(target: jax.Array, recon: jax.Array, mu: jax.Array | None, logvar: 
     all of the colour; its backgrounds are greys).
 
     target / recon: pixels of equal shape ``[B, T, 3, H, W]`` in [-1, 1] (``recon`` unclamped); mu / logvar: the
-    posterior ``[B, ...]``, or both None for a fixed encoder (no KL term: ``kl`` is 0). Returns ``(loss, aux)`` with ``l1``, ``mse`` (unweighted means), ``kl`` (nats per latent
-    element) and ``psnr`` (dB, of the reconstruction clamped to [-1, 1], per sample then averaged; peak-to-peak 2).
+    posterior ``[B, ...]``, or both None for a fixed encoder (no KL term: ``kl`` is 0). Returns ``(loss, aux)``
+    with ``l1``, ``mse`` (unweighted means), ``kl`` (nats per latent element) and ``psnr`` (dB, of the
+    reconstruction clamped to [-1, 1], per sample then averaged; peak-to-peak 2).
     """
     if target.shape != recon.shape:
         raise ValueError(f"vae_loss: target {tuple(target.shape)} and recon {tuple(recon.shape)} differ")
