@@ -3,11 +3,28 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 
 import jax
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# One persistent XLA compilation cache per test run, shared by the xdist workers (they inherit the variable the
+# main process sets here before it starts them): programs that several tests compile alike compile once (CI, 2
+# cores: 948 -> 880 s). Created here, removed at the end of the run; a JAX_COMPILATION_CACHE_DIR of the caller wins.
+_OWN_XLA_CACHE = not os.environ.get("MEMFLOW_TEST_XLA_CACHE")
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    if _OWN_XLA_CACHE:
+        os.environ["MEMFLOW_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="memflow_jax_xla_cache_")
+    jax.config.update("jax_compilation_cache_dir", os.environ["MEMFLOW_TEST_XLA_CACHE"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pytest_sessionfinish(session):
+    if _OWN_XLA_CACHE and os.environ.get("MEMFLOW_TEST_XLA_CACHE"):
+        shutil.rmtree(os.environ["MEMFLOW_TEST_XLA_CACHE"], ignore_errors=True)
 
 FIXTURES_ROOT = os.path.abspath(os.environ.get(
     "MEMFLOW_FIXTURES", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures")))
