@@ -365,10 +365,13 @@ def checkpoint_latent_stats(path: str, vae_cfg: Any) -> Any:
     if not stats:
         return vae_cfg
     mean, std = tuple(float(v) for v in stats["latent_mean"]), tuple(float(v) for v in stats["latent_std"])
-    if len(mean) != len(std) or len(mean) not in (1, vae_cfg.z_dim):  # one global pair, or one per channel
+    out = dataclasses.replace(vae_cfg, latent_mean=mean, latent_std=std)
+    try:
+        out.validate()  # the one rule for their length: one global pair, or one per channel
+    except ConfigError as e:
         raise ConfigError(f"{path}: its latent statistics have {len(mean)} channels, vae.z_dim is {vae_cfg.z_dim}: "
-                          "the checkpoint was written for another VAE config")
-    return dataclasses.replace(vae_cfg, latent_mean=mean, latent_std=std)
+                          f"the checkpoint was written for another VAE config ({e})") from e
+    return out
 
 
 def load_vae_host(path: str, vae_cfg: Any, what: str = "VAE checkpoint") -> Params:

@@ -79,7 +79,7 @@ def test_pca_codec_then_decoder_recipe_trains_the_decoder_only(tmp_path):
                                          "train.save_interval=6", "train.ema_start_step=2", "train.batch_size=2",
                                          "train.vae_latent_noise=0.5", "train.weight_decay=0.1"])
     init = tr.load_vae_host(str(tmp_path / "pca"), cfg.vae)
-    fit = pixel_codec.fit_pca(cfg.vae, (v for v in _videos(data)), stride=1)
+    fit = pixel_codec.fit_pca(cfg.vae, _videos(data), stride=1)
     np.testing.assert_allclose(init["basis"], fit["basis"], atol=1e-6)  # the fit, beside a fresh decoder
     trainer = tr.Trainer(cfg, str(tmp_path / "run"), log=lambda m: None)
     try:
