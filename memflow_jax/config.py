@@ -251,6 +251,12 @@ class Config:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {k: _to_plain(dataclasses.asdict(v)) for k, v in self.sections}
 
+    def checkpoint_dict(self) -> dict[str, dict[str, Any]]:
+        """The sections a converted checkpoint's ``config.json`` holds (:data:`CHECKPOINT_SECTIONS`): never the
+        ``train`` / ``run`` / ``teacher_model`` sections that importing the training package registers, which a
+        sampling process could not read back."""
+        return {k: v for k, v in self.to_dict().items() if k in CHECKPOINT_SECTIONS}
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True)
 

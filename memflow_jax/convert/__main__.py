@@ -69,7 +69,7 @@ def convert(args: argparse.Namespace) -> str:
 
         components["vae"] = convert_vae_state_dict(args.vae, cfg.vae)
     meta = {"sources": {k: v for k, v in vars(args).items() if k not in ("overrides",) and v}}
-    return save_converted(args.out, components, cfg.to_dict(), meta,
+    return save_converted(args.out, components, cfg.checkpoint_dict(), meta,
                           copy_dirs={"tokenizer": args.tokenizer} if args.tokenizer else None)
 
 

@@ -12,13 +12,25 @@ from memflow_jax.data.latents import (ArrayRecordSource, LatentSource, OdeTrajec
                                       write_array_record)
 from memflow_jax.data.prompts import (DataError, MultiPromptSource, PromptSource, SwitchPromptSource, all_prompts,
                                       read_prompt_file)
-from memflow_jax.data.text_cache import CachedEmbeddingSource, TextEmbeddingCache, build_cache
 
 __all__ = [
     "ArrayRecordSource", "CachedEmbeddingSource", "DataError", "LatentSource", "MultiPromptSource",
     "OdeTrajectorySource", "PromptSource", "SwitchPromptSource", "TextEmbeddingCache", "all_prompts",
     "build_cache", "list_latent_files", "make_loader", "read_prompt_file", "write_array_record",
 ]
+
+
+_TEXT_CACHE_NAMES = ("CachedEmbeddingSource", "TextEmbeddingCache", "build_cache")
+
+
+def __getattr__(name: str) -> Any:
+    """The text-cache names load on first use, so ``python -m memflow_jax.data.text_cache`` does not find its own
+    module already imported by this package (runpy's RuntimeWarning)."""
+    if name in _TEXT_CACHE_NAMES:
+        from memflow_jax.data import text_cache
+
+        return getattr(text_cache, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _grain() -> Any:

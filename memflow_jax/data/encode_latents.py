@@ -180,7 +180,6 @@ def encode_dataset(cfg: Any, vae_params: Any, data_dir: str | Sequence[str], out
                    progress: bool = True, log: Callable[[str], None] = print,
                    dtype: str = "float32", stats: str = "channel", windows: bool = False) -> dict[str, Any]:
     """Both passes (see the module docstring); returns the statistics record written to ``vae_stats.json``."""
-    from memflow_jax.config import CHECKPOINT_SECTIONS
     from memflow_jax.convert.common import save_converted
     from memflow_jax.data.latents import manifest_line, write_latent_file
     from memflow_jax.io.atomic import write_text
@@ -296,7 +295,7 @@ def encode_dataset(cfg: Any, vae_params: Any, data_dir: str | Sequence[str], out
 
     stats_cfg = cfg.replace(vae=dataclasses.replace(
         vcfg, latent_mean=tuple(float(v) for v in mean32), latent_std=tuple(float(v) for v in std32)))
-    config_dict = {k: v for k, v in stats_cfg.to_dict().items() if k in CHECKPOINT_SECTIONS}
+    config_dict = stats_cfg.checkpoint_dict()
     stats = {"latent_mean": [float(v) for v in mean32], "latent_std": [float(v) for v in std32],
              "stats": stats, "num_clips": n, "stats_from_samples": len(subset), "frames": nf,
              "latent_shape": list(shape), "segment_windows": bool(windows),

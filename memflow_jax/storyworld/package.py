@@ -58,14 +58,72 @@ def _sections(ckpt: str, names: Sequence[str], what: str) -> dict[str, Any]:
     return {n: cfg[n] for n in names}
 
 
-def package(dit_dir: str, text_dir: str, vae_dir: str, out_dir: str, story_seed: int = 0) -> str:
-    """Merge the three converted checkpoints into ``out_dir`` (validated against the merged config)."""
+def swapped_decoder(vae_dir: str, run_dir: str) -> tuple[dict[str, Any], Any]:
+    """(vae config section, params): the ``vae``-recipe run's EMA params with ``vae_dir``'s latent statistics.
+
+    Valid only when the run kept the encoding path frozen (``vae.pca_decoder``: the PCA;
+    ``train.vae_freeze_encoder``: the encoder), so that its latents, and the statistics a DiT was trained with, are
+    ``vae_dir``'s; checked by comparing those frozen params bit for bit.
+    """
+    import jax
+
+    from memflow_jax.nn import vae
+    from memflow_jax.training.trainer import load_vae_host
+
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"--decoder-run {run_dir}: no config.json; pass a `train.py` run folder of the vae recipe")
+    with open(path) as f:
+        run_cfg = json.load(f)
+    if run_cfg.get("train", {}).get("recipe", "vae") != "vae" or "vae" not in run_cfg:
+        raise ValueError(f"--decoder-run {run_dir} is not a vae-recipe run (train.recipe="
+                         f"{run_cfg.get('train', {}).get('recipe')!r})")
+    ref_section = _sections(vae_dir, ("vae",), "VAE")["vae"]
+    measured = read_converted_meta(vae_dir).get("latent_stats")
+    if not measured:
+        raise ValueError(f"--vae {vae_dir} has no measured latent statistics (no latent_stats in its config.json); "
+                         "pass the VAE folder that data.encode_latents wrote (OUT/vae) with the latents the DiT "
+                         "was trained on")
+    section = dict(run_cfg["vae"], latent_mean=measured["latent_mean"], latent_std=measured["latent_std"])
+    vcfg = config_lib.from_dict({"vae": section}).vae
+    if vcfg.pca_decoder:
+        frozen = vae.PCA_KEYS
+    elif run_cfg.get("train", {}).get("vae_freeze_encoder"):
+        frozen = vae.ENCODER_KEYS
+    else:
+        raise ValueError(f"--decoder-run {run_dir} trained its encoder too (neither vae.pca_decoder nor "
+                         "train.vae_freeze_encoder), so its latents are not those of --vae: re-encode the data with "
+                         "it (python -m memflow_jax.data.encode_latents) and pass that --vae instead")
+    params = load_vae_host(run_dir, vcfg, "--decoder-run")
+    ref = load_vae_host(vae_dir, config_lib.from_dict({"vae": ref_section}).vae, "--vae")
+    for key in frozen:
+        same = key in ref and jax.tree_util.tree_structure(ref[key]) == jax.tree_util.tree_structure(params[key]) \
+            and all(a.shape == b.shape and np.array_equal(a, b) for a, b in
+                    zip(jax.tree_util.tree_leaves(ref[key]), jax.tree_util.tree_leaves(params[key])))
+        if not same:
+            raise ValueError(f"--decoder-run {run_dir}: its frozen '{key}' params differ from --vae {vae_dir}'s, so "
+                             "--vae's latent statistics do not describe its latents; pass the --vae the run was "
+                             "initialised from (run.vae_ckpt)")
+    return section, params
+
+
+def package(dit_dir: str, text_dir: str, vae_dir: str, out_dir: str, story_seed: int = 0,
+            decoder_run: str | None = None) -> str:
+    """Merge the three converted checkpoints into ``out_dir`` (validated against the merged config).
+
+    ``decoder_run``: a ``vae``-recipe run with a frozen encoding path (``pcadec`` / ``vaedec``) whose weights replace
+    ``vae_dir``'s, which then only supplies the latent statistics (:func:`swapped_decoder`).
+    """
     from memflow_jax.nn import dit, t5, vae
     from memflow_jax.pipeline import check_compatible
 
     data = _sections(dit_dir, ("model", "memory", "sampler"), "DiT")
     data.update(_sections(text_dir, ("text",), "text"))
-    data.update(_sections(vae_dir, ("vae",), "VAE"))
+    vae_params = None
+    if decoder_run:
+        data["vae"], vae_params = swapped_decoder(vae_dir, decoder_run)
+    else:
+        data.update(_sections(vae_dir, ("vae",), "VAE"))
     cfg = config_lib.from_dict(data)
     check_compatible(cfg)
     tok = os.path.join(text_dir, "tokenizer")
@@ -75,16 +133,23 @@ def package(dit_dir: str, text_dir: str, vae_dir: str, out_dir: str, story_seed:
         "dit": load_component(dit_dir, "dit", dit.abstract_params(dataclasses.replace(
             cfg.model, dtype="float32", param_dtype="float32"))),
         "t5": load_component(text_dir, "t5", t5.abstract_params(cfg.text)),
-        "vae": load_component(vae_dir, "vae", vae.abstract_params(cfg.vae)),
+        "vae": vae_params if decoder_run else load_component(vae_dir, "vae", vae.abstract_params(cfg.vae)),
     }
     sources = {}
     for name, d in (("dit", dit_dir), ("text", text_dir), ("vae", vae_dir)):
         meta = read_converted_meta(d)
         sources[name] = {"path": os.path.relpath(d), **{k: v for k, v in meta.items()
                                                         if k not in ("config", "components")}}
+    if decoder_run:
+        from memflow_jax.training.trainer import vae_run_item
+
+        item = vae_run_item(os.path.abspath(decoder_run))  # .../checkpoints/<step>/<ema | vae>
+        sources["vae"]["decoder_run"] = {"path": os.path.relpath(decoder_run),
+                                         "step": int(os.path.basename(os.path.dirname(item))),
+                                         "ema": os.path.basename(item) == "ema"}
     counts = {k: int(sum(np.prod(x.shape) for x in _leaves(v))) for k, v in comps.items()}
     story = demo_story(cfg.sampler.num_output_frames, cfg.sampler.chunk_frames, story_seed)  # fails before writing
-    save_converted(out_dir, comps, cfg.to_dict(), extra_meta={"sources": sources, "param_counts": counts},
+    save_converted(out_dir, comps, cfg.checkpoint_dict(), extra_meta={"sources": sources, "param_counts": counts},
                    copy_dirs={"tokenizer": tok})
     write_text(os.path.join(out_dir, STORY_FILE), "".join(json.dumps(seg) + "\n" for seg in story))
     return out_dir
@@ -107,9 +172,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--vae", required=True, help="VAE checkpoint with latent statistics (data.encode_latents)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--story-seed", type=int, default=0, help="which held-out story sample.py shows by default")
+    ap.add_argument("--decoder-run", default=None,
+                    help="a vae-recipe run folder with a frozen encoding path (pcadec / pcadeclong / vaedec): its EMA "
+                         "weights, with --vae's latent statistics (the frozen params are checked equal)")
     args = ap.parse_args(argv)
     try:
-        out = package(args.dit, args.text, args.vae, args.out, args.story_seed)
+        out = package(args.dit, args.text, args.vae, args.out, args.story_seed, args.decoder_run)
     except (ValueError, config_lib.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -31,7 +31,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from memflow_jax import config as config_lib
-    from memflow_jax.config import CHECKPOINT_SECTIONS
     from memflow_jax.convert.common import save_converted
     from memflow_jax.nn import pixel_codec
     from memflow_jax.storyworld.dataset import StoryworldSource
@@ -65,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         fresh = vae_lib.init_params(cfg.vae, jax.random.PRNGKey(args.seed))
         params = {**jax.tree_util.tree_map(np.asarray, fresh), **params}
-    config_dict = {k: v for k, v in cfg.to_dict().items() if k in CHECKPOINT_SECTIONS}
+    config_dict = cfg.checkpoint_dict()
     save_converted(args.out, {"vae": params}, config_dict,
                    extra_meta={"pca_codec": {"data": [os.path.abspath(d) for d in args.data],
                                              "num_videos": args.num_videos, "cell_stride": args.cell_stride,

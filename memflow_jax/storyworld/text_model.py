@@ -579,7 +579,7 @@ def build(cfg: config_lib.Config, out_dir: str, *, seed: int = 0, num_captions: 
         if emb.shape != (2, tcfg.text_len, tcfg.dim) or not np.all(np.isfinite(emb)):
             raise TextModelError(f"encoder output {emb.shape} is not [2, {tcfg.text_len}, {tcfg.dim}] or not finite")
         summary["times"] = times
-        save_converted(out_dir, {"t5": params}, cfg.to_dict(),
+        save_converted(out_dir, {"t5": params}, cfg.checkpoint_dict(),
                        extra_meta={"text_model": summary, "negative_prompt": NEGATIVE_PROMPT,
                                    "sources": {"text_model": "memflow_jax.storyworld.text_model"}},
                        copy_dirs={TOKENIZER_DIR: tok_dir})

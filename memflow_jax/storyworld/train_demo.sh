@@ -12,6 +12,7 @@
 #   vaedec    its decoder fine-tuned on 141-frame script windows (encoder frozen)        -> $RUNS/vae_decoder
 #   pca       (ARCH=pca, instead of vae / vaedec) the PCA pixel codec, closed form         -> $RUNS/pca
 #   pcadec    (ARCH=pcadec, after pca) a Wan decoder for the PCA latents (recipe vae)       -> $RUNS/pca_decoder
+#   pcadeclong (ARCH=pcadec) that decoder fine-tuned on 141-frame script windows          -> $RUNS/pca_decoder_long
 #   latents   encode the clips with the VAE, measure latent statistics                  -> $DATA/latents (+ vae/)
 #   textcache UMT5 embeddings of every prompt (and of the empty negative prompt)         -> $DATA/text_cache
 #             (with WINDOWS=1 after latents: the script segments' prompts come from its prompts.txt)
@@ -33,7 +34,7 @@
 # ODE pairs are stored; float16 by default with ARCH=pixel, whose 192-channel latents are 24x the VAE's) and
 # LATENT_STATS (channel / global: the latents stage's normalisation, data.encode_latents --stats; global by default
 # with ARCH=pca, channel otherwise); ARCH=pcadec is ARCH=pca decoded by a trained decoder (vae.pca_decoder: the
-# pcadec stage trains it; VAE_SRC defaults to its run, the PCA encodes as before); and WINDOWS=1 (the latents
+# pcadec then pcadeclong stages train it; VAE_SRC defaults to the latter's run, the PCA encodes as before); and WINDOWS=1 (the latents
 # stage also encodes the first 33 frames of every script segment that long with its own prompt, so the teacher
 # learns the continuation prompts that long tuning and sampling use; data.encode_latents --segment-windows; the
 # odepairs and dmd stages then draw their prompts from the same mix).
@@ -57,7 +58,7 @@ PCA="$PCA teacher_model.in_dim=32 teacher_model.out_dim=32"
 if [ "$ARCH" = pixel ]; then ARCH=$PIXEL; STORE_DTYPE=${STORE_DTYPE:-float16}; fi
 if [ "$ARCH" = pca ]; then ARCH=$PCA; VAE_SRC=${VAE_SRC:-$RUNS/pca}; LATENT_STATS=${LATENT_STATS:-global}; fi
 if [ "$ARCH" = pcadec ]; then
-  ARCH="$PCA vae.pca_decoder=true"; VAE_SRC=${VAE_SRC:-$RUNS/pca_decoder}; LATENT_STATS=${LATENT_STATS:-global}
+  ARCH="$PCA vae.pca_decoder=true"; VAE_SRC=${VAE_SRC:-$RUNS/pca_decoder_long}; LATENT_STATS=${LATENT_STATS:-global}
 fi
 STORE_DTYPE=${STORE_DTYPE:-float32}
 LATENT_STATS=${LATENT_STATS:-channel}
@@ -96,6 +97,10 @@ stage() {
     pcadec)
       $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_pca_decoder.yaml \
         --run-dir "$RUNS/pca_decoder" train.video_data_path="$DATA/clips" run.vae_ckpt="$RUNS/pca" $ARCH $EXTRA ;;
+    pcadeclong)
+      $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_pca_decoder_long.yaml \
+        --run-dir "$RUNS/pca_decoder_long" train.video_data_path="$DATA/scripts" run.vae_ckpt="$RUNS/pca_decoder" \
+        $ARCH $EXTRA ;;
     latents)
       $PY -m memflow_jax.data.encode_latents --config configs/storyworld.yaml --vae "${VAE_SRC:-$RUNS/vae_decoder}" \
         $LATENT_DATA --out "$DATA/latents" --dtype "$STORE_DTYPE" --stats "$LATENT_STATS" $ARCH ;;

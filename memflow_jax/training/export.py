@@ -12,7 +12,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from memflow_jax.config import CHECKPOINT_SECTIONS
 from memflow_jax.convert.common import save_converted
 
 
@@ -29,7 +28,7 @@ def export_generator(trainer: Any, out_dir: str, use_ema: bool = True) -> str:
                          "exported by `python -m memflow_jax.data.encode_latents`)")
     params = generator_params(trainer, use_ema)
     # the sampling sections only: train / run / teacher_model describe how it was made (kept in "source")
-    cfg = {k: v for k, v in trainer.cfg.to_dict().items() if k in CHECKPOINT_SECTIONS}
+    cfg = trainer.cfg.checkpoint_dict()
     meta = {"source": {"run_dir": trainer.run_dir, "step": int(trainer.step), "recipe": trainer.recipe,
                        "ema": bool(use_ema and trainer.ema is not None)}}
     return save_converted(out_dir, {"dit": params}, cfg, extra_meta=meta)

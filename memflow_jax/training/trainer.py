@@ -329,7 +329,7 @@ def synthetic_init(mcfg: ModelConfig, key: jax.Array) -> Params:
     return dict(p, head=head)
 
 
-def _vae_run_item(path: str) -> str:
+def vae_run_item(path: str) -> str:
     """The item folder of the params to read from a vae-recipe run folder (or its
     ``checkpoints/``): the newest complete step, its ``ema`` item when saved, else ``vae``."""
     from etils import epath
@@ -416,7 +416,7 @@ def load_vae_host(path: str, vae_cfg: Any, what: str = "VAE checkpoint") -> Para
     import orbax.checkpoint as ocp
     from etils import epath
 
-    item = _vae_run_item(path)
+    item = vae_run_item(path)
     handler = ocp.StandardCheckpointHandler()
     stored = handler.metadata(epath.Path(item))
     stored = getattr(stored, "tree", stored)

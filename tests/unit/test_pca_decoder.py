@@ -105,6 +105,39 @@ def test_pca_codec_then_decoder_recipe_trains_the_decoder_only(tmp_path):
                                 str(tmp_path / "lat"), "--stats", "global", "--workers", "1", *ARCH]) == 0
     packed = tr.load_vae_host(str(tmp_path / "lat" / "vae"), cfg.vae)  # the package's VAE: PCA + trained decoder
     chex.assert_trees_all_close(packed, ema)
+    _check_swapped_decoder(tmp_path, ema)
+
+
+def _check_swapped_decoder(tmp_path, ema):
+    """storyworld.package --decoder-run: the run's EMA weights with --vae's measured statistics, the frozen PCA
+    checked equal; a --vae without measured statistics, another PCA or an unfrozen run is refused by name."""
+    import json
+
+    from memflow_jax.convert.common import read_converted_meta, save_converted
+    from memflow_jax.storyworld import package as pkg
+
+    lat, run = str(tmp_path / "lat" / "vae"), str(tmp_path / "run")
+    section, params = pkg.swapped_decoder(lat, run)
+    chex.assert_trees_all_close(params, ema)
+    measured = read_converted_meta(lat)["latent_stats"]
+    assert section["pca_decoder"] and [section["latent_mean"], section["latent_std"]] == [
+        measured["latent_mean"], measured["latent_std"]]
+    with pytest.raises(ValueError, match="no measured latent statistics"):
+        pkg.swapped_decoder(str(tmp_path / "pca"), run)  # the PCA fit's placeholder 0 / 1
+    meta = read_converted_meta(lat)
+    other = dict(params, basis=params["basis"] + 1e-3)
+    save_converted(str(tmp_path / "other"), {"vae": other}, meta["config"],
+                   extra_meta={"latent_stats": measured})
+    with pytest.raises(ValueError, match="frozen 'basis' params differ"):
+        pkg.swapped_decoder(str(tmp_path / "other"), run)
+    unfrozen = tmp_path / "unfrozen"
+    unfrozen.mkdir()
+    with open(os.path.join(run, "config.json")) as f:
+        run_cfg = json.load(f)
+    run_cfg["vae"]["pca_decoder"] = False
+    (unfrozen / "config.json").write_text(json.dumps(run_cfg))
+    with pytest.raises(ValueError, match="trained its encoder too"):
+        pkg.swapped_decoder(lat, str(unfrozen))
 
 
 def _videos(data: str):

@@ -48,11 +48,14 @@ def _stage_dirs(tmp_path):
 
 
 def test_package_merges_the_stages_into_one_loadable_checkpoint(tmp_path):
+    import memflow_jax.training.config  # noqa: F401  (registers train / run / teacher_model, as --decoder-run does)
+
     cfg, dit_dir, text_dir, vae_dir = _stage_dirs(tmp_path)
     out = str(tmp_path / "pkg")
     assert pkg.main(["--dit", dit_dir, "--text", text_dir, "--vae", vae_dir, "--out", out]) == 0
     meta = read_converted_meta(out)
     assert meta["components"] == ["dit", "t5", "vae"]
+    assert sorted(meta["config"]) == sorted(config_lib.CHECKPOINT_SECTIONS)  # a sampling process reads it back
     assert meta["param_counts"]["dit"] == dit.count_params(dit.abstract_params(cfg.model))
     got = config_from_checkpoint(out)
     assert got.model == cfg.model and got.text == cfg.text and got.vae == cfg.vae
