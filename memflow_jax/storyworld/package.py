@@ -3,6 +3,10 @@
     python -m memflow_jax.storyworld.package --dit runs/storyworld/art/dmd_long --text runs/storyworld/art/text \
         --vae data/storyworld/latents/vae --out memflow_jax/assets/storyworld
 
+    # with a decoder trained after the DiT (storyworld/TRAINING.md round 10):
+    python -m memflow_jax.storyworld.package --dit ... --text ... --vae <the latents' VAE> \
+        --decoder-run runs/storyworld/pca_decoder_long --out ...
+
 Inputs are converted checkpoints (``config.json`` + Orbax components): the generator (``train.py --export``),
 the tokenizer + UMT5 (``memflow_jax.storyworld.text_model``) and the VAE with its measured latent statistics
 (``memflow_jax.data.encode_latents``). The output is one converted checkpoint with components ``dit``, ``t5``,
