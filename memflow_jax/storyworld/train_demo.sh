@@ -137,7 +137,7 @@ stage() {
       $PY -m memflow_jax.storyworld.package --dit "${PACKAGE_DIT:-$ART/dmd_long}" --text "$ART/text" \
         --vae "$DATA/latents/vae" --out "$PACKAGE" ;;
     *)
-      echo "unknown stage '$name' (data text vae vaedec pca pcadec latents textcache teacher teachercheck odepairs odeinit dmd dmdlong package)" >&2
+      echo "unknown stage '$name' (data text vae vaedec pca pcadec pcadeclong latents textcache teacher teachercheck odepairs odeinit dmd dmdlong package)" >&2
       exit 2 ;;
   esac
   echo "=== stage $name done in $((SECONDS - t0)) s"

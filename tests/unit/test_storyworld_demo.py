@@ -89,3 +89,20 @@ def test_bundled_checkpoint_is_small_and_complete():
     size = pkg.dir_size(sample.DEFAULT_CKPT)
     assert size <= 25 * 2**20, f"bundled demo is {size / 2**20:.1f} MiB (target <= 25 MiB)"
     assert np.all([os.path.isdir(os.path.join(sample.DEFAULT_CKPT, c)) for c in ("dit", "t5", "vae", "tokenizer")])
+
+
+def test_train_demo_stages_match_their_documentation():
+    """Every stage of train_demo.sh is listed in its header and in its unknown-stage error, and runs as a case."""
+    import re
+    import subprocess
+
+    script = os.path.join(os.path.dirname(sample.__file__), "memflow_jax", "storyworld", "train_demo.sh")
+    with open(script) as f:
+        text = f.read()
+    header = text[text.index("# Stages, in order"):text.index("set -euo pipefail")]
+    documented = re.findall(r"^#   ([a-z]+) ", header, flags=re.M)
+    cases = re.findall(r"^    ([a-z]+)\)$", text, flags=re.M)
+    listed = re.search(r"unknown stage '\$name' \(([a-z ]+)\)", text).group(1).split()
+    assert documented == cases == listed, (documented, cases, listed)
+    proc = subprocess.run(["bash", script, "nope"], capture_output=True, text=True, env=dict(os.environ, WORKERS="1"))
+    assert proc.returncode == 2 and "unknown stage 'nope'" in proc.stderr
