@@ -540,6 +540,14 @@ def learned_decoder(cfg: VAEConfig) -> bool:
     return cfg.codec == "wan" or (cfg.codec == "pca" and cfg.pca_decoder)
 
 
+def frozen_keys(cfg: VAEConfig, freeze_encoder: bool = False) -> tuple[str, ...]:
+    """The params a ``vae``-recipe run keeps fixed, so that its latents stay those of its init: the fitted PCA
+    (``pca`` with ``pca_decoder``), else the encoder when ``freeze_encoder`` (``train.vae_freeze_encoder``)."""
+    if cfg.codec == "pca" and cfg.pca_decoder:
+        return PCA_KEYS
+    return ENCODER_KEYS if freeze_encoder and cfg.codec == "wan" else ()
+
+
 @functools.lru_cache(maxsize=32)
 def _abstract_params(cfg: VAEConfig) -> dict:
     if not learned_decoder(cfg):

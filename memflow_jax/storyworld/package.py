@@ -62,26 +62,27 @@ def _sections(ckpt: str, names: Sequence[str], what: str) -> dict[str, Any]:
     return {n: cfg[n] for n in names}
 
 
-def swapped_decoder(vae_dir: str, run_dir: str) -> tuple[dict[str, Any], Any]:
-    """(vae config section, params): the ``vae``-recipe run's EMA params with ``vae_dir``'s latent statistics.
+def swapped_decoder(vae_dir: str, run_dir: str) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+    """(vae config section, params, provenance): the ``vae``-recipe run's newest params (EMA when saved) with
+    ``vae_dir``'s measured latent statistics.
 
     Valid only when the run kept the encoding path frozen (``vae.pca_decoder``: the PCA;
-    ``train.vae_freeze_encoder``: the encoder), so that its latents, and the statistics a DiT was trained with, are
-    ``vae_dir``'s; checked by comparing those frozen params bit for bit.
+    ``train.vae_freeze_encoder``: the encoder; :func:`nn.vae.frozen_keys`), so that its latents, and the statistics
+    a DiT was trained with, are ``vae_dir``'s; checked by comparing those frozen params bit for bit.
     """
     import jax
 
     from memflow_jax.nn import vae
-    from memflow_jax.training.trainer import load_vae_host
+    from memflow_jax.training.trainer import load_vae_host, vae_run_item
 
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"--decoder-run {run_dir}: no config.json; pass a `train.py` run folder of the vae recipe")
     with open(path) as f:
         run_cfg = json.load(f)
-    if run_cfg.get("train", {}).get("recipe", "vae") != "vae" or "vae" not in run_cfg:
-        raise ValueError(f"--decoder-run {run_dir} is not a vae-recipe run (train.recipe="
-                         f"{run_cfg.get('train', {}).get('recipe')!r})")
+    train = run_cfg.get("train", {})
+    if train.get("recipe", "vae") != "vae" or "vae" not in run_cfg:
+        raise ValueError(f"--decoder-run {run_dir} is not a vae-recipe run (train.recipe={train.get('recipe')!r})")
     ref_section = _sections(vae_dir, ("vae",), "VAE")["vae"]
     measured = read_converted_meta(vae_dir).get("latent_stats")
     if not measured:
@@ -90,25 +91,23 @@ def swapped_decoder(vae_dir: str, run_dir: str) -> tuple[dict[str, Any], Any]:
                          "was trained on")
     section = dict(run_cfg["vae"], latent_mean=measured["latent_mean"], latent_std=measured["latent_std"])
     vcfg = config_lib.from_dict({"vae": section}).vae
-    if vcfg.pca_decoder:
-        frozen = vae.PCA_KEYS
-    elif run_cfg.get("train", {}).get("vae_freeze_encoder"):
-        frozen = vae.ENCODER_KEYS
-    else:
+    frozen = vae.frozen_keys(vcfg, bool(train.get("vae_freeze_encoder")))
+    if not frozen:
         raise ValueError(f"--decoder-run {run_dir} trained its encoder too (neither vae.pca_decoder nor "
                          "train.vae_freeze_encoder), so its latents are not those of --vae: re-encode the data with "
                          "it (python -m memflow_jax.data.encode_latents) and pass that --vae instead")
     params = load_vae_host(run_dir, vcfg, "--decoder-run")
     ref = load_vae_host(vae_dir, config_lib.from_dict({"vae": ref_section}).vae, "--vae")
     for key in frozen:
-        same = key in ref and jax.tree_util.tree_structure(ref[key]) == jax.tree_util.tree_structure(params[key]) \
-            and all(a.shape == b.shape and np.array_equal(a, b) for a, b in
-                    zip(jax.tree_util.tree_leaves(ref[key]), jax.tree_util.tree_leaves(params[key])))
-        if not same:
+        a, b = jax.tree_util.tree_flatten(ref.get(key)), jax.tree_util.tree_flatten(params[key])
+        if a[1] != b[1] or not all(x.shape == y.shape and np.array_equal(x, y) for x, y in zip(a[0], b[0])):
             raise ValueError(f"--decoder-run {run_dir}: its frozen '{key}' params differ from --vae {vae_dir}'s, so "
                              "--vae's latent statistics do not describe its latents; pass the --vae the run was "
                              "initialised from (run.vae_ckpt)")
-    return section, params
+    item = vae_run_item(os.path.abspath(run_dir))  # .../checkpoints/<step>/<ema | vae>: what load_vae_host read
+    source = {"path": os.path.relpath(run_dir), "step": int(os.path.basename(os.path.dirname(item))),
+              "ema": os.path.basename(item) == "ema"}
+    return section, params, source
 
 
 def package(dit_dir: str, text_dir: str, vae_dir: str, out_dir: str, story_seed: int = 0,
@@ -123,9 +122,9 @@ def package(dit_dir: str, text_dir: str, vae_dir: str, out_dir: str, story_seed:
 
     data = _sections(dit_dir, ("model", "memory", "sampler"), "DiT")
     data.update(_sections(text_dir, ("text",), "text"))
-    vae_params = None
+    vae_params = decoder_source = None
     if decoder_run:
-        data["vae"], vae_params = swapped_decoder(vae_dir, decoder_run)
+        data["vae"], vae_params, decoder_source = swapped_decoder(vae_dir, decoder_run)
     else:
         data.update(_sections(vae_dir, ("vae",), "VAE"))
     cfg = config_lib.from_dict(data)
@@ -145,12 +144,7 @@ def package(dit_dir: str, text_dir: str, vae_dir: str, out_dir: str, story_seed:
         sources[name] = {"path": os.path.relpath(d), **{k: v for k, v in meta.items()
                                                         if k not in ("config", "components")}}
     if decoder_run:
-        from memflow_jax.training.trainer import vae_run_item
-
-        item = vae_run_item(os.path.abspath(decoder_run))  # .../checkpoints/<step>/<ema | vae>
-        sources["vae"]["decoder_run"] = {"path": os.path.relpath(decoder_run),
-                                         "step": int(os.path.basename(os.path.dirname(item))),
-                                         "ema": os.path.basename(item) == "ema"}
+        sources["vae"]["decoder_run"] = decoder_source
     counts = {k: int(sum(np.prod(x.shape) for x in _leaves(v))) for k, v in comps.items()}
     story = demo_story(cfg.sampler.num_output_frames, cfg.sampler.chunk_frames, story_seed)  # fails before writing
     save_converted(out_dir, comps, cfg.checkpoint_dict(), extra_meta={"sources": sources, "param_counts": counts},

@@ -1047,7 +1047,7 @@ class Trainer:
         vcfg, remat = self.vae_cfg, t.gradient_checkpointing
         fixed_encoder = vcfg.codec == "pca"  # (vae.pca_decoder) the fitted PCA encodes; only the decoder trains
         # frozen params: no gradient, and restored after the update (weight decay would move them otherwise)
-        frozen = vae_lib.PCA_KEYS if fixed_encoder else vae_lib.ENCODER_KEYS if t.vae_freeze_encoder else ()
+        frozen = vae_lib.frozen_keys(vcfg, t.vae_freeze_encoder)
 
         def step(gen: TrainState, ema, gen_base, batch, rng, loop_step):
             video = self._pin(batch["video"])  # [B, T, H, W, 3] uint8

@@ -117,7 +117,7 @@ def _check_swapped_decoder(tmp_path, ema):
     from memflow_jax.storyworld import package as pkg
 
     lat, run = str(tmp_path / "lat" / "vae"), str(tmp_path / "run")
-    section, params = pkg.swapped_decoder(lat, run)
+    section, params, _ = pkg.swapped_decoder(lat, run)
     chex.assert_trees_all_close(params, ema)
     measured = read_converted_meta(lat)["latent_stats"]
     assert section["pca_decoder"] and [section["latent_mean"], section["latent_std"]] == [
