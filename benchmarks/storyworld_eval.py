@@ -78,31 +78,11 @@ class EvalError(RuntimeError):
     """A setup that cannot produce a meaningful evaluation (message says what to change)."""
 
 
-# --------------------------------------------------------------------------------------------------
-# Latent <-> video frame alignment
-# --------------------------------------------------------------------------------------------------
-
-
-def video_frames(num_latent: int, t_stride: int) -> int:
-    """Video frames decoded from ``num_latent`` latent frames: ``1 + s(n - 1)``."""
-    if num_latent < 1 or t_stride < 1:
-        raise ValueError(f"num_latent={num_latent} and t_stride={t_stride} must be >= 1")
-    return 1 + t_stride * (num_latent - 1)
-
-
-def latent_to_video_start(latent_frame: int, t_stride: int) -> int:
-    """First video frame decoded from latent frame ``L``: 0 for L = 0, else ``sL - (s - 1)``."""
-    return 0 if latent_frame == 0 else t_stride * latent_frame - (t_stride - 1)
-
-
-def video_to_latent_start(video_frame: int, t_stride: int) -> int:
-    """Inverse of :func:`latent_to_video_start` (raises for a frame that starts no latent frame)."""
-    if video_frame == 0:
-        return 0
-    latent, rem = divmod(video_frame + t_stride - 1, t_stride)
-    if rem or latent < 1:
-        raise ValueError(f"video frame {video_frame} is not the first frame of a latent frame (stride {t_stride})")
-    return latent
+# latent <-> video frame alignment (one home: memflow_jax.storyworld.scripts)
+video_frames = SC.video_frames
+latent_to_video_start = SC.latent_to_video_start
+video_to_latent_start = SC.video_to_latent_start
+latent_switches = SC.latent_switches
 
 
 def eval_rng(split_seed: int, index: int) -> np.random.Generator:
@@ -136,31 +116,12 @@ class EvalScript:
 
 def sample_aligned_script(rng: np.random.Generator, *, num_latent: int, chunk: int, t_stride: int,
                           max_objects: int = 3) -> S.Script:
-    """A 3..min(6, chunks) segment narrative whose segment boundaries fall on the model's chunk boundaries in
-    video frames: segment lengths ``k * s * c`` except the first, ``k * s * c - (s - 1)``; total
-    ``video_frames(num_latent, s)``."""
-    if num_latent % chunk:
-        raise ValueError(f"num_latent={num_latent} is not a multiple of the chunk size {chunk}")
-    n_chunks = num_latent // chunk
-    if n_chunks < 3:
-        raise EvalError(f"{n_chunks} chunks ({num_latent} latent frames) cannot hold 3 segments (a leave and a "
-                        f"later return); give >= 3 chunks (--max-chunks / sampler.num_output_frames)")
-    unit = t_stride * chunk  # video frames of a chunk after the first
-    n_seg = int(rng.integers(3, min(6, n_chunks) + 1))
-    script = SC.sample_script(rng, num_segments=n_seg, max_objects=max_objects, segment_frames=(unit, unit),
-                              num_frames=t_stride * num_latent, frame_multiple=unit)
-    segs = list(script.segments)
-    segs[0] = dataclasses.replace(segs[0], duration=segs[0].duration - (t_stride - 1))
-    return S.Script(script.objects, tuple(segs))
-
-
-def latent_switches(script: S.Script, t_stride: int, chunk: int) -> tuple[int, ...]:
-    """The latent frames where the script's segments 2.. start (checked to be chunk boundaries)."""
-    out = tuple(video_to_latent_start(v, t_stride) for v in script.switch_frames)
-    bad = [f for f in out if f % chunk]
-    if bad:
-        raise ValueError(f"switches at latent frames {bad} are not chunk boundaries (chunk {chunk})")
-    return out
+    """:func:`scripts.sample_aligned_script`, with a setup error that names the eval's options."""
+    if num_latent % chunk == 0 and num_latent // chunk < 3:
+        raise EvalError(f"{num_latent // chunk} chunks ({num_latent} latent frames) cannot hold 3 segments (a "
+                        f"leave and a later return); give >= 3 chunks (--max-chunks / sampler.num_output_frames)")
+    return SC.sample_aligned_script(rng, num_latent=num_latent, chunk=chunk, t_stride=t_stride,
+                                    max_objects=max_objects)
 
 
 def _gt_measurable(video: np.ndarray, ann: dict[str, Any]) -> bool:

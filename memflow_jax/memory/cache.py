@@ -137,7 +137,7 @@ class ForwardPlan:
     start: jnp.ndarray  # [] int32
     q_bank: jnp.ndarray | bool  # [] bool
     recompute: jnp.ndarray  # [] bool
-    zero_text_query: jnp.ndarray  # [] bool
+    zero_text_query: jnp.ndarray  # [] bool (or [B]: per sample, teacher-forced stories)
 
 
 def chunk_placement(plan: ForwardPlan, n: int, spec: CacheSpec) -> tuple[jnp.ndarray, jnp.ndarray]:

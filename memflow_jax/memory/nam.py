@@ -16,8 +16,11 @@ from jax import lax
 
 
 def text_query_for(text_query: jnp.ndarray, zeroed: jnp.ndarray) -> jnp.ndarray:
-    """NAM's text query ``[..., T, H, D]``, all zero when ``zeroed`` (the release right after a prompt switch)."""
-    return jnp.where(zeroed, jnp.zeros_like(text_query), text_query)
+    """NAM's text query ``[B, T, H, D]``, all zero where ``zeroed`` (``[]`` or per sample ``[B]``; the release
+    zeroes it right after a prompt switch)."""
+    z = jnp.asarray(zeroed)
+    z = z.reshape(z.shape + (1,) * (text_query.ndim - z.ndim))
+    return jnp.where(z, jnp.zeros_like(text_query), text_query)
 
 
 def nam_scores(text_query: jnp.ndarray, bank_k: jnp.ndarray, aggregate: str = "logits_mean") -> jnp.ndarray:

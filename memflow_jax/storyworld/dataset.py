@@ -8,12 +8,17 @@ Layout of a dataset folder (every file is a pure function of the arguments: same
     index.jsonl          per example: index, seed, num_frames, prompts, start_frames (+ file for "files")
     prompts.txt          one prompt per line (reference TextDataset format): the clip's prompt / a script's
                          first prompt
-    switch_prompts.txt   scripts only: the second prompt of each script, line-paired with prompts.txt
+    segment_prompts.txt  every distinct prompt of every segment, in first-seen order (a text cache's input)
+    switch_prompts.txt   scripts / stories: the second prompt of each script, line-paired with prompts.txt
                          (reference TwoTextDataset format)
-    scripts.jsonl        scripts only: {"prompts": [...], "switch_frames": [...]} per line (switch frames in
+    scripts.jsonl        scripts / stories: {"prompts": [...], "switch_frames": [...]} per line (switch frames in
                          video frames; the reference's MultiTextDataset wants one segment count per file, so
                          scripts_<n>seg.jsonl split them by count when counts differ)
     vocab.txt            the caption vocabulary, one token per line
+
+Kinds: ``clips`` (one prompt), ``scripts`` (3-6 prompts, free segment lengths) and ``stories`` (scripts whose
+segment boundaries fall on a streaming model's latent chunk boundaries, :func:`scripts.sample_aligned_script`;
+their records add ``latent_switch_frames``: the teacher-forced story recipe's data).
 
 A record is ``MAGIC | uint64 header length | JSON header | raw little-endian array bytes``; the header holds the
 non-array fields and ``[name, dtype, shape, offset, nbytes]`` of every array. :class:`StoryworldSource`
@@ -37,7 +42,7 @@ from memflow_jax.storyworld import scripts as SC
 
 MAGIC = b"SWREC001"
 FORMAT = "storyworld-v1"
-KINDS = ("clips", "scripts")
+KINDS = ("clips", "scripts", "stories")
 STORAGES = ("auto", "arrayrecord", "files")
 DATA_FILE = "data.array_record"
 
@@ -63,23 +68,31 @@ def make_example(kind: str, index: int, seed: int, height: int = R.DEFAULT_HEIGH
     (one per segment), ``captions`` (the sentences of each segment), ``start_frames`` / ``switch_frames``
     (lists of ints), ``script`` (``scene.script_to_dict``), ``hidden`` (hidden attributes per object),
     ``seed`` (render seed), ``index``, ``dataset_seed``, ``kind``, ``height``, ``width``, ``fps``,
-    ``num_frames``.
+    ``num_frames``; stories add ``latent_switch_frames`` (where prompts 2.. start, latent frames).
     """
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {list(KINDS)}")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(index)]))
     kw = dict(sampler_kwargs or {})
-    script = SC.sample_clip(rng, **kw) if kind == "clips" else SC.sample_script(rng, **kw)
+    if kind == "clips":
+        script = SC.sample_clip(rng, **kw)
+    elif kind == "stories":
+        script = SC.sample_aligned_script(rng, **kw)
+    else:
+        script = SC.sample_script(rng, **kw)
     render_seed = int(rng.integers(0, 2**31 - 1))
     hidden = S.sample_hidden(script, render_seed)
     video, ann = R.render_video(script, render_seed, None, height, width, fps, hidden=hidden)
+    extra = {}
+    if kind == "stories":
+        extra["latent_switch_frames"] = list(SC.latent_switches(script, kw["t_stride"], kw["chunk"]))
     return {
         "kind": kind, "index": int(index), "dataset_seed": int(seed), "seed": render_seed,
         "height": int(height), "width": int(width), "fps": int(fps), "num_frames": int(video.shape[0]),
         "prompts": C.script_prompts(script), "captions": C.script_captions(script),
         "start_frames": list(script.start_frames), "switch_frames": list(script.switch_frames),
         "script": S.script_to_dict(script), "hidden": S.hidden_to_dicts(hidden),
-        "video": video, "annotations": ann,
+        "video": video, "annotations": ann, **extra,
     }
 
 
@@ -136,7 +149,8 @@ def decode_example(data: bytes) -> dict[str, Any]:
 def _encoded(index: int, kind: str, seed: int, height: int, width: int, fps: int,
              sampler_kwargs: Mapping[str, Any]) -> tuple[bytes, dict[str, Any]]:
     ex = make_example(kind, index, seed, height, width, fps, sampler_kwargs)
-    info = {k: ex[k] for k in ("index", "seed", "num_frames", "prompts", "start_frames", "switch_frames")}
+    keys = ("index", "seed", "num_frames", "prompts", "start_frames", "switch_frames", "latent_switch_frames")
+    info = {k: ex[k] for k in keys if k in ex}
     return encode_example(ex), info
 
 
@@ -153,7 +167,8 @@ def write_dataset(out_dir: str | os.PathLike, kind: str = "scripts", num_example
                   storage: str = "auto", workers: int = 0, **sampler_kwargs: Any) -> str:
     """Write ``num_examples`` clips / scripts to ``out_dir`` (see the module docstring); returns the folder.
 
-    ``sampler_kwargs`` go to :func:`scripts.sample_clip` / :func:`scripts.sample_script`; ``workers > 1``
+    ``sampler_kwargs`` go to :func:`scripts.sample_clip` / :func:`scripts.sample_script` /
+    :func:`scripts.sample_aligned_script` (stories: ``num_latent``, ``chunk``, ``t_stride``); ``workers > 1``
     renders in that many processes (the output is the same bytes).
     """
     if kind not in KINDS:
@@ -162,6 +177,11 @@ def write_dataset(out_dir: str | os.PathLike, kind: str = "scripts", num_example
         raise ValueError(f"storage={storage!r} is not one of {list(STORAGES)}")
     if num_examples < 1:
         raise ValueError(f"num_examples={num_examples} must be >= 1")
+    if kind == "stories":
+        missing = [k for k in ("num_latent", "chunk", "t_stride") if k not in sampler_kwargs]
+        if missing:
+            raise ValueError(f"kind='stories' needs the model's alignment {missing} (latent frames per story, "
+                             "latent frames per chunk, the VAE's temporal stride)")
     R.check_resolution(height, width)
     if storage == "auto":
         storage = "arrayrecord" if _have_array_record() else "files"
@@ -205,8 +225,9 @@ def write_dataset(out_dir: str | os.PathLike, kind: str = "scripts", num_example
         for info in infos:
             f.write(json.dumps(info, sort_keys=True) + "\n")
     _write_lines(os.path.join(out_dir, "prompts.txt"), (i["prompts"][0] for i in infos))
+    _write_lines(os.path.join(out_dir, "segment_prompts.txt"), dict.fromkeys(p for i in infos for p in i["prompts"]))
     _write_lines(os.path.join(out_dir, "vocab.txt"), C.VOCABULARY)
-    if kind == "scripts":
+    if kind in ("scripts", "stories"):
         _write_lines(os.path.join(out_dir, "switch_prompts.txt"), (i["prompts"][1] for i in infos))
         lines = [json.dumps({"prompts": i["prompts"], "switch_frames": i["switch_frames"]}) for i in infos]
         _write_lines(os.path.join(out_dir, "scripts.jsonl"), lines)

@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m memflow_jax.storyworld.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (created; files in it are overwritten)")
-    p.add_argument("--kind", choices=D.KINDS, default="scripts", help="single-prompt clips or multi-prompt scripts")
+    p.add_argument("--kind", choices=D.KINDS, default="scripts",
+                   help="single-prompt clips, multi-prompt scripts, or stories (scripts on the model's chunk grid)")
     p.add_argument("--num", type=int, default=100, help="number of examples")
     p.add_argument("--seed", type=int, default=0, help="master seed (same seed -> byte-identical export)")
     p.add_argument("--height", type=int, default=R.DEFAULT_HEIGHT, help="pixels, multiple of 8")
@@ -43,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--segment-frames", type=int, nargs=2, default=(16, 32), metavar=("MIN", "MAX"))
     g.add_argument("--frame-multiple", type=int, default=1, help="segment lengths are multiples of this")
     g.add_argument("--p-background-change", type=float, default=0.6)
+    g = p.add_argument_group("stories (segment boundaries on latent chunk boundaries)")
+    g.add_argument("--num-latent", type=int, default=36, help="latent frames per story (a multiple of --chunk)")
+    g.add_argument("--chunk", type=int, default=3, help="latent frames per chunk (sampler.chunk_frames)")
+    g.add_argument("--t-stride", type=int, default=4, help="the VAE's temporal stride (sampler.vae_stride[0])")
     return p
 
 
@@ -50,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.kind == "clips":
         kw = dict(num_frames=args.clip_frames, max_objects=args.max_objects, p_event=args.p_event)
+    elif args.kind == "stories":
+        kw = dict(num_latent=args.num_latent, chunk=args.chunk, t_stride=args.t_stride, max_objects=args.max_objects)
     else:
         kw = dict(num_segments=args.num_segments, num_frames=args.num_frames,
                   segment_frames=tuple(args.segment_frames), frame_multiple=args.frame_multiple,

@@ -4,12 +4,16 @@
 "memory" object is on screen from the start, leaves in a later segment and comes back in a later one still;
 the background may change and later change back; other objects may enter mid-story. :func:`sample_clip`
 gives one-prompt clips (motions, sometimes an enter or a leave) for teacher training.
+:func:`sample_aligned_script` gives scripts whose segment boundaries fall on a streaming model's chunk boundaries
+(the held-out evaluation's scripts and the ``stories`` datasets of teacher-forced story training).
 
 Layout: objects live on horizontal lanes (distinct rows), enter / leave / come back along their lane, and
 move by at least ``MIN_MOVE`` when they move. Vertical motions that would make two objects overlap are
 re-drawn (best effort; the renderer's ``visible_fraction`` reports any overlap that remains).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -252,4 +256,62 @@ def returning_objects(script: S.Script) -> list[tuple[int, int, int]]:
             elif kind == "return" and left_at is not None:
                 out.append((k, left_at, s))
                 left_at = None
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Latent <-> video frame alignment and chunk-aligned scripts
+# --------------------------------------------------------------------------------------------------
+# A causal video VAE of temporal stride s decodes latent frame 0 to 1 video frame and each later latent frame to
+# s, so n latent frames are 1 + s(n - 1) video frames and latent frame L > 0 starts at video frame sL - (s - 1).
+
+
+def video_frames(num_latent: int, t_stride: int) -> int:
+    """Video frames decoded from ``num_latent`` latent frames: ``1 + s(n - 1)``."""
+    if num_latent < 1 or t_stride < 1:
+        raise ValueError(f"num_latent={num_latent} and t_stride={t_stride} must be >= 1")
+    return 1 + t_stride * (num_latent - 1)
+
+
+def latent_to_video_start(latent_frame: int, t_stride: int) -> int:
+    """First video frame decoded from latent frame ``L``: 0 for L = 0, else ``sL - (s - 1)``."""
+    return 0 if latent_frame == 0 else t_stride * latent_frame - (t_stride - 1)
+
+
+def video_to_latent_start(video_frame: int, t_stride: int) -> int:
+    """Inverse of :func:`latent_to_video_start` (raises for a frame that starts no latent frame)."""
+    if video_frame == 0:
+        return 0
+    latent, rem = divmod(video_frame + t_stride - 1, t_stride)
+    if rem or latent < 1:
+        raise ValueError(f"video frame {video_frame} is not the first frame of a latent frame (stride {t_stride})")
+    return latent
+
+
+def sample_aligned_script(rng: np.random.Generator, *, num_latent: int, chunk: int, t_stride: int,
+                          max_objects: int = 3) -> S.Script:
+    """A 3..min(6, chunks) segment narrative (:func:`sample_script`) whose segment boundaries fall on the chunk
+    boundaries of a model making ``num_latent`` latent frames in chunks of ``chunk``: segment lengths
+    ``k * s * c`` video frames except the first, ``k * s * c - (s - 1)``; total ``video_frames(num_latent, s)``."""
+    if num_latent % chunk:
+        raise ValueError(f"num_latent={num_latent} is not a multiple of the chunk size {chunk}")
+    n_chunks = num_latent // chunk
+    if n_chunks < 3:
+        raise ValueError(f"{n_chunks} chunks ({num_latent} latent frames) cannot hold 3 segments (a leave and a "
+                         f"later return); give >= 3 chunks")
+    unit = t_stride * chunk  # video frames of a chunk after the first
+    n_seg = int(rng.integers(3, min(6, n_chunks) + 1))
+    script = sample_script(rng, num_segments=n_seg, max_objects=max_objects, segment_frames=(unit, unit),
+                           num_frames=t_stride * num_latent, frame_multiple=unit)
+    segs = list(script.segments)
+    segs[0] = dataclasses.replace(segs[0], duration=segs[0].duration - (t_stride - 1))
+    return S.Script(script.objects, tuple(segs))
+
+
+def latent_switches(script: S.Script, t_stride: int, chunk: int) -> tuple[int, ...]:
+    """The latent frames where the script's segments 2.. start (checked to be chunk boundaries)."""
+    out = tuple(video_to_latent_start(v, t_stride) for v in script.switch_frames)
+    bad = [f for f in out if f % chunk]
+    if bad:
+        raise ValueError(f"switches at latent frames {bad} are not chunk boundaries (chunk {chunk})")
     return out

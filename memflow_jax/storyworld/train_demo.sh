@@ -14,18 +14,22 @@
 #   pcadec    (ARCH=pcadec, after pca) a Wan decoder for the PCA latents (recipe vae)       -> $RUNS/pca_decoder
 #   pcadeclong (ARCH=pcadec) that decoder fine-tuned on 141-frame script windows          -> $RUNS/pca_decoder_long
 #   latents   encode the clips with the VAE, measure latent statistics                  -> $DATA/latents (+ vae/)
+#   stories   (optional, before textcache) 36-latent-frame stories on the chunk grid      -> $DATA/stories
 #   textcache UMT5 embeddings of every prompt (and of the empty negative prompt)         -> $DATA/text_cache
-#             (with WINDOWS=1 after latents: the script segments' prompts come from its prompts.txt)
+#             (with WINDOWS=1 after latents: the script segments' prompts come from its prompts.txt; with
+#             the stories stage run: every story segment's prompt too)
 #   teacher   bidirectional teacher (recipe teacher)                                     -> $ART/teacher
 #   teachercheck (optional gate) the teacher on 16 held-out clips + 16 continuation prompts -> $RUNS/teacher_check.json
 #   odepairs  teacher ODE trajectories (48 Euler steps, guidance)                        -> $DATA/ode_pairs
 #   odeinit   causal 4-step generator regressed on the trajectories (recipe ode_init)    -> $ART/ode_init
 #   dmd       DMD with memory (recipe dmd)                                               -> $ART/dmd
 #   dmdlong   streaming long tuning with prompt switches (recipe dmd_long)               -> $ART/dmd_long
+#   story     (optional, after stories) teacher forcing on ground-truth stories with memory (recipe story),
+#             from $STORY_INIT (default $ART/dmd_long)                                    -> $ART/story
 #   package   assemble tokenizer + UMT5 + DiT + VAE into the shipped checkpoint         -> $PACKAGE
 # Environment: DATA (data/storyworld), RUNS (runs/storyworld), ART ($RUNS/art), PACKAGE
 # (memflow_jax/assets/storyworld), VAE_SRC (the VAE the latents stage encodes with: $RUNS/vae_decoder),
-# N_CLIPS, N_SCRIPTS, WORKERS, MINUTES (wall-clock cap of each train.py run: it stops checkpointed and resumable),
+# N_CLIPS, N_SCRIPTS, N_STORIES, WORKERS, MINUTES (wall-clock cap of each train.py run: it stops checkpointed and resumable),
 # ODE_SAMPLES (ODE pairs; default every clip prompt), ODE_BATCH (prompts per ODE solve), EXTRA (overrides appended to every train.py call, e.g.
 # EXTRA="train.max_iters=2 train.batch_size=2" for a smoke run), ARCH (architecture overrides appended to every
 # stage that reads a config, from latents on; ARCH=pixel trains on the parameter-free pixel codec ($PIXEL below),
@@ -46,6 +50,7 @@ ART=${ART:-$RUNS/art}
 PACKAGE=${PACKAGE:-memflow_jax/assets/storyworld}
 N_CLIPS=${N_CLIPS:-6000}
 N_SCRIPTS=${N_SCRIPTS:-2000}
+N_STORIES=${N_STORIES:-3000}
 WORKERS=${WORKERS:-$(python -c 'import os; print(max(1, min(16, os.cpu_count() or 1)))')}
 EXTRA=${EXTRA:-}
 ARCH=${ARCH:-}
@@ -104,10 +109,15 @@ stage() {
     latents)
       $PY -m memflow_jax.data.encode_latents --config configs/storyworld.yaml --vae "${VAE_SRC:-$RUNS/vae_decoder}" \
         $LATENT_DATA --out "$DATA/latents" --dtype "$STORE_DTYPE" --stats "$LATENT_STATS" $ARCH ;;
+    stories)
+      # 36 latent frames = 141 video frames, prompt switches on chunk boundaries (3 latent = 12 video frames)
+      $PY -m memflow_jax.storyworld.export --out "$DATA/stories" --kind stories --num "$N_STORIES" --seed 2 \
+        --num-latent 36 --chunk 3 --t-stride 4 --workers "$WORKERS" ;;
     textcache)
       $PY -m memflow_jax.data.text_cache build --converted-ckpt "$ART/text" --out "$DATA/text_cache" --negative-prompt "" \
         --prompts "$DATA/clips/prompts.txt" "$DATA/scripts/prompts.txt" "$DATA/scripts/switch_prompts.txt" \
-        ${WINDOWS:+"$DATA/latents/prompts.txt"} ;;
+        ${WINDOWS:+"$DATA/latents/prompts.txt"} \
+        $( [ -f "$DATA/stories/segment_prompts.txt" ] && echo "$DATA/stories/segment_prompts.txt" ) ;;
     teacher)
       $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_teacher.yaml --run-dir "$RUNS/teacher" --export "$ART/teacher" \
         "$PATHS" train.latent_data_path="$DATA/latents" $ARCH $EXTRA ;;
@@ -133,11 +143,15 @@ stage() {
         "$PATHS" train.data_path="$DATA/scripts/prompts.txt" train.switch_prompt_path="$DATA/scripts/switch_prompts.txt" \
         train.generator_ckpt="$ART/dmd" run.teacher_ckpt="$ART/teacher" run.critic_ckpt="$ART/teacher" \
         run.vae_ckpt="$DATA/latents/vae" $ARCH $EXTRA ;;
+    story)
+      $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_story.yaml --run-dir "$RUNS/story" --export "$ART/story" \
+        "$PATHS" train.video_data_path="$DATA/stories" train.generator_ckpt="${STORY_INIT:-$ART/dmd_long}" \
+        run.vae_ckpt="$DATA/latents/vae" $ARCH $EXTRA ;;
     package)
       $PY -m memflow_jax.storyworld.package --dit "${PACKAGE_DIT:-$ART/dmd_long}" --text "$ART/text" \
         --vae "$DATA/latents/vae" --out "$PACKAGE" ;;
     *)
-      echo "unknown stage '$name' (data text vae vaedec pca pcadec pcadeclong latents textcache teacher teachercheck odepairs odeinit dmd dmdlong package)" >&2
+      echo "unknown stage '$name' (data text vae vaedec pca pcadec pcadeclong latents stories textcache teacher teachercheck odepairs odeinit dmd dmdlong story package)" >&2
       exit 2 ;;
   esac
   echo "=== stage $name done in $((SECONDS - t0)) s"

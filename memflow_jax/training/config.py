@@ -23,14 +23,15 @@ NEGATIVE_PROMPT = (
     "合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
 
-RECIPES = ("teacher", "ode_init", "dmd", "dmd_long", "vae")
+RECIPES = ("teacher", "ode_init", "dmd", "dmd_long", "story", "vae")
 SWITCH_MODES = ("random_choice", "fixed", "random")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Training recipe (``teacher`` fine-tune | ``ode_init`` regression | ``dmd`` | ``dmd_long`` streaming |
-    ``vae``: the Wan VAE's encoder + decoder on storyworld videos)."""
+    ``story``: teacher forcing on ground-truth stories with memory | ``vae``: the Wan VAE's encoder + decoder on
+    storyworld videos)."""
 
     recipe: str = "dmd_long"  # reference distribution_loss: dmd (-> dmd) | dmd_switch + streaming (-> dmd_long)
     # --- optimisers (torch AdamW, decoupled weight decay) ---
@@ -116,8 +117,10 @@ class TrainConfig:
     data_workers: int = 0
     # --- teacher: classifier-free guidance ---
     text_dropout: float = 0.0  # per sample: prompt embedding -> negative_prompt's embedding with this probability
+    # --- story recipe (teacher forcing on a storyworld ``stories`` dataset, encoded by run.vae_ckpt) ---
+    story_exit_steps: tuple[int, ...] = ()  # denoising step indices the loss draws from (empty: every step)
     # --- vae recipe (memflow_jax.nn.vae on storyworld videos; LoRA off) ---
-    video_data_path: str = ""  # a storyworld dataset folder (python -m memflow_jax.storyworld.export)
+    video_data_path: str = ""  # vae / story: a storyworld dataset folder (python -m memflow_jax.storyworld.export)
     vae_clip_frames: int = 17  # video frames per training window: 1 + k * (the VAE's time stride)
     vae_kl_weight: float = 1e-6  # loss = L1 + MSE (pixel means) + vae_kl_weight * KL (nats per latent element)
     vae_freeze_encoder: bool = False  # train the decoder only (keeps latents a trained DiT already models valid)

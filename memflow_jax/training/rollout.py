@@ -508,8 +508,146 @@ def choose_switch_frame(train: Any, max_length: int, chunk: int, rng: np.random.
     return sw
 
 
+# --------------------------------------------------------------------------------------------------
+# Teacher forcing on ground-truth stories (the ``story`` recipe)
+# --------------------------------------------------------------------------------------------------
+
+
+def story_config(cfg: Config, batch: int, *, model: ModelConfig | None = None) -> RolloutConfig:
+    """:class:`RolloutConfig` of teacher-forced story training: the SAMPLER's memory semantics (the context pass
+    on clean latents, no second NAM update in it, sink kept at a switch), so the memory the generator learns to
+    read is the memory it reads when sampling."""
+    return rollout_config(cfg, batch, model=model, ctx_noise_always=False, ctx_qbank_quirk=False,
+                          reset_cache_at_switch=False)
+
+
+def _where_samples(pred: jnp.ndarray, a: StreamState, b: StreamState) -> StreamState:
+    """Per sample ``[B]``: ``a`` where ``pred`` else ``b``. The cache's shared cursors (slot map, end, bank
+    pointer, prototype frame) are taken from ``b``: a re-cache re-encodes frames in the slots they occupy and
+    records no chunk, so it leaves them as they were (``tests/unit/test_training.py`` checks it)."""
+    def sel(x, y, axis):
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        return jnp.where(pred.reshape(shape), x, y)
+
+    ca, cb = a.cache, b.cache
+    cache = cb.replace(k=sel(ca.k, cb.k, 1), v=sel(ca.v, cb.v, 1), bank_frame=sel(ca.bank_frame, cb.bank_frame, 1),
+                       proto_k=sel(ca.proto_k, cb.proto_k, 1), proto_v=sel(ca.proto_v, cb.proto_v, 1))
+    zq = jnp.where(pred, a.zero_query_next, b.zero_query_next)
+    return StreamState(cache, b.history, b.frame, zq)
+
+
+def teacher_forced_story(params: dit.Params, rc: RolloutConfig, latents: jnp.ndarray, contexts: jnp.ndarray,
+                         switch_frames: jnp.ndarray, rng: jax.Array, *, exit_choices: Sequence[int] = (),
+                         constrain: Callable[[jnp.ndarray, int], jnp.ndarray] | None = None
+                         ) -> tuple[jnp.ndarray, dict]:
+    """The generator's denoising predictions on ground-truth stories whose memory holds the ground truth.
+
+    Chunk by chunk, as the streaming sampler: a prompt switch re-encodes the last ``min(window, frame)``
+    frames with the new prompt (per sample: only the samples that switch at this chunk take the re-cache); one
+    forward with live params denoises the ground-truth chunk noised to the warped timestep of a drawn step
+    (per sample and chunk, from ``exit_choices``; empty = every step) with NAM's bank update of the chunk's
+    first step; then the context pass writes the ground-truth chunk's K/V (no gradient) and records the bank
+    prototype. So when an object comes back, the frames the memory kept of it are in the context, and the
+    regression target shows it as it was: the loss rewards reading the memory.
+
+    Args:
+      latents: ``[B, F, C, h, w]`` ground-truth latents (normalised), ``F`` a multiple of the chunk.
+      contexts: ``[B, P, text_len, text_dim]`` prompt embeddings of the P segments (rows past a story's last
+        segment are never selected).
+      switch_frames: ``[B, P - 1]`` int32 latent frames where prompts ``1..`` start: chunk multiples in
+        ``(0, F)``, increasing; unused entries ``NO_SWITCH``.
+    Returns: (x0 predictions ``[B, F, C, h, w]`` float32, aux: ``exit_steps`` ``[chunks, B]`` int32).
+    """
+    c = rc.chunk_frames
+    b, f = latents.shape[:2]
+    if tuple(latents.shape[2:]) != tuple(rc.latent_shape) or b != rc.batch or f % c:
+        want = ", ".join(map(str, rc.latent_shape))
+        raise ValueError(f"latents {tuple(latents.shape)} must be [{rc.batch}, k*{c}, {want}] (global batch, whole "
+                         "chunks, the latent shape)")
+    p = contexts.shape[1]
+    if contexts.shape[0] != b or tuple(contexts.shape[2:]) != (rc.model.text_len, rc.model.text_dim):
+        raise ValueError(f"contexts {tuple(contexts.shape)} must be [{b}, P, {rc.model.text_len}, "
+                         f"{rc.model.text_dim}] (one prompt embedding per segment)")
+    if tuple(switch_frames.shape) != (b, p - 1):
+        raise ValueError(f"switch_frames {tuple(switch_frames.shape)} must be [{b}, {p - 1}] (one per prompt after "
+                         "the first)")
+    choices = tuple(range(rc.num_steps)) if not exit_choices else tuple(int(s) for s in exit_choices)
+    if not choices or min(choices) < 0 or max(choices) >= rc.num_steps:
+        raise ValueError(f"exit_choices {list(exit_choices)} must be step indices in [0, {rc.num_steps})")
+    nc = f // c
+    spec = rc.spec
+    schedule = rc.schedule()
+    ts = jnp.asarray(rc.timesteps, jnp.float32)
+    pin = constrain if constrain is not None else (lambda x, axis=0: x)
+    params_ng = sg(params)
+    latents = sg(latents.astype(jnp.float32))
+    switch_frames = jnp.asarray(switch_frames, jnp.int32)
+    k_exit, k_noise = jax.random.split(rng)
+    exit_steps = jnp.asarray(choices, jnp.int32)[jax.random.randint(k_exit, (nc, b), 0, len(choices))]
+    # every segment's cross-attention K/V once: [L, B, P, T, H, D]
+    tk, tv = dit.text_kv(params, rc.model, contexts.reshape((b * p,) + tuple(contexts.shape[2:])))
+    tk, tv = (x.reshape((x.shape[0], b, p) + x.shape[2:]) for x in (tk, tv))
+    # re-cache lengths min(window, frame) of the chunk starts, one compiled forward each
+    lengths = sorted({min(spec.window, k * c) for k in range(1, nc)}) if spec.window else []
+
+    def text_at(seg):  # seg [B] -> PromptKV [L, B, T, H, D]
+        pick = lambda x: jnp.take_along_axis(x, seg[None, :, None, None, None, None], axis=2)[:, :, 0]
+        return PromptKV(pick(tk), pick(tv))
+
+    def chunk(state: StreamState, i):
+        frame = i * c
+        seg = jnp.sum(switch_frames <= frame, axis=1).astype(jnp.int32)  # [B]
+        text = text_at(seg)
+        text_ng = sg(text)
+        if lengths:
+            switching = jnp.any(switch_frames == frame, axis=1)  # [B]
+            branch = jnp.searchsorted(jnp.asarray(lengths, jnp.int32), jnp.minimum(frame, spec.window))
+
+            def do_recache(st):
+                redone = lax.switch(branch, [lambda s_, n=n: recache(params_ng, rc, s_, text_ng, n)
+                                             for n in lengths], st)
+                redone = StreamState(redone.cache, redone.history, redone.frame,
+                                     jnp.broadcast_to(redone.zero_query_next, (b,)))
+                return _where_samples(switching, redone, st)
+
+            state = lax.cond(jnp.any(switching) & (frame > 0), do_recache, lambda st: st, state)
+        noise, _, ctx_noise = chunk_noise(k_noise, rc, i)
+        noise, ctx_noise = pin(noise, 0), pin(ctx_noise, 0)
+        gt = pin(lax.dynamic_slice_in_dim(latents, frame, c, axis=1), 0)  # [B, c, C, h, w]
+        t = ts[exit_steps[i]][:, None]  # [B, 1]
+        x_t = sch.add_noise(schedule, gt, noise, jnp.broadcast_to(t, (b, c)))
+        cache = state.cache
+        plan = ForwardPlan(start=frame, q_bank=jnp.array(True), recompute=jnp.array(False),
+                           zero_text_query=state.zero_query_next)
+        flow, tt, outs, _ = _forward(params, rc, cache, x_t, t, plan, text, False)
+        x0 = pin(sch.flow_to_x0(schedule, flow, x_t, tt), 0)
+        if "bank" in outs:
+            cache = with_bank(cache, {"bank": tuple(sg(x).astype(y.dtype) for x, y in zip(
+                outs["bank"], (cache.bank_k, cache.bank_v, cache.bank_frame)))})
+        x_ctx = gt
+        if rc.ctx_noise_always or rc.context_noise > 0:
+            x_ctx = sch.add_noise(schedule, x_ctx, ctx_noise, jnp.full((b, c), rc.context_noise, jnp.float32))
+        plan = ForwardPlan(start=frame, q_bank=jnp.array(False), recompute=jnp.array(False),
+                           zero_text_query=jnp.array(False))
+        _, _, outs, (new_slots, placement) = _forward(params_ng, rc, cache, x_ctx, rc.context_noise, plan, text_ng,
+                                                      True)
+        cache = commit(cache, outs, new_slots, frame + c, placement)
+        cache = record_chunk(cache, outs, frame, spec, rc.memory.bank_record_rule)
+        slots = jnp.mod(frame + jnp.arange(c), spec.window)
+        history = state.history.at[:, slots].set(gt.astype(state.history.dtype))
+        return StreamState(sg(cache), history, frame + c, jnp.zeros((b,), bool)), x0
+
+    state = init_state(rc)
+    state = StreamState(state.cache, state.history, state.frame, jnp.zeros((b,), bool))
+    _, x0s = lax.scan(chunk, state, jnp.arange(nc))  # [nc, B, c, C, h, w]
+    x = jnp.moveaxis(x0s, 0, 1).reshape(latents.shape)
+    return x, {"exit_steps": exit_steps}
+
+
 __all__ = [
     "NO_SWITCH", "RolloutConfig", "StreamCarry", "StreamHost", "abstract_stream", "choose_switch_frame",
     "chunk_noise", "denoised_timestep_range", "draw_exit_steps", "generate_window", "init_state",
-    "new_frame_choices", "prompt_kv", "recache", "rollout", "rollout_config", "start_stream", "streaming_window",
+    "new_frame_choices", "prompt_kv", "recache", "rollout", "rollout_config", "start_stream", "story_config",
+    "streaming_window", "teacher_forced_story",
 ]

@@ -1,4 +1,4 @@
-"""Train states, jitted steps and the training loop of the five recipes.
+"""Train states, jitted steps and the training loop of the six recipes.
 
 Recipes (``train.recipe``):
 
@@ -9,6 +9,14 @@ Recipes (``train.recipe``):
   ``dfake_gen_update_ratio`` steps) and a critic update, each on its own backward-simulated rollout.
 * ``dmd_long`` — streaming long tuning with prompt switches (reference ``train_long.yaml``): the rollout goes on
   window by window across steps, the generator and the critic each consume the next window.
+* ``story``    — teacher forcing on ground-truth stories (not in the reference; Self-Forcing's "teacher forcing"
+  baseline, with MemFlow's memory): a storyworld ``stories`` dataset (segment boundaries on chunk boundaries) is
+  encoded by the frozen ``run.vae_ckpt`` inside the step; chunk by chunk the generator denoises the ground-truth
+  chunk (noised to a drawn denoising step) against a memory built from the ground-truth story with the sampler's
+  semantics (prompt switches re-cache), loss ``mean((x0 - x0_gt)²)`` (:func:`rollout.teacher_forced_story`). The
+  regression target shows a returning object as it was, so the loss rewards reading the memory, which the
+  DMD recipes (whose teacher sees one window) cannot. Alone it makes a distilled few-step generator's objects fade
+  (exposure bias; ``storyworld/TRAINING.md`` round 11).
 * ``vae``      — the Wan VAE (encoder + decoder, :mod:`memflow_jax.nn.vae`) on windows of storyworld videos:
   reparameterised posterior sample -> decoder, loss ``L1 + MSE + train.vae_kl_weight * KL``
   (:func:`losses.vae_loss`). The VAE tree takes the generator's place (state, optimizer, EMA, shardings);
@@ -286,6 +294,47 @@ class VideoClipSource:
         return {"video": np.ascontiguousarray(video[s:s + self.clip_frames]), "idx": np.int64(i)}
 
 
+class StorySource:
+    """A storyworld ``stories`` dataset as teacher-forcing records (the story recipe's data).
+
+    ``src[i]``: ``{"video": uint8 [T, H, W, 3], "contexts": float32 [P, text_len, text_dim] (rows past the
+    story's segments repeat its last prompt, never selected), "switch_frames": int32 [P - 1] (latent frames,
+    ``rollout.NO_SWITCH`` padding), "idx"}`` with ``P`` the most segments of any story in the dataset.
+    """
+
+    def __init__(self, path: str, embedder: Any):
+        from memflow_jax.storyworld.dataset import StoryworldSource
+
+        self.source = StoryworldSource(path)
+        meta = self.source.meta
+        if meta.get("kind") != "stories":
+            raise ValueError(f"{path}: a {meta.get('kind')!r} dataset; the story recipe needs segment boundaries on "
+                             "the model's chunks: export one with `python -m memflow_jax.storyworld.export --kind "
+                             "stories --num-latent F --chunk C --t-stride S`")
+        kw = meta["sampler_kwargs"]
+        self.num_latent, self.chunk, self.t_stride = int(kw["num_latent"]), int(kw["chunk"]), int(kw["t_stride"])
+        self.height, self.width = int(meta["height"]), int(meta["width"])
+        self.records = self.source.index_records()
+        self.num_prompts = max(len(r["prompts"]) for r in self.records)
+        self.embedder = embedder
+        missing = [p for r in self.records for p in r["prompts"] if p not in embedder]
+        if missing:
+            raise ValueError(f"{len(missing)} prompts of {path} are not in the text cache (e.g. {missing[0]!r}): "
+                             f"build it over {os.path.join(path, 'segment_prompts.txt')}")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        ex = self.source[int(i)]
+        prompts = list(ex["prompts"])
+        prompts += [prompts[-1]] * (self.num_prompts - len(prompts))
+        sw = list(ex["latent_switch_frames"])
+        sw += [ro.NO_SWITCH] * (self.num_prompts - 1 - len(sw))
+        return {"video": ex["video"], "contexts": np.stack([np.asarray(self.embedder[p], np.float32) for p in prompts]),
+                "switch_frames": np.asarray(sw, np.int32), "idx": np.int64(i)}
+
+
 # --------------------------------------------------------------------------------------------------
 # Weights
 # --------------------------------------------------------------------------------------------------
@@ -556,6 +605,8 @@ class Trainer:
                                         ctx_noise_always=self.run_cfg.ctx_noise_always,
                                         ctx_qbank_quirk=self.run_cfg.ctx_qbank_quirk,
                                         reset_cache_at_switch=self.run_cfg.reset_cache_at_switch)
+        if self.recipe == "story":
+            self.rc = ro.story_config(self.cfg, self.global_batch, model=self.gen_cfg)
         # vae recipe: check the videos against the config before anything compiles
         self.video_source = self._video_source() if self.recipe == "vae" else None
         self._build_models()
@@ -641,7 +692,10 @@ class Trainer:
             if lora_critic and t.lora_ckpt:
                 critic_trainable = self._load_lora(t.lora_ckpt, "critic_lora", critic_trainable)
             self.critic, self.critic_sh = self._make_state(critic_trainable, critic_opt)
-        self.reencode_fn = None
+        self.reencode_fn = self.story_vae = None
+        if self.recipe == "story":  # the frozen encoder of the stories' latents
+            self.story_vae = (self._vae_params(keys[5], "the story recipe encodes its videos with it"),
+                              self._reencode_vae_cfg())
         slicing = self.recipe == "dmd" and t.slice_last_frames != -1 and t.num_training_frames > t.slice_last_frames
         if r.reencode_first_frame and (self.recipe == "dmd_long" or slicing):
             self.reencode_fn = make_reencode_fn(self._vae_params(keys[5]), self._reencode_vae_cfg())
@@ -657,7 +711,7 @@ class Trainer:
                      "(the config's vae.latent_mean / latent_std differ)")
         return stats_cfg
 
-    def _vae_params(self, key: jax.Array) -> Params:
+    def _vae_params(self, key: jax.Array, why: str = "run.reencode_first_frame=true needs it") -> Params:
         from memflow_jax.nn import vae as vae_lib
 
         vcfg = self.cfg.vae
@@ -668,9 +722,9 @@ class Trainer:
         if self.run_cfg.vae_ckpt:
             return sh.shard_params(load_vae_host(self.run_cfg.vae_ckpt, vcfg, "run.vae_ckpt"), shardings)
         if not self.run_cfg.synthetic_data:
-            raise ConfigError("run.reencode_first_frame=true needs run.vae_ckpt (Wan2.1_VAE.pth, a converted "
-                              "checkpoint or a vae run); set it or disable the re-encoding with "
-                              "run.reencode_first_frame=false")
+            raise ConfigError(f"run.vae_ckpt is empty ({why}): set it to Wan2.1_VAE.pth, a converted checkpoint or "
+                              "a vae run" + (", or disable the re-encoding with run.reencode_first_frame=false"
+                                             if self.recipe != "story" else ""))
         return jax.jit(lambda k: vae_lib.init_params(vcfg, k), out_shardings=shardings)(key)
 
     def _build_vae(self, key: jax.Array) -> None:
@@ -783,6 +837,26 @@ class Trainer:
             self.log(f"vae data: {src.num_skipped} video(s) shorter than {n} frames skipped")
         return src
 
+    def _story_source(self, embedder: Any) -> StorySource:
+        """story recipe data, checked against the sampler's chunk, the VAE's strides and the resolution."""
+        from memflow_jax.nn import vae as vae_lib
+
+        t, s = self.train_cfg, self.cfg.sampler
+        if not t.video_data_path:
+            raise ConfigError("train.video_data_path is empty: export a stories dataset (`python -m "
+                              "memflow_jax.storyworld.export --out DIR --kind stories --num-latent F --chunk "
+                              f"{self.chunk} --t-stride {s.vae_stride[0]}`) and set train.video_data_path=DIR")
+        src = StorySource(t.video_data_path, embedder)
+        ts = vae_lib.time_stride(self.cfg.vae)
+        if (src.chunk, src.t_stride) != (self.chunk, ts):
+            raise ConfigError(f"{t.video_data_path}: stories aligned to chunks of {src.chunk} latent frames at time "
+                              f"stride {src.t_stride}; the model uses sampler.chunk_frames={self.chunk} and a VAE "
+                              f"of time stride {ts}: re-export with --chunk {self.chunk} --t-stride {ts}")
+        if (src.height, src.width) != (s.height, s.width):
+            raise ConfigError(f"{t.video_data_path}: videos are {src.height}x{src.width} px, the config's "
+                              f"sampler.height x width is {s.height}x{s.width}")
+        return src
+
     def _build_data(self) -> None:
         from memflow_jax import data
 
@@ -790,6 +864,14 @@ class Trainer:
         if self.recipe == "vae":  # videos only: no prompts, no text embeddings
             self.embedder = self.uncond = None
             self.source = self.video_source
+            self.data_iter = data.make_loader(self.source, self.global_batch // jax.process_count(),
+                                              seed=t.data_seed, shuffle=True, worker_count=t.data_workers,
+                                              num_threads=2, prefetch_buffer_size=2)
+            return
+        if self.recipe == "story":
+            self.embedder = self._embedder()
+            self.source = self._story_source(self.embedder)
+            self.uncond = None
             self.data_iter = data.make_loader(self.source, self.global_batch // jax.process_count(),
                                               seed=t.data_seed, shuffle=True, worker_count=t.data_workers,
                                               num_threads=2, prefetch_buffer_size=2)
@@ -1107,6 +1189,30 @@ class Trainer:
 
         return self._simple_jit(step, {"ode_latent": self.bsh, "prompt_embeds": self.bsh})
 
+    def _story_step_fn(self) -> Callable:
+        from memflow_jax.nn import vae as vae_lib
+
+        vae_params, vcfg = self.story_vae
+        exit_choices = tuple(self.train_cfg.story_exit_steps)
+
+        def step(gen: TrainState, ema, gen_base, batch, rng, loop_step):
+            latents = vae_lib.encode(vae_params, vcfg, vae_lib.video_to_input(batch["video"]))  # [B, F, C, h, w]
+            latents = self._pin(sg(latents).astype(jnp.float32))
+
+            def loss_fn(trainable):
+                params = lora_lib.merge_lora_params(sg(gen_base), trainable, self.lora_scale) \
+                    if gen_base is not None else trainable
+                pred, aux = ro.teacher_forced_story(params, self.rc, latents, batch["contexts"],
+                                                    batch["switch_frames"], rng, exit_choices=exit_choices,
+                                                    constrain=self._pin)
+                return losses.ode_regression_loss(pred, latents), aux
+
+            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(gen.params)
+            steps = aux["exit_steps"].astype(jnp.float32)
+            return self._apply(gen, ema, grads, loop_step, {"story_loss": loss, "exit_step": jnp.mean(steps)})
+
+        return self._simple_jit(step, {"video": self.bsh, "contexts": self.bsh, "switch_frames": self.bsh})
+
     def _apply(self, gen: TrainState, ema, grads, loop_step, metrics: dict,
                grad_metric: str = "generator_grad_norm"):
         t = self.train_cfg
@@ -1203,6 +1309,10 @@ class Trainer:
             fn = self._jit("vae", self._vae_step_fn)
             self.gen, self.ema, metrics = fn(self.gen, self.ema, self.gen_base, self._next_batch(("video",), None),
                                              rng, loop)
+        elif self.recipe == "story":
+            fn = self._jit("story", self._story_step_fn)
+            batch = self._next_batch(("video", "contexts", "switch_frames"), None)
+            self.gen, self.ema, metrics = fn(self.gen, self.ema, self.gen_base, batch, rng, loop)
         elif self.recipe == "ode_init":
             fn = self._jit("ode", self._ode_step_fn)
             self.gen, self.ema, metrics = fn(self.gen, self.ema, self.gen_base,

@@ -253,6 +253,27 @@ def test_export_source_roundtrip(tmp_path, storage):
     assert fa["vocab.txt"].decode().splitlines() == list(C.VOCABULARY)
 
 
+def test_stories_export_is_on_the_chunk_grid(tmp_path):
+    """kind=stories: every segment boundary starts a latent chunk, every story has a returning object, and
+    segment_prompts.txt lists every segment's prompt once (the text cache's input)."""
+    num_latent, chunk, stride = 12, 3, 4
+    path = D.write_dataset(tmp_path / "st", kind="stories", num_examples=3, seed=5, height=32, width=32,
+                           storage="files", num_latent=num_latent, chunk=chunk, t_stride=stride)
+    src = D.StoryworldSource(path)
+    every = []
+    for i in range(3):
+        ex = src[i]
+        assert ex["num_frames"] == SC.video_frames(num_latent, stride) == ex["video"].shape[0]
+        assert ex["latent_switch_frames"] == [SC.video_to_latent_start(v, stride) for v in ex["switch_frames"]]
+        assert all(f % chunk == 0 and 0 < f < num_latent for f in ex["latent_switch_frames"])
+        assert SC.returning_objects(S.script_from_dict(ex["script"]))
+        every += ex["prompts"]
+    listed = (tmp_path / "st" / "segment_prompts.txt").read_text().splitlines()
+    assert sorted(listed) == sorted(set(every)) and len(listed) == len(set(listed))
+    with pytest.raises(ValueError, match="num_latent"):
+        D.write_dataset(tmp_path / "bad", kind="stories", num_examples=1, height=32, width=32)
+
+
 def test_grain_map_dataset_reads_source(tmp_path):
     import grain
     path = D.write_dataset(tmp_path / "clips", kind="clips", num_examples=2, seed=0, height=32, width=32,

@@ -159,6 +159,53 @@ def test_rollout_matches_streaming_sampler_with_a_switch():
     chex.assert_trees_all_close(aux["state"].cache.k, state.cache.k, rtol=1e-5, atol=2e-6)
 
 
+def test_teacher_forced_story_is_the_sampler_on_its_own_frames():
+    """With one denoising step the sampler's chunk input is pure noise, so teacher forcing on the frames a
+    rollout (with the sampler's memory semantics) made must predict those frames: same cache, same NAM bank,
+    same re-cache. Per-sample switch frames (6 and 3) check that only the switching sample takes the re-cache."""
+    cfg = _cfg("tiny_dmd_long", "sampler.denoising_step_list=[1000]")
+    b, f = 2, 12
+    rc = ro.story_config(cfg, b)
+    assert rc.num_steps == 1 and not (rc.ctx_noise_always or rc.ctx_qbank_quirk or rc.reset_cache_at_switch)
+    params = _init(rc.model, 0)
+    ctx1 = rand.normal(jax.random.key(1), (b, rc.model.text_len, rc.model.text_dim))
+    ctx2 = rand.normal(jax.random.key(2), ctx1.shape)
+    rng = jax.random.key(3)
+    roll = jax.jit(lambda p, sw: ro.rollout(p, rc, rng, (ctx1, ctx2), num_frames=f, switch_frame=sw)[0],
+                   static_argnums=1)
+    xa, xb = roll(params, 6), roll(params, 3)
+    gt = jnp.stack([xa[0], xb[1]])
+    contexts = jnp.stack([ctx1, ctx2], axis=1)  # [B, P=2, T, D]
+    switches = jnp.asarray([[6], [3]], jnp.int32)
+    pred, aux = jax.jit(lambda p, g, c, s: ro.teacher_forced_story(p, rc, g, c, s, rng))(params, gt, contexts,
+                                                                                        switches)
+    chex.assert_shape(pred, gt.shape)
+    chex.assert_shape(aux["exit_steps"], (f // rc.chunk_frames, b))
+    np.testing.assert_allclose(np.asarray(pred), np.asarray(gt), rtol=1e-5, atol=2e-6)
+
+
+def test_teacher_forced_story_gradient_and_errors():
+    cfg = _cfg()
+    b, f = 1, 9
+    rc = ro.story_config(cfg, b)
+    params = _init(rc.model, 0)
+    gt = rand.normal(jax.random.key(1), (b, f) + rc.latent_shape)
+    ctx = rand.normal(jax.random.key(2), (b, 3, rc.model.text_len, rc.model.text_dim))
+    sw = jnp.asarray([[3, ro.NO_SWITCH]], jnp.int32)
+
+    def loss(p):
+        pred, aux = ro.teacher_forced_story(p, rc, gt, ctx, sw, jax.random.key(4), exit_choices=(1, 2))
+        return jnp.mean(jnp.square(pred - gt)), aux
+
+    (value, aux), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    assert np.isfinite(float(value)) and _tree_norm(grads) > 0
+    assert set(np.unique(np.asarray(aux["exit_steps"]))) <= {1, 2}
+    with pytest.raises(ValueError, match="exit_choices"):
+        ro.teacher_forced_story(params, rc, gt, ctx, sw, jax.random.key(4), exit_choices=(rc.num_steps,))
+    with pytest.raises(ValueError, match="switch_frames"):
+        ro.teacher_forced_story(params, rc, gt, ctx, sw[:, :1], jax.random.key(4))
+
+
 def _explicit_chunk(rc, rng, ctx, p_steps, p_exit):
     """One chunk from an empty memory, written out step by step: steps 0..S-2 with p_steps, the exit (last)
     step with p_exit. With p_steps = stop_gradient(p) this is what the rollout differentiates."""
@@ -264,6 +311,48 @@ def test_tiny_teacher_run_loss_goes_down(tmp_path):
     assert os.path.isdir(tmp_path / "run" / "checkpoints" / "60")
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["step"] for l in lines] == list(range(1, 61))
+
+
+def _stories(tmp_path):
+    from memflow_jax.storyworld import dataset as D
+
+    return D.write_dataset(tmp_path / "stories", kind="stories", num_examples=4, seed=0, height=32, width=32,
+                           storage="files", num_latent=9, chunk=3, t_stride=4)
+
+
+def _story_trainer(stories, run, *extra):
+    return tr.Trainer(_cfg("tiny_story", f"train.video_data_path={stories}", *extra), run, log=lambda m: None)
+
+
+def test_tiny_story_run_and_refused_datasets(tmp_path):
+    from memflow_jax.storyworld import dataset as D
+
+    stories, run = _stories(tmp_path), str(tmp_path / "run")
+    t = _story_trainer(stories, run, "train.max_iters=4")
+    try:
+        assert t.source.num_prompts == 3 and t.rc.num_steps == 4
+        history = t.train()
+    finally:
+        t.close()
+    assert len(history) == 4 and all(np.isfinite(h["story_loss"]) for h in history)
+    assert os.path.isdir(os.path.join(run, "checkpoints", "4"))
+    clips = D.write_dataset(tmp_path / "clips", kind="clips", num_examples=1, height=32, width=32, storage="files")
+    with pytest.raises(ValueError, match="--kind stories"):
+        _story_trainer(clips, str(tmp_path / "r2"))
+    with pytest.raises(cfg_lib.ConfigError, match="re-export with --chunk"):
+        _story_trainer(stories, str(tmp_path / "r3"), "sampler.chunk_frames=1")
+
+
+@pytest.mark.slow
+def test_tiny_story_run_resumes(tmp_path):
+    stories, run = _stories(tmp_path), str(tmp_path / "run")
+    for end, start in ((2, 0), (3, 2)):
+        t = _story_trainer(stories, run, f"train.max_iters={end}")
+        try:
+            assert t.step == start
+            assert len(t.train()) == end - start and t.step == end
+        finally:
+            t.close()
 
 
 def _run(args, env=None, timeout=900):
