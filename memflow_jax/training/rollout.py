@@ -29,6 +29,10 @@ Reference quirks matched (training pipelines, which differ from inference):
 * the streaming window's first frame is the VAE re-encoding of the last decoded pixel frame of the frames before
   the window (``_process_first_frame_encoding``); supplied by the caller as ``reencode_fn``.
 
+:func:`teacher_forced_story` is the ground-truth counterpart (the ``story`` recipe): the same chunk loop with the
+sampler's memory semantics, the context built from ground-truth latents and one live forward per chunk on the
+ground truth noised to a drawn step.
+
 Latent layout is the pipeline's ``[B, F, C, H, W]`` (the DiT takes ``[B, C, F, H, W]``).
 """
 from __future__ import annotations

@@ -184,7 +184,8 @@ def test_teacher_forced_story_is_the_sampler_on_its_own_frames():
     np.testing.assert_allclose(np.asarray(pred), np.asarray(gt), rtol=1e-5, atol=2e-6)
 
 
-def test_teacher_forced_story_gradient_and_errors():
+@pytest.mark.parametrize("slow", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["errors", "gradient"])
+def test_teacher_forced_story_gradient_and_errors(slow):
     cfg = _cfg()
     b, f = 1, 9
     rc = ro.story_config(cfg, b)
@@ -197,13 +198,17 @@ def test_teacher_forced_story_gradient_and_errors():
         pred, aux = ro.teacher_forced_story(p, rc, gt, ctx, sw, jax.random.key(4), exit_choices=(1, 2))
         return jnp.mean(jnp.square(pred - gt)), aux
 
-    (value, aux), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-    assert np.isfinite(float(value)) and _tree_norm(grads) > 0
-    assert set(np.unique(np.asarray(aux["exit_steps"]))) <= {1, 2}
     with pytest.raises(ValueError, match="exit_choices"):
         ro.teacher_forced_story(params, rc, gt, ctx, sw, jax.random.key(4), exit_choices=(rc.num_steps,))
     with pytest.raises(ValueError, match="switch_frames"):
         ro.teacher_forced_story(params, rc, gt, ctx, sw[:, :1], jax.random.key(4))
+    with pytest.raises(ValueError, match="one prompt embedding per segment"):
+        ro.teacher_forced_story(params, rc, gt, ctx[:, :, :1], sw, jax.random.key(4))
+    if not slow:
+        return
+    (value, aux), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    assert np.isfinite(float(value)) and _tree_norm(grads) > 0
+    assert set(np.unique(np.asarray(aux["exit_steps"]))) <= {1, 2}
 
 
 def _explicit_chunk(rc, rng, ctx, p_steps, p_exit):
@@ -324,9 +329,19 @@ def _story_trainer(stories, run, *extra):
     return tr.Trainer(_cfg("tiny_story", f"train.video_data_path={stories}", *extra), run, log=lambda m: None)
 
 
-def test_tiny_story_run_and_refused_datasets(tmp_path):
+def test_story_recipe_refuses_other_datasets(tmp_path):
     from memflow_jax.storyworld import dataset as D
 
+    stories = _stories(tmp_path)
+    clips = D.write_dataset(tmp_path / "clips", kind="clips", num_examples=1, height=32, width=32, storage="files")
+    with pytest.raises(ValueError, match="--kind stories"):
+        _story_trainer(clips, str(tmp_path / "r2"))
+    with pytest.raises(cfg_lib.ConfigError, match="re-export with --chunk"):
+        _story_trainer(stories, str(tmp_path / "r3"), "sampler.chunk_frames=1")
+
+
+@pytest.mark.slow
+def test_tiny_story_run(tmp_path):
     stories, run = _stories(tmp_path), str(tmp_path / "run")
     t = _story_trainer(stories, run, "train.max_iters=4")
     try:
@@ -336,11 +351,6 @@ def test_tiny_story_run_and_refused_datasets(tmp_path):
         t.close()
     assert len(history) == 4 and all(np.isfinite(h["story_loss"]) for h in history)
     assert os.path.isdir(os.path.join(run, "checkpoints", "4"))
-    clips = D.write_dataset(tmp_path / "clips", kind="clips", num_examples=1, height=32, width=32, storage="files")
-    with pytest.raises(ValueError, match="--kind stories"):
-        _story_trainer(clips, str(tmp_path / "r2"))
-    with pytest.raises(cfg_lib.ConfigError, match="re-export with --chunk"):
-        _story_trainer(stories, str(tmp_path / "r3"), "sampler.chunk_frames=1")
 
 
 @pytest.mark.slow
