@@ -114,16 +114,6 @@ class EvalScript:
         return int(self.video.shape[0])
 
 
-def sample_aligned_script(rng: np.random.Generator, *, num_latent: int, chunk: int, t_stride: int,
-                          max_objects: int = 3) -> S.Script:
-    """:func:`scripts.sample_aligned_script`, with a setup error that names the eval's options."""
-    if num_latent % chunk == 0 and num_latent // chunk < 3:
-        raise EvalError(f"{num_latent // chunk} chunks ({num_latent} latent frames) cannot hold 3 segments (a "
-                        f"leave and a later return); give >= 3 chunks (--max-chunks / sampler.num_output_frames)")
-    return SC.sample_aligned_script(rng, num_latent=num_latent, chunk=chunk, t_stride=t_stride,
-                                    max_objects=max_objects)
-
-
 def _gt_measurable(video: np.ndarray, ann: dict[str, Any]) -> bool:
     """The ground truth itself shows a returning object whole on both sides of its gap."""
     recs = M.reappearance_consistency(video, ann)
@@ -136,7 +126,10 @@ def make_eval_script(index: int, *, split_seed: int, num_latent: int, chunk: int
     truth measures that return."""
     rng = eval_rng(split_seed, index)
     for tries in range(1, MAX_SCRIPT_TRIES + 1):
-        script = sample_aligned_script(rng, num_latent=num_latent, chunk=chunk, t_stride=t_stride)
+        try:
+            script = SC.sample_aligned_script(rng, num_latent=num_latent, chunk=chunk, t_stride=t_stride)
+        except ValueError as e:  # too few chunks for a leave and a return
+            raise EvalError(f"{e} (--max-chunks / sampler.num_output_frames)") from e
         render_seed = int(rng.integers(0, 2**31 - 1))
         returning = SC.returning_objects(script)
         if not returning:

@@ -24,6 +24,7 @@ NEGATIVE_PROMPT = (
 )
 
 RECIPES = ("teacher", "ode_init", "dmd", "dmd_long", "story", "vae")
+DIT_RECIPES = tuple(r for r in RECIPES if r != "vae")  # the recipes that train a DiT (exportable by --export)
 SWITCH_MODES = ("random_choice", "fixed", "random")
 
 

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from memflow_jax.convert.common import save_converted
+from memflow_jax.training.config import DIT_RECIPES
 
 
 def generator_params(trainer: Any, use_ema: bool = True) -> Any:
@@ -23,7 +24,7 @@ def generator_params(trainer: Any, use_ema: bool = True) -> Any:
 
 def export_generator(trainer: Any, out_dir: str, use_ema: bool = True) -> str:
     """Write the generator of ``trainer`` (a :class:`memflow_jax.training.trainer.Trainer`) to ``out_dir``."""
-    if getattr(trainer, "recipe", None) not in ("teacher", "ode_init", "dmd", "dmd_long", "story"):
+    if getattr(trainer, "recipe", None) not in DIT_RECIPES:
         raise ValueError(f"recipe {trainer.recipe!r} has no DiT generator to export (the vae recipe's weights are "
                          "exported by `python -m memflow_jax.data.encode_latents`)")
     params = generator_params(trainer, use_ema)
