@@ -120,6 +120,11 @@ class TrainConfig:
     text_dropout: float = 0.0  # per sample: prompt embedding -> negative_prompt's embedding with this probability
     # --- story recipe (teacher forcing on a storyworld ``stories`` dataset, encoded by run.vae_ckpt) ---
     story_exit_steps: tuple[int, ...] = ()  # denoising step indices the loss draws from (empty: every step)
+    # --- the story loss beside DMD (recipes dmd / dmd_long): generator loss = DMD + story_weight * the story
+    # recipe's loss on train.batch_size stories of story_data_path (a ``stories`` dataset), drawn by index from
+    # (data_seed, step) so that a resumed run draws the same ones; 0 = off ---
+    story_weight: float = 0.0
+    story_data_path: str = ""
     # --- vae recipe (memflow_jax.nn.vae on storyworld videos; LoRA off) ---
     video_data_path: str = ""  # vae / story: a storyworld dataset folder (python -m memflow_jax.storyworld.export)
     vae_clip_frames: int = 17  # video frames per training window: 1 + k * (the VAE's time stride)
@@ -186,6 +191,15 @@ class TrainConfig:
         if self.text_dropout > 0 and self.recipe != "teacher":
             raise ConfigError(f"train.text_dropout={self.text_dropout} applies to train.recipe=teacher only (it is "
                               f"{self.recipe!r}); set it to 0")
+        if self.story_weight < 0:
+            raise ConfigError(f"train.story_weight={self.story_weight} must be >= 0 (0 turns the story term off)")
+        if self.story_weight > 0 and self.recipe not in ("dmd", "dmd_long"):
+            raise ConfigError(f"train.story_weight adds the story loss to DMD's generator loss (recipes dmd / "
+                              f"dmd_long), not to train.recipe={self.recipe}; for the story loss alone use "
+                              f"train.recipe=story")
+        if self.story_weight > 0 and not self.story_data_path:
+            raise ConfigError("train.story_weight > 0 needs train.story_data_path: a stories dataset (`python -m "
+                              "memflow_jax.storyworld.export --out DIR --kind stories ...`)")
         if self.vae_kl_weight < 0:
             raise ConfigError(f"train.vae_kl_weight={self.vae_kl_weight} must be >= 0")
         if self.vae_chroma_weight < 0:

@@ -16,7 +16,9 @@ Recipes (``train.recipe``):
   semantics (prompt switches re-cache), loss ``mean((x0 - x0_gt)²)`` (:func:`rollout.teacher_forced_story`). The
   regression target shows a returning object as it was, so the loss rewards reading the memory, which the
   DMD recipes (whose teacher sees one window) cannot. Alone it makes a distilled few-step generator's objects fade
-  (exposure bias; ``storyworld/TRAINING.md`` round 11).
+  (exposure bias; ``storyworld/TRAINING.md`` round 11). ``train.story_weight > 0`` adds it, weighted, to the
+  generator loss of ``dmd`` / ``dmd_long`` instead (stories of ``train.story_data_path``, drawn by index from the
+  step; metrics ``generator_dmd_loss`` and ``story_loss``).
 * ``vae``      — the Wan VAE (encoder + decoder, :mod:`memflow_jax.nn.vae`) on windows of storyworld videos:
   reparameterised posterior sample -> decoder, loss ``L1 + MSE + train.vae_kl_weight * KL``
   (:func:`losses.vae_loss`). The VAE tree takes the generator's place (state, optimizer, EMA, shardings);
@@ -607,6 +609,9 @@ class Trainer:
                                         reset_cache_at_switch=self.run_cfg.reset_cache_at_switch)
         if self.recipe == "story":
             self.rc = ro.story_config(self.cfg, self.global_batch, model=self.gen_cfg)
+        # the story loss beside DMD (train.story_weight): teacher forcing with the sampler's memory semantics
+        self.story_rc = ro.story_config(self.cfg, self.global_batch, model=self.gen_cfg) \
+            if t.story_weight > 0 else None
         # vae recipe: check the videos against the config before anything compiles
         self.video_source = self._video_source() if self.recipe == "vae" else None
         self._build_models()
@@ -693,8 +698,8 @@ class Trainer:
                 critic_trainable = self._load_lora(t.lora_ckpt, "critic_lora", critic_trainable)
             self.critic, self.critic_sh = self._make_state(critic_trainable, critic_opt)
         self.reencode_fn = self.story_vae = None
-        if self.recipe == "story":  # the frozen encoder of the stories' latents
-            self.story_vae = (self._vae_params(keys[5], "the story recipe encodes its videos with it"),
+        if self.recipe == "story" or t.story_weight > 0:  # the frozen encoder of the stories' latents
+            self.story_vae = (self._vae_params(keys[5], "the story loss encodes its videos with it"),
                               self._reencode_vae_cfg())
         slicing = self.recipe == "dmd" and t.slice_last_frames != -1 and t.num_training_frames > t.slice_last_frames
         if r.reencode_first_frame and (self.recipe == "dmd_long" or slicing):
@@ -837,23 +842,24 @@ class Trainer:
             self.log(f"vae data: {src.num_skipped} video(s) shorter than {n} frames skipped")
         return src
 
-    def _story_source(self, embedder: Any) -> StorySource:
-        """story recipe data, checked against the sampler's chunk, the VAE's strides and the resolution."""
+    def _story_source(self, embedder: Any, path: str, key: str) -> StorySource:
+        """Stories (the story recipe's data, or the story term's: config ``key`` = ``path``), checked against the
+        sampler's chunk, the VAE's strides and the resolution."""
         from memflow_jax.nn import vae as vae_lib
 
-        t, s = self.train_cfg, self.cfg.sampler
-        if not t.video_data_path:
-            raise ConfigError("train.video_data_path is empty: export a stories dataset (`python -m "
+        s = self.cfg.sampler
+        if not path:
+            raise ConfigError(f"{key} is empty: export a stories dataset (`python -m "
                               "memflow_jax.storyworld.export --out DIR --kind stories --num-latent F --chunk "
-                              f"{self.chunk} --t-stride {s.vae_stride[0]}`) and set train.video_data_path=DIR")
-        src = StorySource(t.video_data_path, embedder)
+                              f"{self.chunk} --t-stride {s.vae_stride[0]}`) and set {key}=DIR")
+        src = StorySource(path, embedder)
         ts = vae_lib.time_stride(self.cfg.vae)
         if (src.chunk, src.t_stride) != (self.chunk, ts):
-            raise ConfigError(f"{t.video_data_path}: stories aligned to chunks of {src.chunk} latent frames at time "
+            raise ConfigError(f"{path}: stories aligned to chunks of {src.chunk} latent frames at time "
                               f"stride {src.t_stride}; the model uses sampler.chunk_frames={self.chunk} and a VAE "
                               f"of time stride {ts}: re-export with --chunk {self.chunk} --t-stride {ts}")
         if (src.height, src.width) != (s.height, s.width):
-            raise ConfigError(f"{t.video_data_path}: videos are {src.height}x{src.width} px, the config's "
+            raise ConfigError(f"{path}: videos are {src.height}x{src.width} px, the config's "
                               f"sampler.height x width is {s.height}x{s.width}")
         return src
 
@@ -870,7 +876,7 @@ class Trainer:
             return
         if self.recipe == "story":
             self.embedder = self._embedder()
-            self.source = self._story_source(self.embedder)
+            self.source = self._story_source(self.embedder, t.video_data_path, "train.video_data_path")
             self.uncond = None
             self.data_iter = data.make_loader(self.source, self.global_batch // jax.process_count(),
                                               seed=t.data_seed, shuffle=True, worker_count=t.data_workers,
@@ -892,6 +898,17 @@ class Trainer:
         neg = np.asarray(self.embedder[t.negative_prompt], np.float32)
         local = np.ascontiguousarray(np.broadcast_to(neg, (per_process,) + neg.shape))
         self.uncond = sh.make_global_batch({"uncond": local}, self.mesh)["uncond"]
+        self.story_source = self._story_source(self.embedder, t.story_data_path, "train.story_data_path") \
+            if self.story_rc is not None else None
+
+    def _story_batch(self, step: int) -> dict[str, jax.Array]:
+        """The story term's global batch of step ``step``: stories drawn by index from (data_seed, step), so a
+        resumed run draws the same ones without a second checkpointed iterator; each process loads its rows."""
+        src, n = self.story_source, self.global_batch
+        idx = np.random.default_rng([self.train_cfg.data_seed, 0x5701, step]).choice(len(src), n, replace=len(src) < n)
+        items = [src[int(i)] for i in idx[sh.process_batch_slice(n, self.mesh)]]
+        local = {k: np.stack([it[k] for it in items]) for k in ("video", "contexts", "switch_frames")}
+        return sh.make_global_batch(local, self.mesh)
 
     def _next_batch(self, keys: tuple[str, ...], dtype: Any = np.float32) -> dict[str, jax.Array]:
         """The next global batch of ``keys``, cast to ``dtype`` on the host (None: as stored)."""
@@ -1016,11 +1033,12 @@ class Trainer:
         stream = self.recipe == "dmd_long"
 
         def step(gen: TrainState, ema, gen_base, critic_params, critic_base, teacher, carry, batch, uncond, rng,
-                 loop_step):
+                 loop_step, story):
             k_roll, k_loss = jax.random.split(rng)
             critic_eff = lora_lib.merge_lora_params(critic_base, critic_params, self.lora_scale) \
                 if critic_base is not None else critic_params
             critic_eff, teacher_ng = sg(critic_eff), sg(teacher)
+            story_latents = self._story_latents(story) if story is not None else None
 
             def loss_fn(trainable):
                 params = lora_lib.merge_lora_params(sg(gen_base), trainable, self.lora_scale) \
@@ -1034,23 +1052,32 @@ class Trainer:
                     raw_timestep=raw, noise=noise, guidance_scale=t.guidance_scale,
                     fake_guidance_scale=t.fake_guidance_scale, timestep_shift=self.rc.timestep_shift,
                     min_step=t.min_step, max_step=t.max_step, mask=mask)
-                return loss, (new_carry, laux["dmdtrain_gradient_norm"], aux)
+                terms = {}
+                if story is not None:  # generator loss = DMD + story_weight * story (train.story_weight)
+                    terms = {"generator_dmd_loss": loss}
+                    terms["story_loss"], _ = self._story_loss(params, self.story_rc, story_latents, story,
+                                                              jax.random.fold_in(rng, 0x5701))
+                    loss = loss + t.story_weight * terms["story_loss"]
+                return loss, (new_carry, laux["dmdtrain_gradient_norm"], aux, terms)
 
-            (loss, (new_carry, dmd_norm, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(gen.params)
+            (loss, (new_carry, dmd_norm, aux, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(gen.params)
             updates, opt_state = self.gen_opt.update(grads, gen.opt_state, gen.params)
             params = optax.apply_updates(gen.params, updates)
             if ema is not None:
                 ema = optim.ema_update(ema, params, loop_step + 1, t.ema_weight, t.ema_start_step)
             metrics = {"generator_loss": loss, "generator_grad_norm": _global_norm(grads),
-                       "dmdtrain_gradient_norm": dmd_norm, "exit_step": aux["exit_steps"][0].astype(jnp.float32)}
+                       "dmdtrain_gradient_norm": dmd_norm, "exit_step": aux["exit_steps"][0].astype(jnp.float32),
+                       **terms}
             return TrainState(params, opt_state), ema, new_carry, metrics
 
         ema_sh = self.gen_sh.params if self.ema is not None else None
         base_sh = self._sh(self.gen_base)
         carry_sh = self._carry_sh() if stream else None
         batch_sh = {"n_new": self.rep, "has_prev": self.rep} if stream else {"prompt_embeds": self.bsh}
+        story_sh = {"video": self.bsh, "contexts": self.bsh, "switch_frames": self.bsh} \
+            if self.story_rc is not None else None
         in_sh = (self.gen_sh, ema_sh, base_sh, self.critic_sh.params, self._sh(self.critic_base),
-                 self._sh(self.teacher), carry_sh, batch_sh, self.bsh, self.rep, self.rep)
+                 self._sh(self.teacher), carry_sh, batch_sh, self.bsh, self.rep, self.rep, story_sh)
         out_sh = (self.gen_sh, ema_sh, carry_sh, self.rep)
         return jax.jit(step, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(0, 1, 6))
 
@@ -1189,23 +1216,30 @@ class Trainer:
 
         return self._simple_jit(step, {"ode_latent": self.bsh, "prompt_embeds": self.bsh})
 
-    def _story_step_fn(self) -> Callable:
+    def _story_latents(self, batch: dict) -> jnp.ndarray:
+        """The stories' latents [B, F, C, h, w] float32, encoded by the frozen ``run.vae_ckpt`` inside the step."""
         from memflow_jax.nn import vae as vae_lib
 
         vae_params, vcfg = self.story_vae
-        exit_choices = tuple(self.train_cfg.story_exit_steps)
+        latents = vae_lib.encode(vae_params, vcfg, vae_lib.video_to_input(batch["video"]))
+        return self._pin(sg(latents).astype(jnp.float32))
 
+    def _story_loss(self, params: Params, rc: ro.RolloutConfig, latents: jnp.ndarray, batch: dict,
+                    rng: jax.Array) -> tuple[jnp.ndarray, dict]:
+        """Teacher forcing on the stories (:func:`rollout.teacher_forced_story`): mean((x0 - x0_gt)^2), aux."""
+        pred, aux = ro.teacher_forced_story(params, rc, latents, batch["contexts"], batch["switch_frames"], rng,
+                                            exit_choices=tuple(self.train_cfg.story_exit_steps),
+                                            constrain=self._pin)
+        return losses.ode_regression_loss(pred, latents), aux
+
+    def _story_step_fn(self) -> Callable:
         def step(gen: TrainState, ema, gen_base, batch, rng, loop_step):
-            latents = vae_lib.encode(vae_params, vcfg, vae_lib.video_to_input(batch["video"]))  # [B, F, C, h, w]
-            latents = self._pin(sg(latents).astype(jnp.float32))
+            latents = self._story_latents(batch)
 
             def loss_fn(trainable):
                 params = lora_lib.merge_lora_params(sg(gen_base), trainable, self.lora_scale) \
                     if gen_base is not None else trainable
-                pred, aux = ro.teacher_forced_story(params, self.rc, latents, batch["contexts"],
-                                                    batch["switch_frames"], rng, exit_choices=exit_choices,
-                                                    constrain=self._pin)
-                return losses.ode_regression_loss(pred, latents), aux
+                return self._story_loss(params, self.rc, latents, batch, rng)
 
             (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(gen.params)
             steps = aux["exit_steps"].astype(jnp.float32)
@@ -1283,7 +1317,7 @@ class Trainer:
             fn = self._jit(("gen",) + variant, lambda: self._gen_step_fn(variant))
             self.gen, self.ema, self.carry, m = fn(self.gen, self.ema, self.gen_base, self.critic.params,
                                                    self.critic_base, self.teacher, self.carry, dyn, self.uncond, rng,
-                                                   loop)
+                                                   loop, self._story_batch(int(loop)) if self.story_rc else None)
         else:
             fn = self._jit(("critic",) + variant, lambda: self._critic_step_fn(variant))
             self.critic, self.carry, m = fn(self.critic, self.critic_base, self.gen.params, self.gen_base,
@@ -1333,9 +1367,10 @@ class Trainer:
                 batch = self._next_batch(("prompt_embeds",))
                 if train_gen:
                     fn = self._jit(("gen",) + variant, lambda: self._gen_step_fn(variant))
+                    story = self._story_batch(step) if self.story_rc else None
                     self.gen, self.ema, _, m = fn(self.gen, self.ema, self.gen_base, self.critic.params,
                                                   self.critic_base, self.teacher, None, batch, self.uncond, k_gen,
-                                                  loop)
+                                                  loop, story)
                     metrics.update(m)
                 fn = self._jit(("critic",) + variant, lambda: self._critic_step_fn(variant))
                 self.critic, _, m = fn(self.critic, self.critic_base, self.gen.params, self.gen_base, None, batch,

@@ -164,7 +164,7 @@ def test_teacher_forced_story_is_the_sampler_on_its_own_frames():
     rollout (with the sampler's memory semantics) made must predict those frames: same cache, same NAM bank,
     same re-cache. Per-sample switch frames (6 and 3) check that only the switching sample takes the re-cache."""
     cfg = _cfg("tiny_dmd_long", "sampler.denoising_step_list=[1000]")
-    b, f = 2, 12
+    b, f = 2, 9
     rc = ro.story_config(cfg, b)
     assert rc.num_steps == 1 and not (rc.ctx_noise_always or rc.ctx_qbank_quirk or rc.reset_cache_at_switch)
     params = _init(rc.model, 0)
@@ -372,6 +372,44 @@ def _run(args, env=None, timeout=900):
                           timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
+
+
+def test_story_weight_needs_a_dmd_recipe_and_stories():
+    with pytest.raises(cfg_lib.ConfigError, match="train.recipe=story"):
+        _cfg("tiny_story", "train.story_weight=0.5", "train.story_data_path=/stories")
+    with pytest.raises(cfg_lib.ConfigError, match="needs train.story_data_path"):
+        _cfg("tiny_dmd_long", "train.story_weight=0.5")
+    with pytest.raises(cfg_lib.ConfigError, match="must be >= 0"):
+        _cfg("tiny_dmd_long", "train.story_weight=-1")
+
+
+@pytest.mark.slow
+def test_tiny_dmd_long_with_the_story_term_resumes(tmp_path):
+    """train.story_weight: generator loss = DMD + weight * story loss; the stories come by index from the step,
+    so a run resumed from its step-2 checkpoint ends equal to the uninterrupted one."""
+    stories = _stories(tmp_path)
+
+    def run(run_dir, steps):
+        cfg = _cfg("tiny_dmd_long", "run.progress=false", "train.story_weight=0.5",
+                   f"train.story_data_path={stories}", f"train.max_iters={steps}")
+        t = tr.Trainer(cfg, str(run_dir), log=lambda m: None)
+        try:
+            return t.train(), jax.tree_util.tree_map(np.asarray, t.gen.params)
+        finally:
+            t.close()
+
+    hist, final = run(tmp_path / "a", 3)
+    gen = [h for h in hist if "generator_loss" in h]
+    assert [h["step"] for h in gen] == [1, 3]  # dfake_gen_update_ratio 2
+    for h in gen:
+        assert np.isfinite(h["story_loss"]) and h["story_loss"] > 0
+        np.testing.assert_allclose(h["generator_loss"], h["generator_dmd_loss"] + 0.5 * h["story_loss"], rtol=1e-5)
+    assert all("story_loss" not in h for h in hist if "generator_loss" not in h)
+    run(tmp_path / "b", 2)
+    hist_b, final_b = run(tmp_path / "b", 3)
+    assert [h["step"] for h in hist_b] == [3]
+    assert hist_b[0]["story_loss"] == gen[-1]["story_loss"]
+    chex.assert_trees_all_equal(final_b, final)
 
 
 @pytest.mark.slow

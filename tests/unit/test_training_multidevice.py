@@ -1,10 +1,11 @@
 """Tiny dmd_long (streaming DMD with a prompt switch, LoRA on generator and critic, VAE first-frame re-encode) on a
 2 x 4 (data x fsdp) mesh of 8 host CPU devices: sharded params, finite losses, params that move, checkpoints, and
-a stop-at-step-2 / resume run that ends bit-identical to an uninterrupted one.
+a resume from the step-2 checkpoint (the later ones deleted, as after a crash) that ends bit-identical to the
+uninterrupted run.
 
 XLA_FLAGS=--xla_force_host_platform_device_count=8 must be set before JAX starts its backend, so under a plain
 pytest run ``test_dmd_long_on_8_host_devices`` re-runs this file in a subprocess with the flag and
-``MEMFLOW_8DEV=1`` (and a persistent compilation cache in a temp folder, so the three runs compile once); only
+``MEMFLOW_8DEV=1`` (and a persistent compilation cache in a temp folder, so the two runs compile once); only
 there are the ``Test8Devices`` tests defined.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -22,7 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 STEPS, STOP = 4, 2
 
 
-def test_dmd_long_on_8_host_devices(tmp_path):  # required by the training issue: in the default run (~90 s)
+# Required by the training issue: in the default run (~140 s alone on 2 cores).
+def test_dmd_long_on_8_host_devices(tmp_path):
     if INNER:
         pytest.skip("already inside the 8-device subprocess")
     env = dict(os.environ, MEMFLOW_8DEV="1", XLA_FLAGS="--xla_force_host_platform_device_count=8",
@@ -71,11 +74,11 @@ if INNER:
             out["host_a"] = a.stream_host.to_json()
         finally:
             a.close()
-        b = tr.Trainer(_cfg(f"train.max_iters={STOP}"), str(out["dir_b"]), log=lambda m: None)
-        try:
-            b.train()
-        finally:
-            b.close()
+        # a crash after step STOP: run a's folder with the later checkpoints gone (no second run to step STOP)
+        shutil.copytree(out["dir_a"], out["dir_b"])
+        for step in os.listdir(out["dir_b"] / "checkpoints"):
+            if step.isdigit() and int(step) > STOP:
+                shutil.rmtree(out["dir_b"] / "checkpoints" / step)
         c = tr.Trainer(_cfg(f"train.max_iters={STEPS}"), str(out["dir_b"]), log=lambda m: None)
         try:
             out["resumed_at"] = c.step
