@@ -119,10 +119,10 @@ class TrainConfig:
     # --- teacher: classifier-free guidance ---
     text_dropout: float = 0.0  # per sample: prompt embedding -> negative_prompt's embedding with this probability
     # --- story recipe (teacher forcing on a storyworld ``stories`` dataset, encoded by run.vae_ckpt) ---
-    story_exit_steps: tuple[int, ...] = ()  # denoising step indices the loss draws from (empty: every step)
+    story_exit_steps: tuple[int, ...] = ()  # steps the story loss draws from (empty: every step)
     # --- the story loss beside DMD (recipes dmd / dmd_long): generator loss = DMD + story_weight * the story
-    # recipe's loss on train.batch_size stories of story_data_path (a ``stories`` dataset), drawn by index from
-    # (data_seed, step) so that a resumed run draws the same ones; 0 = off ---
+    # recipe's loss on one global batch (train.batch_size per data device) of story_data_path's stories (a
+    # ``stories`` dataset), drawn by index from (data_seed, step) so that a resumed run draws the same ones; 0 = off
     story_weight: float = 0.0
     story_data_path: str = ""
     # --- vae recipe (memflow_jax.nn.vae on storyworld videos; LoRA off) ---
