@@ -77,6 +77,7 @@ sg = jax.lax.stop_gradient
 
 
 SCRATCH = "scratch"  # a checkpoint path meaning "start from the Wan initialisation"
+STORY_SALT = 0x5701  # the story term's own streams: its host draw of stories and its in-step key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -905,7 +906,8 @@ class Trainer:
         """The story term's global batch of step ``step``: stories drawn by index from (data_seed, step), so a
         resumed run draws the same ones without a second checkpointed iterator; each process loads its rows."""
         src, n = self.story_source, self.global_batch
-        idx = np.random.default_rng([self.train_cfg.data_seed, 0x5701, step]).choice(len(src), n, replace=len(src) < n)
+        draw = np.random.default_rng([self.train_cfg.data_seed, STORY_SALT, step])
+        idx = draw.choice(len(src), n, replace=len(src) < n)
         items = [src[int(i)] for i in idx[sh.process_batch_slice(n, self.mesh)]]
         local = {k: np.stack([it[k] for it in items]) for k in ("video", "contexts", "switch_frames")}
         return sh.make_global_batch(local, self.mesh)
@@ -1056,7 +1058,7 @@ class Trainer:
                 if story is not None:  # generator loss = DMD + story_weight * story (train.story_weight)
                     terms = {"generator_dmd_loss": loss}
                     terms["story_loss"], _ = self._story_loss(params, self.story_rc, story_latents, story,
-                                                              jax.random.fold_in(rng, 0x5701))
+                                                              jax.random.fold_in(rng, STORY_SALT))
                     loss = loss + t.story_weight * terms["story_loss"]
                 return loss, (new_carry, laux["dmdtrain_gradient_norm"], aux, terms)
 
