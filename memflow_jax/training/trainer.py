@@ -608,11 +608,12 @@ class Trainer:
                                         ctx_noise_always=self.run_cfg.ctx_noise_always,
                                         ctx_qbank_quirk=self.run_cfg.ctx_qbank_quirk,
                                         reset_cache_at_switch=self.run_cfg.reset_cache_at_switch)
-        if self.recipe == "story":
-            self.rc = ro.story_config(self.cfg, self.global_batch, model=self.gen_cfg)
-        # the story loss beside DMD (train.story_weight): teacher forcing with the sampler's memory semantics
+        # the story loss (the story recipe's, or beside DMD with train.story_weight): teacher forcing with the
+        # sampler's memory semantics
         self.story_rc = ro.story_config(self.cfg, self.global_batch, model=self.gen_cfg) \
-            if t.story_weight > 0 else None
+            if self.recipe == "story" or t.story_weight > 0 else None
+        if self.recipe == "story":
+            self.rc = self.story_rc
         # vae recipe: check the videos against the config before anything compiles
         self.video_source = self._video_source() if self.recipe == "vae" else None
         self._build_models()
@@ -699,7 +700,7 @@ class Trainer:
                 critic_trainable = self._load_lora(t.lora_ckpt, "critic_lora", critic_trainable)
             self.critic, self.critic_sh = self._make_state(critic_trainable, critic_opt)
         self.reencode_fn = self.story_vae = None
-        if self.recipe == "story" or t.story_weight > 0:  # the frozen encoder of the stories' latents
+        if self.story_rc is not None:  # the frozen encoder of the stories' latents
             self.story_vae = (self._vae_params(keys[5], "the story loss encodes its videos with it"),
                               self._reencode_vae_cfg())
         slicing = self.recipe == "dmd" and t.slice_last_frames != -1 and t.num_training_frames > t.slice_last_frames
@@ -900,12 +901,15 @@ class Trainer:
         local = np.ascontiguousarray(np.broadcast_to(neg, (per_process,) + neg.shape))
         self.uncond = sh.make_global_batch({"uncond": local}, self.mesh)["uncond"]
         self.story_source = self._story_source(self.embedder, t.story_data_path, "train.story_data_path") \
-            if self.story_rc is not None else None
+            if t.story_weight > 0 else None
 
-    def _story_batch(self, step: int) -> dict[str, jax.Array]:
-        """The story term's global batch of step ``step``: stories drawn by index from (data_seed, step), so a
-        resumed run draws the same ones without a second checkpointed iterator; each process loads its rows."""
+    def _story_batch(self, step: int) -> dict[str, jax.Array] | None:
+        """The story term's global batch of step ``step`` (None without the term): stories drawn by index from
+        (data_seed, step), so a resumed run draws the same ones without a second checkpointed iterator; each
+        process loads its rows."""
         src, n = self.story_source, self.global_batch
+        if src is None:
+            return None
         draw = np.random.default_rng([self.train_cfg.data_seed, STORY_SALT, step])
         idx = draw.choice(len(src), n, replace=len(src) < n)
         items = [src[int(i)] for i in idx[sh.process_batch_slice(n, self.mesh)]]
@@ -1077,7 +1081,7 @@ class Trainer:
         carry_sh = self._carry_sh() if stream else None
         batch_sh = {"n_new": self.rep, "has_prev": self.rep} if stream else {"prompt_embeds": self.bsh}
         story_sh = {"video": self.bsh, "contexts": self.bsh, "switch_frames": self.bsh} \
-            if self.story_rc is not None else None
+            if self.story_source is not None else None
         in_sh = (self.gen_sh, ema_sh, base_sh, self.critic_sh.params, self._sh(self.critic_base),
                  self._sh(self.teacher), carry_sh, batch_sh, self.bsh, self.rep, self.rep, story_sh)
         out_sh = (self.gen_sh, ema_sh, carry_sh, self.rep)
@@ -1319,7 +1323,7 @@ class Trainer:
             fn = self._jit(("gen",) + variant, lambda: self._gen_step_fn(variant))
             self.gen, self.ema, self.carry, m = fn(self.gen, self.ema, self.gen_base, self.critic.params,
                                                    self.critic_base, self.teacher, self.carry, dyn, self.uncond, rng,
-                                                   loop, self._story_batch(int(loop)) if self.story_rc else None)
+                                                   loop, self._story_batch(int(loop)))
         else:
             fn = self._jit(("critic",) + variant, lambda: self._critic_step_fn(variant))
             self.critic, self.carry, m = fn(self.critic, self.critic_base, self.gen.params, self.gen_base,
@@ -1369,10 +1373,9 @@ class Trainer:
                 batch = self._next_batch(("prompt_embeds",))
                 if train_gen:
                     fn = self._jit(("gen",) + variant, lambda: self._gen_step_fn(variant))
-                    story = self._story_batch(step) if self.story_rc else None
                     self.gen, self.ema, _, m = fn(self.gen, self.ema, self.gen_base, self.critic.params,
                                                   self.critic_base, self.teacher, None, batch, self.uncond, k_gen,
-                                                  loop, story)
+                                                  loop, self._story_batch(step))
                     metrics.update(m)
                 fn = self._jit(("critic",) + variant, lambda: self._critic_step_fn(variant))
                 self.critic, _, m = fn(self.critic, self.critic_base, self.gen.params, self.gen_base, None, batch,
