@@ -358,9 +358,47 @@ def _remat(fn: Callable, cfg: ModelConfig) -> Callable:
     return jax.checkpoint(fn, policy=policy, static_argnums=())
 
 
+def pack_small_params(blocks: Params, max_size: int) -> tuple[list, dict, Callable[[list, dict], Params]]:
+    """Stacked block params -> (big leaves, small leaves packed per dtype ``{dtype: [L, P]}``, ``unpack``).
+
+    Every leaf with fewer than ``max_size`` values a layer (biases, norm scales, modulation; not the Dense kernels)
+    goes into one ``[L, P]`` row buffer per dtype, so the layer scan slices one row a layer instead of one small
+    copy kernel per leaf (≈15 a layer-forward on the GPU, launch-bound). ``unpack(big_i, small_i)`` rebuilds one
+    layer's param tree from the scan's slices (static slices of the row: free inside the consumers' fusions).
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(blocks)
+    num_layers = leaves[0].shape[0]
+    is_small = [math.prod(x.shape[1:]) < max_size for x in leaves]
+    groups: dict[str, list[int]] = {}
+    for i, x in enumerate(leaves):
+        if is_small[i]:
+            groups.setdefault(jnp.dtype(x.dtype).name, []).append(i)
+    small = {dt: jnp.concatenate([leaves[i].reshape(num_layers, -1) for i in idx], axis=1)
+             for dt, idx in groups.items()}
+    big = [x for x, sm in zip(leaves, is_small) if not sm]
+
+    def unpack(big_i: list, small_i: dict) -> Params:
+        out: list = [None] * len(leaves)
+        it = iter(big_i)
+        for i, sm in enumerate(is_small):
+            if not sm:
+                out[i] = next(it)
+        for dt, idx in groups.items():
+            off = 0
+            for i in idx:
+                shape = leaves[i].shape[1:]
+                size = math.prod(shape)
+                out[i] = small_i[dt][off:off + size].reshape(shape)
+                off += size
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    return big, small, unpack
+
+
 def run_blocks(params: Params, cfg: ModelConfig, x: jnp.ndarray, e0: jnp.ndarray, cos: jnp.ndarray,
                sin: jnp.ndarray, text_k: jnp.ndarray, text_v: jnp.ndarray, attend_fn: AttendFn,
-               layer_inputs: Any = None, carry: LayerCarry | None = None) -> tuple[jnp.ndarray, Any]:
+               layer_inputs: Any = None, carry: LayerCarry | None = None,
+               need_output: bool = True) -> tuple[jnp.ndarray | None, Any]:
     """One ``lax.scan`` over the stacked blocks; ``layer_inputs`` (leading [L] axis) is sliced per layer and
     handed to ``attend_fn``; whatever ``attend_fn`` returns per layer comes back stacked on [L].
 
@@ -368,30 +406,51 @@ def run_blocks(params: Params, cfg: ModelConfig, x: jnp.ndarray, e0: jnp.ndarray
     each layer updates its own slice in place: ``carry.read(state, i, layer_inputs_i)`` before the block,
     ``carry.write(state, i, outputs_i) -> (state, outputs_i)`` after it. The write is ordered after the block's
     output (an optimization barrier), so the layer's reads of the old slice finish first and XLA needs no copy.
+    ``need_output=False`` (with ``carry``: a forward run only for the cache it writes): the last layer runs
+    outside the scan and its hidden state is dropped, so XLA keeps of it only what the write needs (its K/V),
+    not its attention, cross-attention and FFN; returns ``h = None``. Not for differentiated forwards (the
+    scan then indexes the stacked params itself, whose gradient would add up a full-size zero per layer).
     Returns ``(h, outputs)``, plus the final state in ``outputs["carry"]`` when ``carry`` is given.
     """
     block = WanBlock(cfg)
+    big, small, unpack = pack_small_params(params["blocks"], cfg.dim * cfg.dim)
 
     if carry is None:
         def body(h, xs):
-            p, tk, tv, li = xs
-            return block.apply({"params": p}, h, e0, cos, sin, tk, tv, attend_fn, li)
+            p, ps, tk, tv, li = xs
+            return block.apply({"params": unpack(p, ps)}, h, e0, cos, sin, tk, tv, attend_fn, li)
 
-        return lax.scan(_remat(body, cfg), x, (params["blocks"], text_k, text_v, layer_inputs))
+        return lax.scan(_remat(body, cfg), x, (big, small, text_k, text_v, layer_inputs))
 
-    def carried(c, xs):
-        h, state = c
-        p, tk, tv, li, i = xs
-        h, out = block.apply({"params": p}, h, e0, cos, sin, tk, tv, attend_fn, carry.read(state, i, li))
-        if carry.ordered:
+    def layer(h, state, xs_i, ordered):
+        p, ps, tk, tv, li, i = xs_i
+        h, out = block.apply({"params": unpack(p, ps)}, h, e0, cos, sin, tk, tv, attend_fn,
+                             carry.read(state, i, li))
+        if ordered:
             h, state = lax.optimization_barrier((h, state))  # reads of the old slice happen before the write
         state, out = carry.write(state, i, out)
-        return (h, state), out
+        return h, state, out
 
     layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (h, state), outs = lax.scan(_remat(carried, cfg), (x, carry.state),
-                                (params["blocks"], text_k, text_v, layer_inputs, layers))
-    return h, {**outs, "carry": state}
+    xs = (big, small, text_k, text_v, layer_inputs, layers)
+    if need_output or cfg.num_layers < 2:
+        def carried(c, xs_i):
+            h, state, out = layer(*c, xs_i, carry.ordered)
+            return (h, state), out
+
+        (h, state), outs = lax.scan(_remat(carried, cfg), (x, carry.state), xs)
+        return h, {**outs, "carry": state}
+
+    def first_layers(c, i):  # layers 0 .. L-2, indexing the stacked inputs as the scan over xs would
+        h, state, out = layer(*c, jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), xs),
+                              carry.ordered)
+        return (h, state), out
+
+    (h, state), outs = lax.scan(_remat(first_layers, cfg), (x, carry.state), layers[:-1])
+    # the last layer: nothing reads its output, so no barrier either (its reads of the cache are dropped too)
+    _, state, out = layer(h, state, jax.tree.map(lambda a: a[-1], xs), False)
+    outs = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), outs, out)
+    return None, {**outs, "carry": state}
 
 
 def _broadcast_t(t: jnp.ndarray, b: int, f: int) -> jnp.ndarray:
@@ -430,7 +489,8 @@ def forward(params: Params, cfg: ModelConfig, x: jnp.ndarray, t: jnp.ndarray,
 
 def chunk_forward(params: Params, cfg: ModelConfig, x: jnp.ndarray, t: jnp.ndarray, f0: jnp.ndarray,
                   text_k: jnp.ndarray, text_v: jnp.ndarray, attend_fn: AttendFn,
-                  layer_inputs: Any = None, carry: LayerCarry | None = None) -> tuple[jnp.ndarray, Any]:
+                  layer_inputs: Any = None, carry: LayerCarry | None = None,
+                  need_flow: bool = True) -> tuple[jnp.ndarray | None, Any]:
     """Causal chunk forward at absolute latent-frame offset ``f0`` (traced int32 scalar or [B]).
 
     Args:
@@ -439,6 +499,8 @@ def chunk_forward(params: Params, cfg: ModelConfig, x: jnp.ndarray, t: jnp.ndarr
       attend_fn: builds the KV context per layer (see ``memflow_jax.memory``); receives post-RoPE q/k.
       layer_inputs: pytree with a leading [L] axis passed to ``attend_fn`` layer by layer.
       carry: state updated in place layer by layer (see :func:`run_blocks`).
+      need_flow: False for a forward run only for the cache it writes (with ``carry``): flow is None and the last
+        layer computes only its K/V (:func:`run_blocks` ``need_output``).
     Returns: (flow [B, C_out, F, H, W] float32, per-layer outputs of ``attend_fn`` stacked on [L]).
     """
     b = x.shape[0]
@@ -446,7 +508,10 @@ def chunk_forward(params: Params, cfg: ModelConfig, x: jnp.ndarray, t: jnp.ndarr
     tokens, grid = outer.apply(_outer(params), x, method=WanOuter.embed)
     e, e0 = outer.apply(_outer(params), _broadcast_t(t, b, grid[0]), method=WanOuter.time)
     cos, sin = rope_tables(f0, grid[0], grid[1], grid[2], cfg.head_dim, cfg.rope_theta)
-    h, outs = run_blocks(params, cfg, tokens, e0, cos, sin, text_k, text_v, attend_fn, layer_inputs, carry)
+    h, outs = run_blocks(params, cfg, tokens, e0, cos, sin, text_k, text_v, attend_fn, layer_inputs, carry,
+                         need_output=need_flow or carry is None)
+    if h is None:
+        return None, outs
     flow = outer.apply(_outer(params), h, e, grid, method=lambda m, *a: m.head.apply_head(*a))
     return flow, outs
 

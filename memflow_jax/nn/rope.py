@@ -112,13 +112,18 @@ def rope_tables(f0: jnp.ndarray | int, num_frames: int, h: int, w: int, head_dim
 def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
     """Rotate interleaved pairs ``(x[2i], x[2i+1])`` of ``x`` [B, L, H, D] by the tables [(B,) L, D/2].
 
-    Computed in float32, cast back to x's dtype.
+    Computed in float32, cast back to x's dtype, as one elementwise expression ``x * cos' + swap(x) * sin'``
+    (``swap`` exchanges each pair; ``cos'`` repeats each entry twice, ``sin'`` is ``(-sin, sin)`` per pair): the
+    rotation's products and sums (bit-identical on CPU) without stacking two halves, so XLA can fuse it into its
+    consumers (H100, the sampler's steady chunk: -1.7 ms sink, -2.6 ms nam; no gain where a per-layer conditional
+    also reads q and k).
     """
     dtype = x.dtype
-    xf = x.astype(jnp.float32).reshape(x.shape[:-1] + (x.shape[-1] // 2, 2))
+    d = x.shape[-1]
+    xf = x.astype(jnp.float32)
+    swapped = xf.reshape(x.shape[:-1] + (d // 2, 2))[..., ::-1].reshape(x.shape)  # (x1, x0, x3, x2, ...)
     if cos.ndim == 2:
         cos, sin = cos[None], sin[None]
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [B|1, L, 1, D/2]
-    a, b = xf[..., 0], xf[..., 1]
-    out = jnp.stack([a * cos - b * sin, a * sin + b * cos], axis=-1)
-    return out.reshape(x.shape).astype(dtype)
+    c = jnp.repeat(cos, 2, axis=-1)[:, :, None, :]  # [B|1, L, 1, D]
+    s = jnp.stack([-sin, sin], axis=-1).reshape(sin.shape[:-1] + (d,))[:, :, None, :]
+    return (xf * c + swapped * s).astype(dtype)

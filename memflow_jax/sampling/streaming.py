@@ -20,7 +20,7 @@ from memflow_jax.config import Config, MemoryConfig, ModelConfig, SamplerConfig
 from memflow_jax.diffusion import scheduler as sch
 from memflow_jax.memory import nam as nam_lib
 from memflow_jax.memory import sma as sma_lib
-from memflow_jax.memory.attend import LayerMemory, make_attend_fn
+from memflow_jax.memory.attend import LayerMemory, in_place_fast_path, keys_all_valid, make_attend_fn
 from memflow_jax.memory.cache import (CacheSpec, ForwardPlan, KVCache, commit, init_cache, kv_carry, kv_in_place,
                                       recache_dead_frames, record_chunk)
 from memflow_jax.nn import dit
@@ -52,7 +52,8 @@ def to_model_layout(x: jnp.ndarray) -> jnp.ndarray:
 def memory_forward(params: dit.Params, mcfg: ModelConfig, spec: CacheSpec, mem: MemoryConfig, cache: KVCache,
                    x: jnp.ndarray, t: float | jnp.ndarray, plan: ForwardPlan, text: PromptKV, update_cache: bool,
                    bank: tuple | None = None, kv_splits: int = 1, in_place: bool = False,
-                   cand_mean: jnp.ndarray | None = None, chunk_aligned: bool = False, debug: bool = False):
+                   cand_mean: jnp.ndarray | None = None, chunk_aligned: bool = False, debug: bool = False,
+                   need_flow: bool = True, keys_valid: bool | None = None):
     """One causal DiT forward over ``x [B, n, C, h, w]`` against the memory (sampler and training rollout).
 
     ``bank`` overrides the cache's bank (the denoising loop carries the bank NAM updated at step 0).
@@ -65,7 +66,9 @@ def memory_forward(params: dit.Params, mcfg: ModelConfig, spec: CacheSpec, mem: 
     ``chunk_aligned``: ``plan.start`` is a multiple of the forward's frames and nothing is recomputed (see
     :func:`memory.attend.make_attend_fn`). A cache-writing forward (``update_cache``) writes its K/V frames into
     the cache in place, layer by layer (:func:`memory.cache.kv_carry`); the written K/V come back in
-    ``outputs["carry"]``.
+    ``outputs["carry"]``. ``need_flow=False`` (a cache-writing forward run for its K/V only: the clean pass, a
+    re-cache): flow is None and the last layer computes only its K/V (:func:`nn.dit.run_blocks`). ``keys_valid``:
+    see :func:`memory.attend.make_attend_fn`.
     Returns (flow [B, n, C, h, w], t [B, n], per-layer outputs of the memory attention,
     (new slot map, placement) for :func:`memory.cache.commit`).
     """
@@ -76,7 +79,7 @@ def memory_forward(params: dit.Params, mcfg: ModelConfig, spec: CacheSpec, mem: 
         spec, mem, plan, n, slot_frame=cache.slot_frame, bank_pointer=cache.bank_pointer,
         proto_frame=cache.proto_frame, update_cache=update_cache, attention_impl=mcfg.attention_impl,
         precision=dit.matmul_precision(mcfg), kv_splits=kv_splits, in_place=in_place, chunk_aligned=chunk_aligned,
-        debug=debug)
+        keys_valid=keys_valid, debug=debug)
     # a cache-writing forward carries the K/V through its layer scan and writes each layer's frames in place
     if in_place:
         carry = dit.LayerCarry(*kv_in_place(cache), ordered=False)
@@ -87,8 +90,8 @@ def memory_forward(params: dit.Params, mcfg: ModelConfig, spec: CacheSpec, mem: 
                          text.k.astype(cache.k.dtype), cand_mean=cand_mean)
     tt = jnp.full((x.shape[0], n), t, jnp.float32)
     flow, outs = dit.chunk_forward(params, mcfg, to_model_layout(x), tt, plan.start, text.k, text.v, attend,
-                                   layers, carry)
-    return to_model_layout(flow), tt, outs, (attend.new_slot_frame, attend.placement)
+                                   layers, carry, need_flow=need_flow)
+    return None if flow is None else to_model_layout(flow), tt, outs, (attend.new_slot_frame, attend.placement)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -106,7 +109,15 @@ class ChunkSteps:
         self.timesteps = timesteps
         self.schedule = sch.make_schedule(scfg.timestep_shift, num_train_timesteps=scfg.num_train_timesteps)
         self.traces = 0
-        self.chunk = jax.jit(self._chunk_impl, donate_argnums=(1,))
+        self.chunk = jax.jit(functools.partial(self._chunk_impl, None), donate_argnums=(1,))
+        # where the in-place cuDNN path exists (GPU): a second chunk program for the steady state, whose layers read
+        # their keys in place without checking slot validity per layer (see StreamingSampler.chunk)
+        self.fast_path = scfg.attention_kv_splits != 1 and in_place_fast_path(
+            spec, mem, spec.chunk_frames, dtype=mcfg.dtype, cache_dtype=mcfg.dtype,
+            attention_impl=mcfg.attention_impl, kv_splits=scfg.attention_kv_splits)
+        self.chunk_steady = jax.jit(functools.partial(self._chunk_impl, True), donate_argnums=(1,))
+        self.steady = jax.jit(self._steady_impl)
+        self._precompiled: set = set()
         self.prompt_kv = functools.partial(_prompt_kv, mcfg)  # depends on the model config only: shared
         self.recache: dict[tuple[int, int], Callable] = {}
 
@@ -116,14 +127,33 @@ class ChunkSteps:
         return self.recache[n, drop]
 
     # ------------------------------------------------------------------ one forward
+    def precompile_steady(self, args: tuple) -> None:
+        """Compile the steady chunk program for these chunk arguments now (with the first chunk), not in the middle
+        of a stream."""
+        leaves, tree = jax.tree_util.tree_flatten(args)
+        key = (tree, tuple((x.shape, jnp.dtype(x.dtype).name) for x in leaves))
+        if key not in self._precompiled:
+            self.chunk_steady.lower(*args).compile()
+            self._precompiled.add(key)
+
+    def _steady_impl(self, state: StreamState) -> jnp.ndarray:
+        """[] bool: every key slot of the next chunk's forwards is valid (:func:`memory.attend.keys_all_valid`;
+        NAM before them changes neither the slot map nor the bank pointer)."""
+        plan = ForwardPlan(start=state.frame, q_bank=False, recompute=jnp.array(False),
+                           zero_text_query=jnp.array(False))
+        return keys_all_valid(self.spec, plan, self.spec.chunk_frames, state.cache.slot_frame,
+                              state.cache.bank_pointer)
+
     def _forward(self, params, cache: KVCache, x: jnp.ndarray, t: float | jnp.ndarray, plan: ForwardPlan,
-                 text: PromptKV, update_cache: bool, in_place: bool = False, cand_mean=None):
+                 text: PromptKV, update_cache: bool, in_place: bool = False, cand_mean=None,
+                 keys_valid: bool | None = None):
         # chunk forwards start at a multiple of the chunk (state.frame, see StreamingSampler.chunk) and recompute
-        # nothing
+        # nothing; a cache-writing forward (clean pass, re-cache) is run for its K/V only
         aligned = in_place and x.shape[1] == self.spec.chunk_frames
         return memory_forward(params, self.mcfg, self.spec, self.mem, cache, x, t, plan, text, update_cache,
                               kv_splits=self.scfg.attention_kv_splits, in_place=in_place, cand_mean=cand_mean,
-                              chunk_aligned=aligned, debug=self.debug)
+                              chunk_aligned=aligned, debug=self.debug, need_flow=not update_cache,
+                              keys_valid=keys_valid)
 
     def _nam(self, cache: KVCache, text: PromptKV, zero_query: jnp.ndarray) -> tuple[KVCache, dict]:
         """The pending prototype enters the bank (NAM compresses once it is full), every layer, in place in the
@@ -137,10 +167,11 @@ class ChunkSteps:
         return cache.replace(k=k, v=v, bank_frame=bf), ({"nam_scores": scores, "nam_kept": kept} if self.debug else {})
 
     # ------------------------------------------------------------------ chunk step (jitted)
-    def _chunk_impl(self, params, state: StreamState, text: PromptKV, noise: jnp.ndarray,
+    def _chunk_impl(self, keys_valid: bool | None, params, state: StreamState, text: PromptKV, noise: jnp.ndarray,
                     step_noise: jnp.ndarray, ctx_noise: jnp.ndarray):
         """noise: [B, F, C, h, w]; step_noise: [S-1, B, F, C, h, w]; ctx_noise: like noise (used iff
-        context_noise > 0). Returns (new state, x0 [B, F, C, h, w], debug dict)."""
+        context_noise > 0); keys_valid: see :func:`memory.attend.make_attend_fn` (True: the steady program).
+        Returns (new state, x0 [B, F, C, h, w], debug dict)."""
         self.traces += 1
         cache = state.cache
         cs = state.frame
@@ -162,7 +193,8 @@ class ChunkSteps:
             plan = ForwardPlan(start=cs, q_bank=False, recompute=jnp.array(False),
                                zero_text_query=state.zero_query_next)
             c = cache.replace(k=kv[0], v=kv[1])
-            flow, tt, outs, _ = self._forward(params, c, x, ts[s], plan, text, False, in_place, cand_mean)
+            flow, tt, outs, _ = self._forward(params, c, x, ts[s], plan, text, False, in_place, cand_mean,
+                                              keys_valid)
             x0 = sch.flow_to_x0(self.schedule, flow, x, tt)
             nxt = jnp.minimum(s + 1, nsteps - 1)
             renoised = sch.add_noise(self.schedule, x0, step_noise[jnp.minimum(s, nsteps - 2)],
@@ -182,7 +214,7 @@ class ChunkSteps:
             x_ctx = sch.add_noise(self.schedule, x0, ctx_noise, tctx)
         plan = ForwardPlan(start=cs, q_bank=False, recompute=jnp.array(False), zero_text_query=jnp.array(False))
         _, _, outs, (new_slots, placement) = self._forward(params, cache, x_ctx, self.scfg.context_noise, plan,
-                                                            text, True, in_place, cand_mean)
+                                                            text, True, in_place, cand_mean, keys_valid)
         cache = commit(cache, outs, new_slots, cs + f, placement)
         cache = record_chunk(cache, outs, cs, self.spec, self.mem.bank_record_rule)
         hist_slots = jnp.mod(cs + jnp.arange(f), self.spec.window)
@@ -240,7 +272,8 @@ class StreamingSampler:
 
     @property
     def trace_count(self) -> int:
-        """Times the chunk step was traced (= compiled) for this sampler's static configuration."""
+        """Times the chunk step was traced (= compiled) for this sampler's static configuration (with the steady
+        program, where it exists: 2 after the first chunk)."""
         return self.steps.traces
 
     # ------------------------------------------------------------------ state
@@ -275,7 +308,14 @@ class StreamingSampler:
                              f"{self.spec.chunk_frames}, C, h, w]")
         if ctx_noise is None:
             ctx_noise = jnp.zeros_like(noise)
-        return self.steps.chunk(self.params, state, text, noise, step_noise, ctx_noise)
+        args = (self.params, state, text, noise, step_noise, ctx_noise)
+        if self.steps.fast_path:
+            # every key slot valid (the steady state, checked exactly on the device: one [] bool read a chunk, of a
+            # state the previous chunk has finished): the program without per-layer validity conditionals
+            self.steps.precompile_steady(args)
+            if bool(self.steps.steady(state)):
+                return self.steps.chunk_steady(*args)
+        return self.steps.chunk(*args)
 
     # ------------------------------------------------------------------ the generator loop
     def stream(self, contexts: Sequence[jnp.ndarray], switch_frames: Sequence[int], num_frames: int, *,

@@ -13,8 +13,8 @@ from memflow_jax.config import MemoryConfig, ModelConfig, SamplerConfig
 from memflow_jax.nn import dit
 from memflow_jax.memory.attend import LayerMemory, make_attend_fn
 from memflow_jax.memory.cache import CacheSpec, ForwardPlan, commit, init_cache, recache_dead_frames
-from memflow_jax.sampling.streaming import (PromptKV, StreamingSampler, memory_forward, to_model_layout,
-                                            validate_schedule)
+from memflow_jax.sampling.streaming import (ChunkSteps, PromptKV, StreamingSampler, memory_forward,
+                                            to_model_layout, validate_schedule)
 from tests import rand
 
 MODEL = ModelConfig(dim=16, ffn_dim=32, num_heads=2, num_layers=2, freq_dim=16, text_len=4, text_dim=8,
@@ -211,6 +211,39 @@ def test_recache_prunes_only_dead_frames(params, mode):
     assert not np.allclose(np.asarray(pruned.cache.k), np.asarray(state.cache.k))  # the window was re-encoded
 
 
+def test_steady_program_takes_over_once_every_key_slot_is_valid(params):
+    """Where the in-place cuDNN path exists (GPU) ``StreamingSampler.chunk`` runs a chunk whose key slots are all
+    valid (``ChunkSteps.steady``, read on the host) with a second program, compiled with the first chunk, whose
+    layers read their keys without a per-layer validity conditional. Forced here on the CPU (where both programs
+    gather their keys): the flag turns on once the window and bank are full and stays on across a prompt switch,
+    the steady program is traced once, and the video and cache equal the one-program run."""
+    mem = MODES["nam"]
+    shape = (1, SAMPLER.chunk_frames, MODEL.in_dim, *SAMPLER.latent_hw)
+    runs = {}
+    for forced in (False, True):
+        s = StreamingSampler(params, MODEL, mem, SAMPLER, batch_size=1)
+        if forced:
+            s.steps = ChunkSteps(MODEL, mem, SAMPLER, s.spec, s.timesteps, False)
+            s.steps.fast_path = True  # what a GPU picks
+        texts = [s.prompt_kv(c) for c in _contexts(2)]
+        state, lat, flags = s.init_state(), [], []
+        for i in range(7):
+            if i == 5:  # frame 15 > W = 9
+                state, _ = s.recache(state, texts[1])
+            flags.append(bool(s.steps.steady(state)))
+            k1, k2 = jax.random.split(jax.random.PRNGKey(40 + i))
+            state, x0, _ = s.chunk(state, texts[int(i >= 5)], rand.normal(k1, shape),
+                                   rand.normal(k2, (len(s.timesteps) - 1,) + shape))
+            lat.append(x0)
+        runs[forced] = (jnp.concatenate(lat, axis=1), state.cache, flags, s.trace_count)
+    flags = runs[True][2]
+    first = flags.index(True)
+    assert 0 < first <= -(-s.spec.window // SAMPLER.chunk_frames) and all(flags[first:]), flags
+    assert runs[False][2] == flags and runs[True][3] == 2  # a fresh ChunkSteps: each program traced once
+    np.testing.assert_allclose(np.asarray(runs[True][0]), np.asarray(runs[False][0]), rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(runs[True][1], runs[False][1], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="split-KV runs on the cuDNN path (GPU)")
 @pytest.mark.parametrize("mode", ["nam", "nam+sma", "sink"])
 def test_split_kv_attention_matches_one_call_on_gpu(mode):
@@ -227,6 +260,7 @@ def test_split_kv_attention_matches_one_call_on_gpu(mode):
         s = StreamingSampler(params, mcfg, mem, dataclasses.replace(scfg, attention_kv_splits=splits))
         lat = [x0 for _, x0, _ in s.stream(_contexts(2), [9], 18, rng=jax.random.PRNGKey(3))]
         outs[splits] = np.asarray(jnp.concatenate(lat, axis=1).astype(jnp.float32))
+        assert s.steps.fast_path == (splits != 1) and s.trace_count == (2 if splits != 1 else 1)  # steady program
     for splits, lat in outs.items():
         np.testing.assert_allclose(lat, outs[1], rtol=0.05, atol=0.05, err_msg=f"kv_splits={splits}")
 
