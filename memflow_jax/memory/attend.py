@@ -128,8 +128,8 @@ def make_attend_fn(spec: CacheSpec, mem: MemoryConfig, plan: ForwardPlan, n: int
     in-place write is one ``dynamic_update_slice`` per K and V where the slots allow
     (:func:`memory.cache.chunk_slots_contiguous`; H100: -2.5 ms a chunk against one write per frame).
     ``keys_valid``: None = each layer picks the in-place fast path or the gather on the device (a ``lax.cond`` a
-    layer); True = the caller has checked that :func:`keys_all_valid` holds (the sampler's steady chunks), so each layer takes
-    the fast path without a conditional (H100: -1.4 ms a sink chunk, -2.8 ms nam+sma).
+    layer); True = the caller has checked that :func:`keys_all_valid` holds (the sampler's steady chunks), so
+    each layer takes the fast path without a conditional (H100: -1.4 ms a sink chunk, -2.8 ms nam+sma).
     """
     if in_place and plan.q_bank is not False:
         raise ValueError("in-place attention needs a read-only bank (plan.q_bank=False): run NAM before the forward")
