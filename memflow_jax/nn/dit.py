@@ -499,8 +499,10 @@ def chunk_forward(params: Params, cfg: ModelConfig, x: jnp.ndarray, t: jnp.ndarr
       attend_fn: builds the KV context per layer (see ``memflow_jax.memory``); receives post-RoPE q/k.
       layer_inputs: pytree with a leading [L] axis passed to ``attend_fn`` layer by layer.
       carry: state updated in place layer by layer (see :func:`run_blocks`).
-      need_flow: False for a forward run only for the cache it writes (with ``carry``): flow is None and the last
-        layer computes only its K/V (:func:`run_blocks` ``need_output``).
+      need_flow: False for a forward run only for the cache it writes (with ``carry``): flow is None, the head is
+        not applied and, on an accelerator, the last layer computes only its K/V (:func:`run_blocks`
+        ``need_output``; on the CPU, where a tiny model's compile time outweighs 1/L of a forward, the layer scan
+        stays whole: the peeled layer is a second traced copy of the block).
     Returns: (flow [B, C_out, F, H, W] float32, per-layer outputs of ``attend_fn`` stacked on [L]).
     """
     b = x.shape[0]
@@ -508,9 +510,10 @@ def chunk_forward(params: Params, cfg: ModelConfig, x: jnp.ndarray, t: jnp.ndarr
     tokens, grid = outer.apply(_outer(params), x, method=WanOuter.embed)
     e, e0 = outer.apply(_outer(params), _broadcast_t(t, b, grid[0]), method=WanOuter.time)
     cos, sin = rope_tables(f0, grid[0], grid[1], grid[2], cfg.head_dim, cfg.rope_theta)
+    peel = not need_flow and carry is not None and jax.default_backend() != "cpu"
     h, outs = run_blocks(params, cfg, tokens, e0, cos, sin, text_k, text_v, attend_fn, layer_inputs, carry,
-                         need_output=need_flow or carry is None)
-    if h is None:
+                         need_output=not peel)
+    if not need_flow:
         return None, outs
     flow = outer.apply(_outer(params), h, e, grid, method=lambda m, *a: m.head.apply_head(*a))
     return flow, outs

@@ -155,10 +155,8 @@ def prompt_kv(params: dit.Params, rc: RolloutConfig, context: jnp.ndarray) -> Pr
 
 def _forward(params: dit.Params, rc: RolloutConfig, cache: KVCache, x: jnp.ndarray, t: Any, plan: ForwardPlan,
              text: PromptKV, update_cache: bool, bank: tuple | None = None):
-    """:func:`sampling.streaming.memory_forward` with the rollout's static configuration; a cache-writing forward
-    (always without gradient here) is run for its K/V only."""
-    return memory_forward(params, rc.model, rc.spec, rc.memory, cache, x, t, plan, text, update_cache, bank=bank,
-                          need_flow=not update_cache)
+    """:func:`sampling.streaming.memory_forward` with the rollout's static configuration."""
+    return memory_forward(params, rc.model, rc.spec, rc.memory, cache, x, t, plan, text, update_cache, bank=bank)
 
 
 def recache(params: dit.Params, rc: RolloutConfig, state: StreamState, text: PromptKV, n: int) -> StreamState:

@@ -79,6 +79,35 @@ def test_causal_chunk_with_full_attention_equals_bidirectional():
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
+def test_cache_only_forward_drops_the_last_layer_and_writes_the_same_state():
+    """``run_blocks(need_output=False)`` (a forward run for what its layers write, the sampler's clean pass on an
+    accelerator): the last layer runs outside the scan with its output dropped; the carried state and the stacked
+    per-layer outputs equal the whole scan's."""
+    params = dit.init_params(TINY, jax.random.PRNGKey(0))
+    n, s = 6, 3  # tokens, frames
+    x = rand.normal(jax.random.PRNGKey(1), (1, n, TINY.dim))
+    e0 = rand.normal(jax.random.PRNGKey(2), (1, s, 6, TINY.dim))
+    cos, sin = rope_tables(0, s, 1, n // s, TINY.head_dim)
+    tk, tv = dit.text_kv(params, TINY, rand.normal(jax.random.PRNGKey(3), (1, TINY.text_len, TINY.text_dim)))
+
+    def attend(q, k, v, layer):  # what a cache-writing forward hands back: its keys, plus the old slot it read
+        return attn_lib.attention(q, k, v, impl="xla"), {"kv": k + layer, "first": v[:, :1]}
+
+    def write(state, i, outs):
+        outs = dict(outs)
+        return state.at[i].set(outs.pop("kv")), outs
+
+    def run(need_output):
+        carry = dit.LayerCarry(jnp.zeros((TINY.num_layers, 1, n, TINY.num_heads, TINY.head_dim)),
+                               lambda st, i, _: st[i], write)
+        return dit.run_blocks(params, TINY, x, e0, cos, sin, tk, tv, attend, None, carry, need_output=need_output)
+
+    (h, full), (none, peeled) = jax.jit(lambda: (run(True), run(False)))()
+    assert none is None and h.shape == x.shape and full["first"].shape[0] == TINY.num_layers
+    chex.assert_trees_all_close(peeled, full, rtol=1e-6, atol=1e-6)  # the carried state and the stacked outputs
+    assert float(jnp.abs(full["carry"][-1]).max()) > 0  # the last layer's write is there
+
+
 def test_remat_policies_match():
     p = dit.init_params(TINY, jax.random.PRNGKey(0))
     x = rand.normal(jax.random.PRNGKey(1), (1, 4, 1, 4, 4))
