@@ -126,7 +126,7 @@ class ChunkSteps:
             self.recache[n, drop] = jax.jit(functools.partial(self._recache_impl, n, drop), donate_argnums=(1,))
         return self.recache[n, drop]
 
-    # ------------------------------------------------------------------ one forward
+    # ------------------------------------------------------------------ the steady program (fast path only)
     def precompile_steady(self, args: tuple) -> None:
         """Compile the steady chunk program for these chunk arguments now (with the first chunk), not in the middle
         of a stream."""
@@ -144,6 +144,7 @@ class ChunkSteps:
         return keys_all_valid(self.spec, plan, self.spec.chunk_frames, state.cache.slot_frame,
                               state.cache.bank_pointer)
 
+    # ------------------------------------------------------------------ one forward
     def _forward(self, params, cache: KVCache, x: jnp.ndarray, t: float | jnp.ndarray, plan: ForwardPlan,
                  text: PromptKV, update_cache: bool, in_place: bool = False, cand_mean=None,
                  keys_valid: bool | None = None):
