@@ -81,32 +81,27 @@ def keys_all_valid(spec: CacheSpec, plan: ForwardPlan, n: int, slot_frame: jnp.n
     return jnp.all(valid) & jnp.all(bank_valid)
 
 
-def _in_place_segments(spec: CacheSpec, mem: MemoryConfig, kv_splits: int, num_layers: int, b: int, lq: int,
-                       h: int, d: int) -> int:
-    """Key segments of the in-place fast path's cuDNN call over the stacked cache (0: it cannot run here)."""
-    slots, n_tok = spec.window + spec.bank, spec.tokens_per_frame
+def in_place_fast_segments(spec: CacheSpec, mem: MemoryConfig, n: int, *, dtype: Any, cache_dtype: Any,
+                           attention_impl: str = "auto", kv_splits: int = 0) -> int:
+    """Key segments of the in-place fast path's cuDNN call over the stacked cache for a forward over ``n`` frames
+    (keys read where they are once every slot is valid); 0 = no fast path on this backend (every forward gathers
+    its keys). Static."""
+    q = jax.ShapeDtypeStruct((spec.batch, n * spec.tokens_per_frame, spec.num_heads, spec.head_dim),
+                             jnp.dtype(dtype))
+    if jnp.dtype(cache_dtype) != q.dtype or resolve_impl(attention_impl, q, None) != "cudnn":
+        return 0
+    b, h, d, n_tok = spec.batch, spec.num_heads, spec.head_dim, spec.tokens_per_frame
+    slots = spec.window + spec.bank
     if not mem.sma:
         length = slots * n_tok
-        return in_place_segments(num_layers * b * length, h, d, length,
-                                 auto_kv_splits(b, lq, h, length) if kv_splits == 0 else kv_splits)
+        return in_place_segments(spec.num_layers * b * length, h, d, length,
+                                 auto_kv_splits(b, q.shape[1], h, length) if kv_splits == 0 else kv_splits)
     if spec.sink + spec.bank == 0:
         return 0
     # SMA: the window is shared by every head and read in place (sampler.attention_kv_splits segments; auto: 2,
     # H100 0.296 s a chunk against 0.303 with 3 of the top-k part's size)
-    return in_place_segments(num_layers * b * slots * n_tok, h, d, (spec.window - spec.sink) * n_tok,
+    return in_place_segments(spec.num_layers * b * slots * n_tok, h, d, (spec.window - spec.sink) * n_tok,
                              SMA_AUTO_SEGMENTS if kv_splits == 0 else kv_splits)
-
-
-def in_place_fast_path(spec: CacheSpec, mem: MemoryConfig, n: int, *, dtype: Any, cache_dtype: Any,
-                       attention_impl: str = "auto", kv_splits: int = 0) -> bool:
-    """Whether an in-place forward over ``n`` frames has the cuDNN fast path (keys read where they are once every
-    slot is valid) on this backend; static. Without it every forward gathers its keys."""
-    q = jax.ShapeDtypeStruct((spec.batch, n * spec.tokens_per_frame, spec.num_heads, spec.head_dim),
-                             jnp.dtype(dtype))
-    if jnp.dtype(cache_dtype) != q.dtype or resolve_impl(attention_impl, q, None) != "cudnn":
-        return False
-    return _in_place_segments(spec, mem, kv_splits, spec.num_layers, spec.batch, q.shape[1], spec.num_heads,
-                              spec.head_dim) > 0
 
 
 def make_attend_fn(spec: CacheSpec, mem: MemoryConfig, plan: ForwardPlan, n: int, *, slot_frame: jnp.ndarray,
@@ -185,12 +180,12 @@ def make_attend_fn(spec: CacheSpec, mem: MemoryConfig, plan: ForwardPlan, n: int
             def pool():  # the layer's slot region; sliced only where a gather reads it (a copy otherwise)
                 return (lax.dynamic_index_in_dim(buf_k, layer.index, 0, keepdims=False).astype(dt),
                         lax.dynamic_index_in_dim(buf_v, layer.index, 0, keepdims=False).astype(dt))
-            nl, nb, slots = buf_k.shape[:3]
-            cudnn = buf_k.dtype == dt and resolve_impl(attention_impl, q, None) == "cudnn"
-            segments = _in_place_segments(spec, mem, kv_splits, nl, nb, q.shape[1], h, d)
+            nb, slots = buf_k.shape[1:3]
+            segments = in_place_fast_segments(spec, mem, n, dtype=dt, cache_dtype=buf_k.dtype,
+                                              attention_impl=attention_impl, kv_splits=kv_splits)
             if not mem.sma:
                 length = slots * N
-                if segments and cudnn:
+                if segments:
                     starts = (layer.index * nb + jnp.arange(nb, dtype=jnp.int32)) * length
 
                     def fast(_):  # every slot valid: cuDNN reads the keys where they are
@@ -200,7 +195,7 @@ def make_attend_fn(spec: CacheSpec, mem: MemoryConfig, plan: ForwardPlan, n: int
                 # SMA: the window is read in place; only each head's top-k frames are gathered, attended in one
                 # more call and merged by log-sum-exp
                 length = (W - S) * N
-                if segments and cudnn:
+                if segments:
                     starts = ((layer.index * nb + jnp.arange(nb, dtype=jnp.int32)) * slots + S) * N
 
                     def fast(sel):  # every slot valid: [per-head frames (gathered), window (in place)]

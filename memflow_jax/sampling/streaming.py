@@ -20,7 +20,7 @@ from memflow_jax.config import Config, MemoryConfig, ModelConfig, SamplerConfig
 from memflow_jax.diffusion import scheduler as sch
 from memflow_jax.memory import nam as nam_lib
 from memflow_jax.memory import sma as sma_lib
-from memflow_jax.memory.attend import LayerMemory, in_place_fast_path, keys_all_valid, make_attend_fn
+from memflow_jax.memory.attend import LayerMemory, in_place_fast_segments, keys_all_valid, make_attend_fn
 from memflow_jax.memory.cache import (CacheSpec, ForwardPlan, KVCache, commit, init_cache, kv_carry, kv_in_place,
                                       recache_dead_frames, record_chunk)
 from memflow_jax.nn import dit
@@ -112,9 +112,9 @@ class ChunkSteps:
         self.chunk = jax.jit(functools.partial(self._chunk_impl, None), donate_argnums=(1,))
         # where the in-place cuDNN path exists (GPU): a second chunk program for the steady state, whose layers read
         # their keys in place without checking slot validity per layer (see StreamingSampler.chunk)
-        self.fast_path = scfg.attention_kv_splits != 1 and in_place_fast_path(
+        self.fast_path = scfg.attention_kv_splits != 1 and in_place_fast_segments(
             spec, mem, spec.chunk_frames, dtype=mcfg.dtype, cache_dtype=mcfg.dtype,
-            attention_impl=mcfg.attention_impl, kv_splits=scfg.attention_kv_splits)
+            attention_impl=mcfg.attention_impl, kv_splits=scfg.attention_kv_splits) > 0
         self.chunk_steady = jax.jit(functools.partial(self._chunk_impl, True), donate_argnums=(1,))
         self.steady = jax.jit(self._steady_impl)
         self._precompiled: set = set()
@@ -311,8 +311,9 @@ class StreamingSampler:
             ctx_noise = jnp.zeros_like(noise)
         args = (self.params, state, text, noise, step_noise, ctx_noise)
         if self.steps.fast_path:
-            # every key slot valid (the steady state, checked exactly on the device: one [] bool read a chunk, of a
-            # state the previous chunk has finished): the program without per-layer validity conditionals
+            # every key slot valid (the steady state, checked exactly on the device): the program without per-layer
+            # validity conditionals. The [] bool read waits for the previous chunk (one sync a chunk, never a step;
+            # a caller that writes each chunk's frames waits for it anyway)
             self.steps.precompile_steady(args)
             if bool(self.steps.steady(state)):
                 return self.steps.chunk_steady(*args)
