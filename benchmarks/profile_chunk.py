@@ -97,7 +97,42 @@ def busy_and_span(ops: list[tuple[str, str, float, float]]) -> tuple[float, floa
     return busy, max(hi for _, hi in iv) - iv[0][0]
 
 
-def summarize(ops: list[tuple[str, str, float, float]], per: int, top: int) -> dict[str, Any]:
+GAP_BUCKETS_US = (5.0, 20.0, 100.0, 1000.0)
+
+
+def idle_gaps(ops: list[tuple[str, str, float, float]], top: int,
+              host: list[tuple[str, float, float]] | None = None) -> dict[str, Any]:
+    """Where the device sat idle: the gaps between the union of kernel intervals, bucketed by length (µs: count
+    and summed ms) and the ``top`` longest with the ops that end before and start after each (a gap after a
+    small op a layer = a launch or sync per layer; one long gap a chunk = the host between programs)."""
+    iv = sorted((start, start + dur, op) for op, _, dur, start in ops)
+    gaps: list[tuple[float, str, str]] = []
+    hi, last = (iv[0][1], iv[0][2]) if iv else (0.0, "")
+    for lo, end, op in iv[1:]:
+        if lo > hi:
+            gaps.append((lo - hi, last, op, hi))
+        if end > hi:
+            hi, last = end, op
+    edges = (0.0,) + GAP_BUCKETS_US + (float("inf"),)
+    buckets = {}
+    for a, b in zip(edges[:-1], edges[1:]):
+        sel = [g[0] for g in gaps if a <= g[0] * 1e6 < b]
+        buckets[f"{a:g}-{b:g} us"] = {"count": len(sel), "ms": 1e3 * sum(sel)}
+    longest = sorted(gaps, reverse=True)[:top]
+
+    def during(g0: float, g1: float) -> list[str]:
+        """The innermost host events spanning a gap, then those starting or ending inside it (longest overlap)."""
+        span = sorted((d, n) for n, t, d in host or () if t <= g0 and t + d >= g1)[:3]
+        part = sorted(((min(g1, t + d) - max(g0, t), n) for n, t, d in host or ()
+                       if t < g1 and t + d > g0 and not (t <= g0 and t + d >= g1)), reverse=True)[:5]
+        return ([f"in {n[:48]}" for _, n in span] + [f"{n[:48]} {o * 1e6:.0f}us" for o, n in part])
+
+    return {"buckets": buckets, "longest": [{"us": g * 1e6, "after": a[:60], "before": b[:60],
+                                             "host": during(t, t + g)} for g, a, b, t in longest]}
+
+
+def summarize(ops: list[tuple[str, str, float, float]], per: int, top: int,
+              host: list[tuple[str, float, float]] | None = None) -> dict[str, Any]:
     """Per-``per`` (chunk) seconds by kind, busy / span / idle seconds and the ``top`` ops by time."""
     by_kind = collections.Counter()
     by_op: dict[str, list] = {}
@@ -115,7 +150,8 @@ def summarize(ops: list[tuple[str, str, float, float]], per: int, top: int) -> d
     return {"total_s": total / per, "busy_s": busy / per, "span_s": span / per, "idle_s": (span - busy) / per,
             "by_kind_s": {k: by_kind.get(k, 0.0) / per for k in KINDS},
             "top": [{"op": op[:60], "kind": e[3], "s": e[0] / per, "calls": e[1] / per, "kernel": e[2][:80]}
-                    for op, e in tops]}
+                    for op, e in tops],
+            "gaps": idle_gaps(ops, min(top, 10), host)}
 
 
 def format_summary(title: str, s: dict[str, Any]) -> str:
@@ -127,15 +163,35 @@ def format_summary(title: str, s: dict[str, Any]) -> str:
     lines += ["", "| op | kind | ms | calls | kernel |", "|---|---|---|---|---|"]
     lines += [f"| {t['op']} | {t['kind']} | {t['s'] * 1e3:.2f} | {t['calls']:.0f} | `{t['kernel']}` |"
               for t in s["top"]]
+    if "gaps" in s:  # summed over all traced chunks
+        g = s["gaps"]
+        lines += ["", "idle gaps (all traced chunks): " + ", ".join(
+            f"{k}: {v['count']} ({v['ms']:.2f} ms)" for k, v in g["buckets"].items()), "",
+            "| longest gap µs | after | before | host meanwhile |", "|---|---|---|---|"]
+        lines += [f"| {x['us']:.0f} | {x['after']} | {x['before']} | {'; '.join(x['host'])} |" for x in g["longest"]]
     return "\n".join(lines)
 
 
-def _trace(fn, trace_dir: str) -> list[tuple[str, str, float]]:
+def host_events(xplane: str) -> list[tuple[str, float, float]]:
+    """(name, start s, duration s) of the host's trace events (PjRt / XLA runtime TraceMes, Python if traced)."""
+    from jax.profiler import ProfileData
+
+    out = []
+    for plane in ProfileData.from_file(xplane).planes:
+        if plane.name == "/host:CPU":
+            for line in plane.lines:
+                out += [(ev.name, ev.start_ns * 1e-9, ev.duration_ns * 1e-9) for ev in line.events]
+    return out
+
+
+def _trace(fn, trace_dir: str, host: list | None = None) -> list[tuple[str, str, float]]:
     with jax.profiler.trace(trace_dir):
         fn()
     files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
     if not files:
         raise RuntimeError(f"jax.profiler wrote no .xplane.pb under {trace_dir}")
+    if host is not None:
+        host += host_events(files[-1])
     return device_ops(files[-1])
 
 
@@ -189,8 +245,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {"mode": args.mode, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
                               "xla_flags": os.environ.get("XLA_FLAGS")}
     with tempfile.TemporaryDirectory() as d:
-        report["chunk"] = summarize(_trace(lambda: chunks(args.chunks), os.path.join(d, "chunk")), args.chunks,
-                                    args.top)
+        host: list = []
+        report["chunk"] = summarize(_trace(lambda: chunks(args.chunks), os.path.join(d, "chunk"), host), args.chunks,
+                                    args.top, host)
         if args.switch:
             def recache() -> None:
                 box["state"] = s.recache(box["state"], kv)[0]

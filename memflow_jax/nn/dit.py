@@ -346,7 +346,7 @@ def text_kv(params: Params, cfg: ModelConfig, context: jnp.ndarray) -> tuple[jnp
     block = WanBlock(cfg)
 
     def one(p):
-        return block.apply({"params": p}, ctx, method=WanBlock.text_kv)
+        return block.apply({"params": split_self_qkv(p)}, ctx, method=WanBlock.text_kv)
 
     return jax.lax.map(one, params["blocks"])
 
@@ -358,13 +358,49 @@ def _remat(fn: Callable, cfg: ModelConfig) -> Callable:
     return jax.checkpoint(fn, policy=policy, static_argnums=())
 
 
+_QKV = ("q", "k", "v")
+
+
+def fuse_self_qkv(params: Params) -> Params:
+    """The sampler's layout of the params: each layer's self-attention q/k/v Dense kernels side by side in one
+    ``blocks.self_attn.qkv`` (kernel ``[L, dim, 3*dim]``, bias ``[L, 3*dim]``), the rest shared with ``params``.
+
+    On the GPU, XLA merges the three projections of the same input into one GEMM and, with separate weights,
+    concatenates the layer's three kernels for it on every layer-forward (a copy of 3 * dim^2 values); stored side
+    by side, the merged GEMM reads the layer's slice as it is. Every forward here (:func:`run_blocks`,
+    :func:`text_kv`) takes either layout (:func:`split_self_qkv`); training keeps the checkpoint's layout.
+    Costs one more copy of the q/k/v kernels while the caller also holds ``params``.
+    """
+    attn = params["blocks"]["self_attn"]
+    if "qkv" in attn:
+        return params
+    fused = {"kernel": jnp.concatenate([attn[n]["kernel"] for n in _QKV], axis=-1),  # [L, dim, 3*dim]
+             "bias": jnp.concatenate([attn[n]["bias"] for n in _QKV], axis=-1)}  # [L, 3*dim]
+    rest = {k: v for k, v in attn.items() if k not in _QKV}
+    return {**params, "blocks": {**params["blocks"], "self_attn": {**rest, "qkv": fused}}}
+
+
+def split_self_qkv(layer: Params) -> Params:
+    """One layer's (or the stacked) block params in either layout -> the module's layout (q/k/v Dense): static
+    slices of the fused kernel, which XLA's merged q‖k‖v GEMM reads back as the one buffer."""
+    attn = layer["self_attn"]
+    if "qkv" not in attn:
+        return layer
+    d = attn["qkv"]["kernel"].shape[-1] // 3
+    split = {n: {"kernel": attn["qkv"]["kernel"][..., i * d:(i + 1) * d],
+                 "bias": attn["qkv"]["bias"][..., i * d:(i + 1) * d]} for i, n in enumerate(_QKV)}
+    rest = {k: v for k, v in attn.items() if k != "qkv"}
+    return {**layer, "self_attn": {**rest, **split}}
+
+
 def pack_small_params(blocks: Params, max_size: int) -> tuple[list, dict, Callable[[list, dict], Params]]:
     """Stacked block params -> (big leaves, small leaves packed per dtype ``{dtype: [L, P]}``, ``unpack``).
 
     Every leaf with fewer than ``max_size`` values a layer (biases, norm scales, modulation; not the Dense kernels)
     goes into one ``[L, P]`` row buffer per dtype, so the layer scan slices one row a layer instead of one small
     copy kernel per leaf (≈15 a layer-forward on the GPU, launch-bound). ``unpack(big_i, small_i)`` rebuilds one
-    layer's param tree from the scan's slices (static slices of the row: free inside the consumers' fusions).
+    layer's param tree from the scan's slices (static slices of the row: free inside the consumers' fusions), in
+    the module's layout (:func:`split_self_qkv`).
     """
     leaves, treedef = jax.tree_util.tree_flatten(blocks)
     num_layers = leaves[0].shape[0]
@@ -390,7 +426,7 @@ def pack_small_params(blocks: Params, max_size: int) -> tuple[list, dict, Callab
                 size = math.prod(shape)
                 out[i] = small_i[dt][off:off + size].reshape(shape)
                 off += size
-        return jax.tree_util.tree_unflatten(treedef, out)
+        return split_self_qkv(jax.tree_util.tree_unflatten(treedef, out))
 
     return big, small, unpack
 

@@ -249,7 +249,7 @@ class StreamingSampler:
     def __init__(self, params: dit.Params, model_cfg: ModelConfig, mem_cfg: MemoryConfig,
                  sampler_cfg: SamplerConfig, batch_size: int = 1, latent_hw: tuple[int, int] | None = None,
                  debug: bool = False):
-        self.params = params
+        self.params = dit.fuse_self_qkv(params)  # the sampler's layout: q/k/v kernels side by side
         self.mcfg, self.mem, self.scfg = model_cfg, mem_cfg, sampler_cfg
         self.batch = batch_size
         self.latent_hw = latent_hw or sampler_cfg.latent_hw
@@ -270,6 +270,7 @@ class StreamingSampler:
         if key not in _COMPILED:
             _COMPILED[key] = ChunkSteps(model_cfg, mem_cfg, sampler_cfg, self.spec, self.timesteps, debug)
         self.steps = _COMPILED[key]
+        self._zeros: dict[tuple, jnp.ndarray] = {}
 
     @property
     def trace_count(self) -> int:
@@ -307,17 +308,23 @@ class StreamingSampler:
             raise ValueError(f"chunk noise has {noise.shape[1]} latent frames, the sampler makes chunks of "
                              f"sampler.chunk_frames={self.spec.chunk_frames}: noise must be [B, "
                              f"{self.spec.chunk_frames}, C, h, w]")
-        if ctx_noise is None:
-            ctx_noise = jnp.zeros_like(noise)
+        if ctx_noise is None:  # one zero array per shape (not a new one, an eager op, every chunk)
+            key = (noise.shape, jnp.dtype(noise.dtype).name)
+            if key not in self._zeros:
+                self._zeros[key] = jnp.zeros_like(noise)
+            ctx_noise = self._zeros[key]
         args = (self.params, state, text, noise, step_noise, ctx_noise)
+        program = self.steps.chunk
         if self.steps.fast_path:
             # every key slot valid (the steady state, checked exactly on the device): the program without per-layer
             # validity conditionals. The [] bool read waits for the previous chunk (one sync a chunk, never a step;
-            # a caller that writes each chunk's frames waits for it anyway)
-            self.steps.precompile_steady(args)
+            # a caller that writes each chunk's frames waits for it anyway). Until then the steady program compiles
+            # with the first chunks, not mid-stream
             if bool(self.steps.steady(state)):
-                return self.steps.chunk_steady(*args)
-        return self.steps.chunk(*args)
+                program = self.steps.chunk_steady
+            else:
+                self.steps.precompile_steady(args)
+        return program(*args)
 
     # ------------------------------------------------------------------ the generator loop
     def stream(self, contexts: Sequence[jnp.ndarray], switch_frames: Sequence[int], num_frames: int, *,
@@ -350,7 +357,7 @@ class StreamingSampler:
             if init_noise is not None:
                 noise = jnp.asarray(init_noise[:, f0:f0 + c], jnp.float32)
                 sn = jnp.asarray(step_noise[ci], jnp.float32)
-                cn = jnp.zeros_like(noise)
+                cn = None
             else:
                 rng, noise, sn, cn = _chunk_noise(rng, (self.batch, c, self.mcfg.in_dim, h, w), nsteps)
             state, x0, dbg = self.chunk(state, texts[seg], noise, sn, cn)

@@ -79,6 +79,24 @@ def test_causal_chunk_with_full_attention_equals_bidirectional():
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
+def test_fused_qkv_layout_is_the_same_model():
+    """The sampler's layout (:func:`dit.fuse_self_qkv`: q/k/v kernels side by side) splits back to the module's
+    params exactly, and the forward and the prompt's cross-attention K/V take it unchanged."""
+    p = dit.init_params(TINY, jax.random.PRNGKey(0))
+    pf = dit.fuse_self_qkv(p)
+    attn = pf["blocks"]["self_attn"]
+    chex.assert_shape(attn["qkv"]["kernel"], (TINY.num_layers, TINY.dim, 3 * TINY.dim))
+    chex.assert_shape(attn["qkv"]["bias"], (TINY.num_layers, 3 * TINY.dim))
+    assert not {"q", "k", "v"} & set(attn) and dit.fuse_self_qkv(pf) is pf
+    chex.assert_trees_all_equal(dit.split_self_qkv(pf["blocks"]), p["blocks"])
+    x = rand.normal(jax.random.PRNGKey(1), (1, 4, 3, 4, 4))
+    ctx = rand.normal(jax.random.PRNGKey(2), (1, 8, 12))
+    t = jnp.array([[500.0, 400.0, 300.0]])
+    np.testing.assert_allclose(np.asarray(_forward(pf, TINY, x, t, ctx)), np.asarray(_forward(p, TINY, x, t, ctx)),
+                               rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_equal(dit.text_kv(pf, TINY, ctx), dit.text_kv(p, TINY, ctx))
+
+
 def test_cache_only_forward_drops_the_last_layer_and_writes_the_same_state():
     """``run_blocks(need_output=False)`` (a forward run for what its layers write, the sampler's clean pass on an
     accelerator): the last layer runs outside the scan with its output dropped; the carried state and the stacked
