@@ -9,10 +9,14 @@ normalised latent space (the training data has std 1; a teacher whose samples dr
 guidance). The ground truth through the codec is scored too: the ceiling of every teacher on this codec.
 ``--prompts FILE`` adds prompts without a ground truth (one a line, e.g. a script's continuation prompts, which
 the clip-trained teacher never saw but scores during long tuning): smoothness and latent std only.
+``--stories N`` (a story teacher, ``train.recipe=teacher_story``) also solves N held-out stories whole (the scripts
+of ``storyworld_eval.py``, each with an object that leaves and comes back), every latent frame conditioned on its
+segment's prompt, and scores them as the memory benchmark does, re-appearance consistency included: can the teacher
+itself keep a returning object's hidden attribute? (``--num-clips 0`` checks stories only.)
 
     python benchmarks/storyworld_teacher_check.py --teacher ART/teacher --text ART/text --vae DATA/latents/vae \\
         [--num-clips 8] [--seeds 0] [--steps 48] [--guidance-scale 3.0] [--json OUT.json] [--png OUT.png] \\
-        [--prompts EXTRA_PROMPTS.txt]
+        [--prompts EXTRA_PROMPTS.txt] [--stories 8]
 
 ``--teacher``: a converted DiT checkpoint (``train.py --export``), its ``model`` / ``sampler`` sections are used;
 ``--text``: a converted checkpoint with ``t5`` + ``tokenizer/`` (the ``text`` stage or a demo package);
@@ -42,6 +46,9 @@ from memflow_jax.storyworld import render as R  # noqa: E402
 from memflow_jax.storyworld import scripts as SC  # noqa: E402
 
 COLUMNS = (("adherence", "adherence"), ("smoothness", "smoothness (|dF|)"), ("latent_std", "latent std"))
+STORY_COLUMNS = (("adherence", "adherence"), ("consistency_pass_rate", "reappear. pass"),
+                 ("returns_measured", "returns measured"), ("smoothness", "smoothness (|dF|)"),
+                 ("latent_std", "latent std"))
 
 
 class CheckError(ValueError):
@@ -149,6 +156,14 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
             extra.append(rec)
             log(f"seed {seed} extra prompt {j}: smoothness {rec['smoothness']:.4f}, latent std "
                 f"{rec['latent_std']:.2f}  ({prompt})")
+    story_report = check_stories(args, cfg, params, vparams, enc, schedule, neg, log) if args.stories else None
+    if not runs:  # --num-clips 0: stories only
+        report = {"benchmark": "storyworld_teacher_check", "stories": story_report,
+                  "total_seconds": time.perf_counter() - t_start}
+        if args.json:
+            E.write_json(args.json, report)
+            log(f"wrote {args.json}")
+        return report
     summary = {k: float(np.mean([r[k] for r in runs])) for k, _ in COLUMNS}
     per_seed = {k: [float(np.mean([r[k] for r in runs if r["seed"] == sd])) for sd in args.seeds] for k, _ in COLUMNS}
     rows = [("teacher", summary),
@@ -179,12 +194,82 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
                         "jax": jax.__version__},
               "summary": summary, "per_seed": per_seed, "ground_truth": rows[2][1],
               "ground_truth_through_codec": rows[1][1], "runs": runs, "extra_prompts": extra,
-              "table": table,
+              "table": table, "stories": story_report,
               "total_seconds": time.perf_counter() - t_start}
     if args.json:
         E.write_json(args.json, report)
         log(f"wrote {args.json}")
     return report
+
+
+def check_stories(args: argparse.Namespace, cfg: Any, params: Any, vparams: Any, enc: Any, schedule: Any,
+                  neg: np.ndarray, log: Callable[[str], None]) -> dict[str, Any]:
+    """``--stories``: held-out stories solved whole by the teacher, a prompt per latent frame, scored with
+    re-appearance; the ground truth and the ground truth through the codec are scored alongside."""
+    import jax
+    import jax.numpy as jnp
+
+    from memflow_jax.io.video import pixels_to_uint8
+    from memflow_jax.nn import vae as vae_nn
+    from memflow_jax.pipeline import _fit_context
+    from memflow_jax.training.ode_pairs import solve
+    from memflow_jax.training.rollout import frame_contexts
+
+    s, mcfg = cfg.sampler, dataclasses.replace(cfg.model, dtype="float32", param_dtype="float32")
+    stride, (h, w) = vae_nn.time_stride(cfg.vae), s.latent_hw
+    n = args.story_latent or s.num_output_frames
+    if n % s.chunk_frames:
+        raise CheckError(f"--story-latent {n}: stories are whole chunks of sampler.chunk_frames={s.chunk_frames}")
+    stories = [E.make_eval_script(i, split_seed=args.split_seed, num_latent=n, chunk=s.chunk_frames,
+                                  t_stride=stride, height=s.height, width=s.width, fps=s.fps)
+               for i in range(args.stories)]
+    comp = types.SimpleNamespace(cfg=cfg, vae_params=vparams)
+    gt = [E.score(e.video, e.annotations)[0] for e in stories]
+    codec = [E.score(E.codec_roundtrip(comp, e.video), e.annotations)[0] for e in stories]
+    fn = jax.jit(lambda p, z, c, u: solve(p, mcfg, z, c, u, schedule, args.guidance_scale)[-1])
+
+    def contexts(e: Any) -> jnp.ndarray:  # [1, F / patch_t, L, D]: each latent frame its segment's prompt
+        seg = jnp.asarray(np.stack([_fit_context(enc.encode([p]), cfg)[0] for p in e.prompts]))[None]
+        sw = jnp.asarray(np.asarray(e.latent_switch_frames, np.int32).reshape(1, -1))
+        return frame_contexts(seg, sw, n)[:, ::mcfg.patch_size[0]]
+
+    runs = []
+    for seed in args.seeds:
+        for i, e in enumerate(stories):
+            ctx = contexts(e)
+            noise = jax.random.normal(jax.random.fold_in(jax.random.key(seed), 20_000 + i), (1, n, mcfg.in_dim, h, w))
+            x0 = fn(params, noise, ctx, jnp.broadcast_to(jnp.asarray(neg)[:, None], ctx.shape))
+            video = pixels_to_uint8(np.asarray(vae_nn.decode(vparams, cfg.vae, x0)[0]))
+            rec = _story_record(E.score(video, e.annotations)[0], seed=seed, story=i,
+                                latent_std=float(np.std(np.asarray(x0))))
+            runs.append(rec)
+            log(f"seed {seed} story {i}: adherence {rec['adherence']:.3f}, re-appearance pass "
+                f"{rec['consistency_pass_rate']:.2f} ({rec['returns_measured']} of {rec['returns']} returns "
+                f"measured), smoothness {rec['smoothness']:.4f}")
+    rows = [("teacher", {k: _mean(runs, k) for k, _ in STORY_COLUMNS}),
+            ("ground truth through the codec", {k: _mean([_story_record(m) for m in codec], k)
+                                                for k, _ in STORY_COLUMNS[:-1]}),
+            ("ground truth", {k: _mean([_story_record(m) for m in gt], k) for k, _ in STORY_COLUMNS[:-1]})]
+    table = "\n".join(["| stories | " + " | ".join(c for _, c in STORY_COLUMNS) + " |",
+                       "|---" * (len(STORY_COLUMNS) + 1) + "|"] + [
+        f"| {name} | " + " | ".join(f"{row[k]:.3f}" if k in row else "–" for k, _ in STORY_COLUMNS) + " |"
+        for name, row in rows])
+    log("")
+    log(table)
+    log(f"cells: mean over {len(args.seeds)} seed(s) x {len(stories)} held-out stories of {n} latent frames; "
+        "returns measured: return events per story whose object the video shows whole on both sides of its gap")
+    return {"num_stories": len(stories), "num_latent": n, "runs": runs, "rows": dict(rows), "table": table}
+
+
+def _story_record(m: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The story columns of one scored video (``E.score``): re-appearance pass rate (0 when no return is
+    measurable), measured and all return events."""
+    events = m["consistency_events"]
+    measured = sum(1 for ev in events if ev["distance"] is not None and np.isfinite(ev["distance"]))
+    rate = m["consistency_pass_rate"]
+    return {**extra, "adherence": m["adherence"], "smoothness": m["smoothness"],
+            "consistency_pass_rate": float(rate) if np.isfinite(rate) else 0.0,
+            "returns_measured": measured, "returns": len(events)}
 
 
 def read_prompts(path: str) -> list[str]:
@@ -216,12 +301,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--num-frames", type=int, default=33, help="video frames a clip (the teacher's clips: 33)")
     ap.add_argument("--split-seed", type=int, default=0)
     ap.add_argument("--prompts", default="", help="extra prompts, one a line, scored without a ground truth")
+    ap.add_argument("--stories", type=int, default=0, help="also solve this many held-out stories whole, a prompt "
+                    "per latent frame (a teacher_story teacher), scored with re-appearance")
+    ap.add_argument("--story-latent", type=int, default=0, help="latent frames a story (default "
+                    "sampler.num_output_frames)")
     ap.add_argument("--json", default="")
     ap.add_argument("--png", default="", help="frame strips of the first 4 clips (first seed)")
     ap.add_argument("overrides", nargs="*", help="config overrides section.key=value")
     args = ap.parse_args(argv)
-    if args.num_clips < 1 or args.steps < 2:
-        ap.error("--num-clips must be >= 1 and --steps >= 2")
+    if args.num_clips < 0 or args.stories < 0 or args.num_clips + args.stories < 1 or args.steps < 2:
+        ap.error("--num-clips and --stories must be >= 0 (one of them >= 1) and --steps >= 2")
     return args
 
 

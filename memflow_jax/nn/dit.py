@@ -157,7 +157,8 @@ class WanBlock(nn.Module):
     def __call__(self, x: jnp.ndarray, e0: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray,
                  text_k: jnp.ndarray, text_v: jnp.ndarray, attend_fn: AttendFn,
                  layer_inputs: Any) -> tuple[jnp.ndarray, Any]:
-        """x: [B, F*S, dim]; e0: [B, F, 6, dim]; cos/sin: [(B,) F*S, D/2]; text_k/v: [B, T, H, D]."""
+        """x: [B, F*S, dim]; e0: [B, F, 6, dim]; cos/sin: [(B,) F*S, D/2]; text_k/v: [B, T, H, D], or
+        [B, F, T, H, D] for a prompt per frame."""
         c = self.cfg
         b, n, _ = x.shape
         f = e0.shape[1]
@@ -182,8 +183,13 @@ class WanBlock(nn.Module):
         # cross-attention (all text_len tokens, no text mask: reference behaviour)
         h = self.norm3(x) if self.norm3 is not None else x
         qc = self.cross_attn.project_q(h)
-        yc = attn_lib.attention(qc, text_k.astype(qc.dtype), text_v.astype(qc.dtype), impl=c.attention_impl,
-                                precision=matmul_precision(c))
+        tk, tv = text_k.astype(qc.dtype), text_v.astype(qc.dtype)
+        if tk.ndim == 5:  # a prompt per frame [B, F, T, H, D]: each frame's tokens attend to their own prompt
+            tk, tv = (a.reshape((b * f,) + a.shape[2:]) for a in (tk, tv))
+            yc = attn_lib.attention(qc.reshape((b * f, s) + qc.shape[2:]), tk, tv, impl=c.attention_impl,
+                                    precision=matmul_precision(c)).reshape(qc.shape)
+        else:
+            yc = attn_lib.attention(qc, tk, tv, impl=c.attention_impl, precision=matmul_precision(c))
         x = x + self.cross_attn.out(yc)
         # feed-forward
         h = modulate(layer_norm(x, c.eps), e[3], e[4])
@@ -341,7 +347,8 @@ def embed_text(params: Params, cfg: ModelConfig, context: jnp.ndarray) -> jnp.nd
 
 
 def text_kv(params: Params, cfg: ModelConfig, context: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Per-layer cross-attention K/V of a prompt, computed once: [B, T, text_dim] -> 2 x [L, B, T, H, D]."""
+    """Per-layer cross-attention K/V of a prompt, computed once: [B, T, text_dim] -> 2 x [L, B, T, H, D] (a prompt
+    per frame: [B, F, T, text_dim] -> 2 x [L, B, F, T, H, D])."""
     ctx = embed_text(params, cfg, context)
     block = WanBlock(cfg)
 
@@ -506,12 +513,16 @@ def forward(params: Params, cfg: ModelConfig, x: jnp.ndarray, t: jnp.ndarray,
 
     Args:
       x: [B, C_in, F, H, W] noisy latents; t: [B] or [B, F] timesteps (0..1000, float);
-      context: [B, T, text_dim] prompt embeddings (zero rows past the prompt, as UMT5 gives).
+      context: [B, T, text_dim] prompt embeddings (zero rows past the prompt, as UMT5 gives), or
+        [B, F / patch_t, T, text_dim]: a prompt per (patch) frame, e.g. a story's segments (not in the reference).
     Returns: flow prediction [B, C_out, F, H, W] float32.
     """
     b, _, f = x.shape[:3]
     outer = WanOuter(cfg)
     tokens, grid = outer.apply(_outer(params), x, method=WanOuter.embed)
+    if context.ndim == 4 and context.shape[:2] != (b, grid[0]):
+        raise ValueError(f"per-frame prompt embeddings of shape {context.shape} do not fit batch {b} x {grid[0]} "
+                         "(patch) frames: give [B, T, text_dim] or one prompt per frame [B, F, T, text_dim]")
     e, e0 = outer.apply(_outer(params), _broadcast_t(t, b, grid[0]), method=WanOuter.time)
     tk, tv = text_kv(params, cfg, context)
     cos, sin = rope_tables(0, grid[0], grid[1], grid[2], cfg.head_dim, cfg.rope_theta)

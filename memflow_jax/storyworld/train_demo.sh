@@ -26,6 +26,9 @@
 #   dmdlong   streaming long tuning with prompt switches (recipe dmd_long)               -> $ART/dmd_long
 #   story     (optional, after stories) teacher forcing on ground-truth stories with memory (recipe story),
 #             from $STORY_INIT (default $ART/dmd_long)                                    -> $ART/story
+#   teacherstory (optional, after stories + textcache) a teacher on whole stories, a prompt per latent frame
+#             (recipe teacher_story), from $TEACHER_STORY_INIT (default scratch)          -> $ART/teacher_story
+#   storycheck (optional) that teacher on 8 held-out stories whole, re-appearance scored  -> $RUNS/teacher_story_check.json
 #   package   assemble tokenizer + UMT5 + DiT + VAE into the shipped checkpoint         -> $PACKAGE
 # Environment: DATA (data/storyworld), RUNS (runs/storyworld), ART ($RUNS/art), PACKAGE
 # (memflow_jax/assets/storyworld), VAE_SRC (the VAE the latents stage encodes with: $RUNS/vae_decoder),
@@ -147,11 +150,18 @@ stage() {
       $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_story.yaml --run-dir "$RUNS/story" --export "$ART/story" \
         "$PATHS" train.video_data_path="$DATA/stories" train.generator_ckpt="${STORY_INIT:-$ART/dmd_long}" \
         run.vae_ckpt="$DATA/latents/vae" $ARCH $EXTRA ;;
+    teacherstory)
+      $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_teacher_story.yaml \
+        --run-dir "$RUNS/teacher_story" --export "$ART/teacher_story" "$PATHS" train.video_data_path="$DATA/stories" \
+        run.vae_ckpt="$DATA/latents/vae" run.teacher_ckpt="${TEACHER_STORY_INIT:-scratch}" $ARCH $EXTRA ;;
+    storycheck)
+      $PY benchmarks/storyworld_teacher_check.py --teacher "$ART/teacher_story" --text "$ART/text" \
+        --vae "$DATA/latents/vae" --num-clips 0 --stories 8 --json "$RUNS/teacher_story_check.json" ;;
     package)
       $PY -m memflow_jax.storyworld.package --dit "${PACKAGE_DIT:-$ART/dmd_long}" --text "$ART/text" \
         --vae "$DATA/latents/vae" --out "$PACKAGE" ;;
     *)
-      echo "unknown stage '$name' (data text vae vaedec pca pcadec pcadeclong latents stories textcache teacher teachercheck odepairs odeinit dmd dmdlong story package)" >&2
+      echo "unknown stage '$name' (data text vae vaedec pca pcadec pcadeclong latents stories textcache teacher teachercheck odepairs odeinit dmd dmdlong story teacherstory storycheck package)" >&2
       exit 2 ;;
   esac
   echo "=== stage $name done in $((SECONDS - t0)) s"

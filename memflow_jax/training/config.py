@@ -23,7 +23,7 @@ NEGATIVE_PROMPT = (
     "合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
 
-RECIPES = ("teacher", "ode_init", "dmd", "dmd_long", "story", "vae")
+RECIPES = ("teacher", "teacher_story", "ode_init", "dmd", "dmd_long", "story", "vae")
 DIT_RECIPES = tuple(r for r in RECIPES if r != "vae")  # the recipes that train a DiT (exportable by --export)
 SWITCH_MODES = ("random_choice", "fixed", "random")
 
@@ -188,9 +188,9 @@ class TrainConfig:
                 raise ConfigError("train.lora_dropout must be in [0, 1)")
         if not 0.0 <= self.text_dropout < 1.0:
             raise ConfigError(f"train.text_dropout={self.text_dropout} must be in [0, 1)")
-        if self.text_dropout > 0 and self.recipe != "teacher":
-            raise ConfigError(f"train.text_dropout={self.text_dropout} applies to train.recipe=teacher only (it is "
-                              f"{self.recipe!r}); set it to 0")
+        if self.text_dropout > 0 and self.recipe not in ("teacher", "teacher_story"):
+            raise ConfigError(f"train.text_dropout={self.text_dropout} applies to train.recipe=teacher / "
+                              f"teacher_story only (it is {self.recipe!r}); set it to 0")
         if self.story_weight < 0:
             raise ConfigError(f"train.story_weight={self.story_weight} must be >= 0 (0 turns the story term off)")
         if self.story_weight > 0 and self.recipe not in ("dmd", "dmd_long"):

@@ -54,6 +54,20 @@ from memflow_jax.nn import dit
 from memflow_jax.sampling.streaming import PromptKV, StreamState, memory_forward
 
 NO_SWITCH = 1 << 30  # switch_frame of a sequence without a prompt switch
+
+
+def segment_of_frames(switch_frames: jnp.ndarray, num_frames: int) -> jnp.ndarray:
+    """The prompt segment of every latent frame: ``[B, P - 1]`` switch frames (``NO_SWITCH`` padding) -> ``[B, F]``
+    int32, segment ``k`` from ``switch_frames[k - 1]`` on (the rule of :func:`teacher_forced_story`)."""
+    frames = jnp.arange(num_frames, dtype=jnp.int32)
+    return jnp.sum(switch_frames[:, None, :] <= frames[None, :, None], axis=-1).astype(jnp.int32)
+
+
+def frame_contexts(contexts: jnp.ndarray, switch_frames: jnp.ndarray, num_frames: int) -> jnp.ndarray:
+    """A story's prompt per latent frame: ``contexts [B, P, T, D]`` (one embedding per segment), ``switch_frames
+    [B, P - 1]`` -> ``[B, F, T, D]`` (the bidirectional DiT's per-frame conditioning, :func:`nn.dit.forward`)."""
+    seg = segment_of_frames(switch_frames, num_frames)
+    return jnp.take_along_axis(contexts, seg[:, :, None, None], axis=1)
 # (latents [B, n, C, h, w], latent index j) -> VAE re-encoding [B, 1, C, h, w] of latent j's last pixel frame
 ReencodeFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
@@ -651,7 +665,7 @@ def teacher_forced_story(params: dit.Params, rc: RolloutConfig, latents: jnp.nda
 
 __all__ = [
     "NO_SWITCH", "RolloutConfig", "StreamCarry", "StreamHost", "abstract_stream", "choose_switch_frame",
-    "chunk_noise", "denoised_timestep_range", "draw_exit_steps", "generate_window", "init_state",
-    "new_frame_choices", "prompt_kv", "recache", "rollout", "rollout_config", "start_stream", "story_config",
-    "streaming_window", "teacher_forced_story",
+    "chunk_noise", "denoised_timestep_range", "draw_exit_steps", "frame_contexts", "generate_window", "init_state",
+    "new_frame_choices", "prompt_kv", "recache", "rollout", "rollout_config", "segment_of_frames", "start_stream",
+    "story_config", "streaming_window", "teacher_forced_story",
 ]

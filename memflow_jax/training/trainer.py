@@ -1,8 +1,12 @@
-"""Train states, jitted steps and the training loop of the six recipes.
+"""Train states, jitted steps and the training loop of the seven recipes.
 
 Recipes (``train.recipe``):
 
 * ``teacher``  — flow matching of a bidirectional DiT on data latents (:func:`losses.flow_matching_loss`).
+* ``teacher_story`` — the same on whole storyworld ``stories`` (not in the reference): each latent frame conditioned
+  on its own segment's prompt (:func:`rollout.frame_contexts`, the DiT's per-frame cross-attention), the videos
+  encoded by the frozen ``run.vae_ckpt`` inside the step. A teacher that sees a story whole (an object before it
+  leaves and after it comes back) is what a distillation that rewards memory needs as its real score.
 * ``ode_init`` — causal ODE regression of the generator on teacher trajectories (:func:`losses.ode_regression_loss`),
   block-causal attention over the whole clip.
 * ``dmd``      — Self-Forcing DMD (reference ``train_init.yaml``): per step a generator update (every
@@ -24,8 +28,9 @@ Recipes (``train.recipe``):
   (:func:`losses.vae_loss`). The VAE tree takes the generator's place (state, optimizer, EMA, shardings);
   no text encoder, teacher or critic.
 
-The ``teacher`` recipe drops the prompt (-> ``train.negative_prompt``'s embedding) per sample with probability
-``train.text_dropout``, so the teacher learns the unconditional flow for classifier-free guidance.
+The ``teacher`` recipes drop the prompt (-> ``train.negative_prompt``'s embedding; a story: every segment's) per
+sample with probability ``train.text_dropout``, so the teacher learns the unconditional flow for classifier-free
+guidance.
 
 Every step is ONE ``jax.jit`` with explicit ``in_shardings`` / ``out_shardings`` on a ``(data, fsdp)`` mesh: params
 (generator, critic, frozen teacher, LoRA, EMA, optimizer moments) sharded by :mod:`training.sharding`'s rules
@@ -612,6 +617,7 @@ class Trainer:
         # sampler's memory semantics
         self.story_rc = ro.story_config(self.cfg, self.global_batch, model=self.gen_cfg) \
             if self.recipe == "story" or t.story_weight > 0 else None
+        self.stories = self.recipe in ("story", "teacher_story") or t.story_weight > 0  # stories to encode
         if self.recipe == "story":
             self.rc = self.story_rc
         # vae recipe: check the videos against the config before anything compiles
@@ -672,7 +678,7 @@ class Trainer:
         if self.recipe == "vae":
             self._build_vae(keys[0])
             return
-        if self.recipe == "teacher":
+        if self.recipe in ("teacher", "teacher_story"):
             base = self._weights(r.teacher_ckpt, self.gen_cfg, "run.teacher_ckpt (model to fine-tune)", keys[0])
         else:
             base = self._weights(t.generator_ckpt, self.gen_cfg, "train.generator_ckpt", keys[0])
@@ -700,8 +706,8 @@ class Trainer:
                 critic_trainable = self._load_lora(t.lora_ckpt, "critic_lora", critic_trainable)
             self.critic, self.critic_sh = self._make_state(critic_trainable, critic_opt)
         self.reencode_fn = self.story_vae = None
-        if self.story_rc is not None:  # the frozen encoder of the stories' latents
-            self.story_vae = (self._vae_params(keys[5], "the story loss encodes its videos with it"),
+        if self.stories:  # the frozen encoder of the stories' latents
+            self.story_vae = (self._vae_params(keys[5], "the stories' videos are encoded with it"),
                               self._reencode_vae_cfg())
         slicing = self.recipe == "dmd" and t.slice_last_frames != -1 and t.num_training_frames > t.slice_last_frames
         if r.reencode_first_frame and (self.recipe == "dmd_long" or slicing):
@@ -731,7 +737,7 @@ class Trainer:
         if not self.run_cfg.synthetic_data:
             raise ConfigError(f"run.vae_ckpt is empty ({why}): set it to Wan2.1_VAE.pth, a converted checkpoint or "
                               "a vae run" + (", or disable the re-encoding with run.reencode_first_frame=false"
-                                             if self.recipe != "story" else ""))
+                                             if not self.stories else ""))
         return jax.jit(lambda k: vae_lib.init_params(vcfg, k), out_shardings=shardings)(key)
 
     def _build_vae(self, key: jax.Array) -> None:
@@ -876,13 +882,13 @@ class Trainer:
                                               seed=t.data_seed, shuffle=True, worker_count=t.data_workers,
                                               num_threads=2, prefetch_buffer_size=2)
             return
-        if self.recipe == "story":
+        per_process = self.global_batch // jax.process_count()
+        if self.recipe in ("story", "teacher_story"):
             self.embedder = self._embedder()
             self.source = self._story_source(self.embedder, t.video_data_path, "train.video_data_path")
-            self.uncond = None
-            self.data_iter = data.make_loader(self.source, self.global_batch // jax.process_count(),
-                                              seed=t.data_seed, shuffle=True, worker_count=t.data_workers,
-                                              num_threads=2, prefetch_buffer_size=2)
+            self.uncond = self._uncond(per_process) if t.text_dropout > 0 else None
+            self.data_iter = data.make_loader(self.source, per_process, seed=t.data_seed, shuffle=True,
+                                              worker_count=t.data_workers, num_threads=2, prefetch_buffer_size=2)
             return
         if self.recipe in ("teacher", "ode_init"):
             source = self._latent_source(self.recipe == "ode_init")
@@ -894,14 +900,17 @@ class Trainer:
             source = data.PromptSource(t.data_path)
         self.embedder = self._embedder()
         self.source = EmbeddingSource(source, self.embedder)
-        per_process = self.global_batch // jax.process_count()
         self.data_iter = data.make_loader(self.source, per_process, seed=t.data_seed, shuffle=True,
                                           worker_count=t.data_workers, num_threads=2, prefetch_buffer_size=2)
-        neg = np.asarray(self.embedder[t.negative_prompt], np.float32)
-        local = np.ascontiguousarray(np.broadcast_to(neg, (per_process,) + neg.shape))
-        self.uncond = sh.make_global_batch({"uncond": local}, self.mesh)["uncond"]
+        self.uncond = self._uncond(per_process)
         self.story_source = self._story_source(self.embedder, t.story_data_path, "train.story_data_path") \
             if t.story_weight > 0 else None
+
+    def _uncond(self, per_process: int) -> jax.Array:
+        """``train.negative_prompt``'s embedding as a global batch ``[B, T, D]`` (text dropout, CFG)."""
+        neg = np.asarray(self.embedder[self.train_cfg.negative_prompt], np.float32)
+        local = np.ascontiguousarray(np.broadcast_to(neg, (per_process,) + neg.shape))
+        return sh.make_global_batch({"uncond": local}, self.mesh)["uncond"]
 
     def _story_batch(self, step: int) -> dict[str, jax.Array] | None:
         """The story term's global batch of step ``step`` (None without the term): stories drawn by index from
@@ -1131,26 +1140,34 @@ class Trainer:
         t, r = self.train_cfg, self.run_cfg
         mcfg = self.gen_cfg
         p_drop = t.text_dropout
+        story = self.recipe == "teacher_story"
 
         def step(gen: TrainState, ema, gen_base, batch, rng, loop_step):
-            ctx = batch["prompt_embeds"]  # [B, L, D]
+            if story:  # the story's latents and a prompt per (patch) frame [B, F', L, D]
+                latents = self._story_latents(batch)
+                ctx = ro.frame_contexts(batch["contexts"], batch["switch_frames"], latents.shape[1])
+                ctx = self._pin(ctx[:, ::mcfg.patch_size[0]])
+            else:
+                latents, ctx = batch["latents"], batch["prompt_embeds"]  # ctx [B, L, D]
             metrics = {}
             if p_drop > 0:  # own key: the flow-matching draws stay those of a run without dropout
-                ctx, dropped = losses.text_dropout(ctx, batch["uncond"], p_drop, jax.random.fold_in(rng, 0x7E47))
+                uncond = batch["uncond"][:, None] if story else batch["uncond"]  # a story: every frame's prompt
+                ctx, dropped = losses.text_dropout(ctx, uncond, p_drop, jax.random.fold_in(rng, 0x7E47))
                 metrics["text_dropped_frac"] = jnp.mean(dropped.astype(jnp.float32))
 
             def loss_fn(trainable):
                 params = lora_lib.merge_lora_params(sg(gen_base), trainable, self.lora_scale) \
                     if gen_base is not None else trainable
                 loss, _ = losses.flow_matching_loss(
-                    batch["latents"], pred_fn=self._score(params, mcfg), schedule=self.score_schedule,
+                    latents, pred_fn=self._score(params, mcfg), schedule=self.score_schedule,
                     ctx=ctx, rng=rng, use_training_weight=r.teacher_training_weight)
                 return loss
 
             loss, grads = jax.value_and_grad(loss_fn)(gen.params)
             return self._apply(gen, ema, grads, loop_step, dict(metrics, teacher_loss=loss))
 
-        batch_sh = {"latents": self.bsh, "prompt_embeds": self.bsh}
+        batch_sh = dict.fromkeys(("video", "contexts", "switch_frames") if story else ("latents", "prompt_embeds"),
+                                 self.bsh)
         if p_drop > 0:
             batch_sh["uncond"] = self.bsh
         return self._simple_jit(step, batch_sh)
@@ -1339,9 +1356,11 @@ class Trainer:
         rng = jax.random.fold_in(self.base_key, step)
         loop = np.int32(step)
         metrics: dict[str, Any] = {}
-        if self.recipe == "teacher":
+        if self.recipe in ("teacher", "teacher_story"):
             fn = self._jit("teacher", self._teacher_step_fn)
-            batch = self._next_batch(("latents", "prompt_embeds"))
+            batch = self._next_batch(("video", "contexts", "switch_frames") if self.recipe == "teacher_story"
+                                     else ("latents", "prompt_embeds"), None if self.recipe == "teacher_story"
+                                     else np.float32)
             if t.text_dropout > 0:
                 batch["uncond"] = self.uncond
             self.gen, self.ema, metrics = fn(self.gen, self.ema, self.gen_base, batch, rng, loop)

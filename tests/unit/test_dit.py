@@ -79,6 +79,29 @@ def test_causal_chunk_with_full_attention_equals_bidirectional():
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
+def test_a_prompt_per_frame():
+    """``forward`` with per-frame prompt embeddings ``[B, F, T, D]``: one prompt repeated on every frame is the
+    single-prompt forward; a second segment's prompt changes its frames; a wrong frame count names the fix.
+    ``rollout.frame_contexts`` picks each latent frame's segment from the switch frames."""
+    from memflow_jax.training.rollout import NO_SWITCH, frame_contexts
+
+    p = dit.init_params(TINY, jax.random.PRNGKey(0))  # its head is zero: perturbed so the output depends on the text
+    p = jax.jit(lambda p: jax.tree_util.tree_map(
+        lambda a: a + 0.01 * rand.normal(jax.random.PRNGKey(3), a.shape), p))(p)
+    x = rand.normal(jax.random.PRNGKey(1), (1, 4, 3, 4, 4))
+    a, b = (rand.normal(jax.random.PRNGKey(k), (1, 8, 12)) for k in (2, 3))
+    t = jnp.array([[500.0, 400.0, 300.0]])
+    one = _forward(p, TINY, x, t, a)
+    same = _forward(p, TINY, x, t, jnp.repeat(a[:, None], 3, axis=1))
+    np.testing.assert_allclose(np.asarray(same), np.asarray(one), rtol=1e-5, atol=1e-6)
+    segs = frame_contexts(jnp.stack([a[0], b[0], b[0]])[None], jnp.array([[2, NO_SWITCH]]), 3)  # frames a, a, b
+    chex.assert_trees_all_equal(segs, jnp.stack([a[0], a[0], b[0]])[None])
+    two = _forward(p, TINY, x, t, segs)
+    assert float(jnp.abs(two - one).max()) > 1e-4
+    with pytest.raises(ValueError, match="per-frame prompt embeddings"):
+        _forward(p, TINY, x, t, segs[:, :2])
+
+
 def test_fused_qkv_layout_is_the_same_model():
     """The sampler's layout (:func:`dit.fuse_self_qkv`: q/k/v kernels side by side) splits back to the module's
     params exactly, and the forward and the prompt's cross-attention K/V take it unchanged."""

@@ -58,6 +58,21 @@ def test_scores_held_out_clips_and_extra_prompts(stage_dirs):
     assert rep["runs"][0]["prompt"] == p0
 
 
+def test_scores_held_out_stories_whole(stage_dirs):
+    """``--stories``: held-out stories solved whole, a prompt per latent frame, scored with re-appearance; with the
+    lossless codec the ground truth's row is the ground truth's own (a measurable return in every story)."""
+    root, teacher, text, vae = stage_dirs
+    out = root / "stories.json"
+    assert T.main(["--teacher", teacher, "--text", text, "--vae", vae, "--num-clips", "0", "--stories", "1",
+                   "--steps", "2", "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())["stories"]
+    assert rep["num_stories"] == 1 and len(rep["runs"]) == 1 and rep["num_latent"] == 12
+    gt, codec, run = rep["rows"]["ground truth"], rep["rows"]["ground truth through the codec"], rep["runs"][0]
+    assert gt["returns_measured"] >= 1 and codec["adherence"] == pytest.approx(gt["adherence"], abs=2 / 255)
+    assert 0.0 <= run["adherence"] <= 1.0 and 0 <= run["returns_measured"] <= run["returns"]
+    assert np.isfinite(run["latent_std"]) and "reappear. pass" in rep["table"]
+
+
 def test_errors_name_the_problem(stage_dirs, capsys):
     root, teacher, text, vae = stage_dirs
     assert T.main(["--teacher", text, "--text", text, "--vae", vae]) == 2  # a text checkpoint is no teacher

@@ -365,6 +365,23 @@ def test_tiny_story_run_resumes(tmp_path):
             t.close()
 
 
+@pytest.mark.slow
+def test_tiny_teacher_story_run_resumes(tmp_path):
+    """recipe teacher_story: flow matching on whole stories (a prompt per latent frame, text dropout on every
+    segment at once), resumed from its step-2 checkpoint."""
+    stories, run = _stories(tmp_path), str(tmp_path / "run")
+    for end, start in ((2, 0), (3, 2)):
+        t = tr.Trainer(_cfg("tiny_teacher_story", f"train.video_data_path={stories}", f"train.max_iters={end}"),
+                       run, log=lambda m: None)
+        try:
+            assert t.step == start and t.story_vae is not None
+            history = t.train()
+        finally:
+            t.close()
+        assert len(history) == end - start and t.step == end
+        assert all(np.isfinite(h["teacher_loss"]) and 0 <= h["text_dropped_frac"] <= 1 for h in history)
+
+
 def _run(args, env=None, timeout=900):
     env = dict(os.environ, **(env or {}))
     env.pop("XLA_FLAGS", None)
