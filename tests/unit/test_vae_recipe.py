@@ -155,7 +155,7 @@ def test_text_dropout_and_vae_config_validation() -> None:
     assert cfg_lib.load(teacher).train.text_dropout == 0.0
     with pytest.raises(ConfigError, match="text_dropout"):
         cfg_lib.load(teacher, ["train.text_dropout=1.0"])
-    with pytest.raises(ConfigError, match="recipe=teacher only"):
+    with pytest.raises(ConfigError, match="recipe=teacher / teacher_story only"):
         cfg_lib.load(teacher, ["train.text_dropout=0.1", "train.recipe=ode_init"])
     with pytest.raises(ConfigError, match="lora_enabled=false"):
         cfg_lib.load(TINY_VAE, ["train.lora_enabled=true"])
