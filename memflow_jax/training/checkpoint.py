@@ -67,12 +67,30 @@ def iterator_state_json(iterator: Any) -> str:
     return json.dumps(state, default=_json_default, sort_keys=True)
 
 
+def _layout(state: Any) -> Any:
+    """The shape of an iterator state: its keys and the lengths of its lists (a Grain loader's depends on its
+    worker count), not its positions."""
+    if isinstance(state, dict):
+        return {k: _layout(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return len(state)
+    return None
+
+
 def set_iterator_state_json(iterator: Any, text: str) -> None:
-    """Inverse of :func:`iterator_state_json` (bytes-state iterators get the encoded JSON back)."""
-    if isinstance(iterator.get_state(), (bytes, bytearray)):
+    """Inverse of :func:`iterator_state_json` (bytes-state iterators get the encoded JSON back). A saved state laid
+    out for another loader (e.g. another ``train.data_workers``) is refused by name instead of failing later inside
+    the loader."""
+    current = iterator.get_state()
+    if isinstance(current, (bytes, bytearray)):
         iterator.set_state(text.encode())
-    else:
-        iterator.set_state(json.loads(text))
+        return
+    saved = json.loads(text)
+    if _layout(saved) != _layout(json.loads(json.dumps(current, default=_json_default))):
+        raise CheckpointError("the checkpoint's data-iterator state is laid out for another data loader than this "
+                              "run's (a different train.data_workers?): resume with the loader settings the run was "
+                              "saved with")
+    iterator.set_state(saved)
 
 
 _ITER_ARGS: tuple[type, type] | None = None

@@ -114,6 +114,17 @@ def test_data_iterator_resumes_exactly(tmp_path):
     for want in expected:
         np.testing.assert_array_equal(next(fresh)["x"], want)
 
+    class TwoWorkers:  # the state layout of a Grain loader with 2 workers: another loader than the saved one's
+        def get_state(self):
+            return {"next_index_in_cycle": 0, "iterators_in_use_indices": [0, 1],
+                    "iterators_in_use_states": [{"next_index": 0}, {"next_index": 0}]}
+
+        def set_state(self, state):
+            raise AssertionError("a state of another layout must not reach the loader")
+
+    with TrainCheckpointer(tmp_path / "ck") as ck, pytest.raises(CheckpointError, match="train.data_workers"):
+        ck.restore_latest({"generator": _abstract(_tree())}, data_iterator=TwoWorkers())
+
 
 def test_half_written_steps_are_ignored(tmp_path):
     d = tmp_path / "ck"
