@@ -4,7 +4,9 @@ Builds the same sampler as :mod:`benchmarks.bench_sampler` (Wan2.1-1.3B size, ra
 ``--warmup`` chunks (memory full: every key valid), traces ``--chunks`` chunks (with ``--switch`` also one prompt
 switch's re-cache, with ``--vae`` the streaming VAE decode), reads the trace back with
 ``jax.profiler.ProfileData`` and prints, per chunk, device time by kind (attention, GEMM, convolution,
-copies/gathers, other fusions) and the top ops. On GPU the device plane's kernels are counted; on CPU (``--tiny``)
+copies/gathers, other fusions) and the top ops; for the chunks, also the device's idle gaps (bucketed by length, and
+the longest with the ops around them and the host's trace events meanwhile: launch gaps, command-buffer updates, or
+the host between programs). On GPU the device plane's kernels are counted; on CPU (``--tiny``)
 the host's XLA thunks.
 
     python -m benchmarks.profile_chunk [--mode nam] [--chunks 3] [--top 20] [--switch] [--vae] [--json out.json]
@@ -106,7 +108,7 @@ def idle_gaps(ops: list[tuple[str, str, float, float]], top: int,
     and summed ms) and the ``top`` longest with the ops that end before and start after each (a gap after a
     small op a layer = a launch or sync per layer; one long gap a chunk = the host between programs)."""
     iv = sorted((start, start + dur, op) for op, _, dur, start in ops)
-    gaps: list[tuple[float, str, str]] = []
+    gaps: list[tuple[float, str, str, float]] = []  # (length s, op before, op after, start s)
     hi, last = (iv[0][1], iv[0][2]) if iv else (0.0, "")
     for lo, end, op in iv[1:]:
         if lo > hi:
