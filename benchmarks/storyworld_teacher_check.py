@@ -156,7 +156,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
             extra.append(rec)
             log(f"seed {seed} extra prompt {j}: smoothness {rec['smoothness']:.4f}, latent std "
                 f"{rec['latent_std']:.2f}  ({prompt})")
-    story_report = check_stories(args, cfg, params, vparams, enc, schedule, neg, log) if args.stories else None
+    story_report = check_stories(args, cfg, lambda z, c, u: fn(params, z, c, u), vparams, enc, neg, log) \
+        if args.stories else None
     if not runs:  # --num-clips 0: stories only
         report = {"benchmark": "storyworld_teacher_check", "stories": story_report,
                   "total_seconds": time.perf_counter() - t_start}
@@ -202,20 +203,20 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     return report
 
 
-def check_stories(args: argparse.Namespace, cfg: Any, params: Any, vparams: Any, enc: Any, schedule: Any,
-                  neg: np.ndarray, log: Callable[[str], None]) -> dict[str, Any]:
-    """``--stories``: held-out stories solved whole by the teacher, a prompt per latent frame, scored with
-    re-appearance; the ground truth and the ground truth through the codec are scored alongside."""
+def check_stories(args: argparse.Namespace, cfg: Any, solve_fn: Callable, vparams: Any, enc: Any, neg: np.ndarray,
+                  log: Callable[[str], None]) -> dict[str, Any]:
+    """``--stories``: held-out stories solved whole by the teacher (``solve_fn(noise, cond, uncond)`` -> clean
+    latents, the clips' solver), a prompt per latent frame, scored with re-appearance; the ground truth and the ground
+    truth through the codec are scored alongside."""
     import jax
     import jax.numpy as jnp
 
     from memflow_jax.io.video import pixels_to_uint8
     from memflow_jax.nn import vae as vae_nn
     from memflow_jax.pipeline import _fit_context
-    from memflow_jax.training.ode_pairs import solve
     from memflow_jax.training.rollout import frame_contexts
 
-    s, mcfg = cfg.sampler, dataclasses.replace(cfg.model, dtype="float32", param_dtype="float32")
+    s, mcfg = cfg.sampler, cfg.model
     stride, (h, w) = vae_nn.time_stride(cfg.vae), s.latent_hw
     n = args.story_latent or s.num_output_frames
     if n % s.chunk_frames:
@@ -226,7 +227,6 @@ def check_stories(args: argparse.Namespace, cfg: Any, params: Any, vparams: Any,
     comp = types.SimpleNamespace(cfg=cfg, vae_params=vparams)
     gt = [E.score(e.video, e.annotations)[0] for e in stories]
     codec = [E.score(E.codec_roundtrip(comp, e.video), e.annotations)[0] for e in stories]
-    fn = jax.jit(lambda p, z, c, u: solve(p, mcfg, z, c, u, schedule, args.guidance_scale)[-1])
 
     def contexts(e: Any) -> jnp.ndarray:  # [1, F / patch_t, L, D]: each latent frame its segment's prompt
         seg = jnp.asarray(np.stack([_fit_context(enc.encode([p]), cfg)[0] for p in e.prompts]))[None]
@@ -238,7 +238,7 @@ def check_stories(args: argparse.Namespace, cfg: Any, params: Any, vparams: Any,
         for i, e in enumerate(stories):
             ctx = contexts(e)
             noise = jax.random.normal(jax.random.fold_in(jax.random.key(seed), 20_000 + i), (1, n, mcfg.in_dim, h, w))
-            x0 = fn(params, noise, ctx, jnp.broadcast_to(jnp.asarray(neg)[:, None], ctx.shape))
+            x0 = solve_fn(noise, ctx, jnp.broadcast_to(jnp.asarray(neg)[:, None], ctx.shape))
             video = pixels_to_uint8(np.asarray(vae_nn.decode(vparams, cfg.vae, x0)[0]))
             rec = _story_record(E.score(video, e.annotations)[0], seed=seed, story=i,
                                 latent_std=float(np.std(np.asarray(x0))))

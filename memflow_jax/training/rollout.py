@@ -613,9 +613,11 @@ def teacher_forced_story(params: dit.Params, rc: RolloutConfig, latents: jnp.nda
         pick = lambda x: jnp.take_along_axis(x, seg[None, :, None, None, None, None], axis=2)[:, :, 0]
         return PromptKV(pick(tk), pick(tv))
 
+    frame_seg = segment_of_frames(switch_frames, f)  # [B, F]
+
     def chunk(state: StreamState, i):
         frame = i * c
-        seg = jnp.sum(switch_frames <= frame, axis=1).astype(jnp.int32)  # [B]
+        seg = lax.dynamic_index_in_dim(frame_seg, frame, axis=1, keepdims=False)  # [B]
         text = text_at(seg)
         text_ng = sg(text)
         if lengths:
