@@ -263,13 +263,16 @@ def check_stories(args: argparse.Namespace, cfg: Any, solve_fn: Callable, vparam
 
 def _story_record(m: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """The story columns of one scored video (``E.score``): re-appearance pass rate (0 when no return is
-    measurable), measured and all return events."""
+    measurable), measured and all return events, and each measured return's (distance, hue distance, pattern
+    distance) (``metrics.reappearance_consistency``: passed iff distance <= 1)."""
     events = m["consistency_events"]
     measured = sum(1 for ev in events if ev["distance"] is not None and np.isfinite(ev["distance"]))
     rate = m["consistency_pass_rate"]
     return {**extra, "adherence": m["adherence"], "smoothness": m["smoothness"],
             "consistency_pass_rate": float(rate) if np.isfinite(rate) else 0.0,
-            "returns_measured": measured, "returns": len(events)}
+            "returns_measured": measured, "returns": len(events),
+            "return_distances": [[round(float(ev[k]), 3) for k in ("distance", "hue_distance", "pattern_distance")]
+                                 for ev in events if ev["distance"] is not None and np.isfinite(ev["distance"])]}
 
 
 def read_prompts(path: str) -> list[str]:

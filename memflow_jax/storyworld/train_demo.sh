@@ -29,6 +29,8 @@
 #   teacherstory (optional, after stories + textcache) a teacher on whole stories, a prompt per latent frame
 #             (recipe teacher_story), from $TEACHER_STORY_INIT (default scratch)          -> $ART/teacher_story
 #   storycheck (optional) that teacher on 8 held-out stories whole, re-appearance scored  -> $RUNS/teacher_story_check.json
+#   dmdstory  (optional, after teacherstory) DMD on whole stories against that teacher (recipe dmd_story), the
+#             generator from $STORY_DMD_INIT (default $PACKAGE)                            -> $ART/dmd_story
 #   package   assemble tokenizer + UMT5 + DiT + VAE into the shipped checkpoint         -> $PACKAGE
 # Environment: DATA (data/storyworld), RUNS (runs/storyworld), ART ($RUNS/art), PACKAGE
 # (memflow_jax/assets/storyworld), VAE_SRC (the VAE the latents stage encodes with: $RUNS/vae_decoder),
@@ -157,11 +159,15 @@ stage() {
     storycheck)
       $PY benchmarks/storyworld_teacher_check.py --teacher "$ART/teacher_story" --text "$ART/text" \
         --vae "$DATA/latents/vae" --num-clips 0 --stories 8 --json "$RUNS/teacher_story_check.json" ;;
+    dmdstory)
+      $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_dmd_story.yaml \
+        --run-dir "$RUNS/dmd_story" --export "$ART/dmd_story" "$PATHS" train.video_data_path="$DATA/stories" \
+        train.generator_ckpt="${STORY_DMD_INIT:-$PACKAGE}" run.teacher_ckpt="$ART/teacher_story" $ARCH $EXTRA ;;
     package)
       $PY -m memflow_jax.storyworld.package --dit "${PACKAGE_DIT:-$ART/dmd_long}" --text "$ART/text" \
         --vae "$DATA/latents/vae" --out "$PACKAGE" ;;
     *)
-      echo "unknown stage '$name' (data text vae vaedec pca pcadec pcadeclong latents stories textcache teacher teachercheck odepairs odeinit dmd dmdlong story teacherstory storycheck package)" >&2
+      echo "unknown stage '$name' (data text vae vaedec pca pcadec pcadeclong latents stories textcache teacher teachercheck odepairs odeinit dmd dmdlong story teacherstory storycheck dmdstory package)" >&2
       exit 2 ;;
   esac
   echo "=== stage $name done in $((SECONDS - t0)) s"

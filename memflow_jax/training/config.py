@@ -23,7 +23,7 @@ NEGATIVE_PROMPT = (
     "合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
 
-RECIPES = ("teacher", "teacher_story", "ode_init", "dmd", "dmd_long", "story", "vae")
+RECIPES = ("teacher", "teacher_story", "ode_init", "dmd", "dmd_long", "dmd_story", "story", "vae")
 DIT_RECIPES = tuple(r for r in RECIPES if r != "vae")  # the recipes that train a DiT (exportable by --export)
 SWITCH_MODES = ("random_choice", "fixed", "random")
 
@@ -31,7 +31,7 @@ SWITCH_MODES = ("random_choice", "fixed", "random")
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Training recipe (``teacher`` fine-tune | ``ode_init`` regression | ``dmd`` | ``dmd_long`` streaming |
-    ``story``: teacher forcing on ground-truth stories with memory | ``vae``: the Wan VAE's encoder + decoder on
+    ``teacher_story`` / ``dmd_story``: the teacher / DMD on whole storyworld stories | ``story``: teacher forcing on ground-truth stories with memory | ``vae``: the Wan VAE's encoder + decoder on
     storyworld videos)."""
 
     recipe: str = "dmd_long"  # reference distribution_loss: dmd (-> dmd) | dmd_switch + streaming (-> dmd_long)
@@ -200,6 +200,9 @@ class TrainConfig:
         if self.story_weight > 0 and not self.story_data_path:
             raise ConfigError("train.story_weight > 0 needs train.story_data_path: a stories dataset (`python -m "
                               "memflow_jax.storyworld.export --out DIR --kind stories ...`)")
+        if self.recipe == "dmd_story" and self.streaming_training:
+            raise ConfigError("train.recipe=dmd_story rolls out whole stories in one step: set "
+                              "train.streaming_training=false")
         if self.vae_kl_weight < 0:
             raise ConfigError(f"train.vae_kl_weight={self.vae_kl_weight} must be >= 0")
         if self.vae_chroma_weight < 0:

@@ -239,6 +239,61 @@ def denoised_timestep_range(rc: RolloutConfig, exit_step: jnp.ndarray) -> tuple[
 # --------------------------------------------------------------------------------------------------
 
 
+def _denoise_chunk(params: dit.Params, rc: RolloutConfig, state: StreamState, text: PromptKV,
+                   draws: tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray], exit_step: jnp.ndarray,
+                   pin: Callable[[jnp.ndarray, int], jnp.ndarray]) -> tuple[StreamState, jnp.ndarray]:
+    """Backward simulation of the chunk at ``state.frame`` (Self-Forcing): denoise the chunk's noise with
+    detached params down to ``exit_step``, one forward with live params there (the chunk's only differentiable
+    one), then the clean-context pass writes its K/V and records the bank prototype. ``draws``:
+    :func:`chunk_noise`'s (noise, re-noise draws, context-pass noise). Returns (new detached state, x0
+    [B, c, C, h, w] float32)."""
+    c, nsteps = rc.chunk_frames, rc.num_steps
+    schedule = rc.schedule()
+    ts = jnp.asarray(rc.timesteps, jnp.float32)
+    params_ng = sg(params)
+    frame = state.frame
+    text_ng = sg(text)
+    noise, step_noise, ctx_noise = draws
+    noise, step_noise, ctx_noise = pin(noise, 0), pin(step_noise, 1), pin(ctx_noise, 0)
+    cache = state.cache
+    bank0 = (cache.bank_k, cache.bank_v, cache.bank_frame)
+
+    def no_grad_step(s, carry):
+        x, bank = carry
+        plan = ForwardPlan(start=frame, q_bank=s == 0, recompute=jnp.array(False),
+                           zero_text_query=state.zero_query_next)
+        flow, tt, outs, _ = _forward(params_ng, rc, cache, x, ts[s], plan, text_ng, False, bank)
+        x0 = sch.flow_to_x0(schedule, flow, x, tt)
+        nxt = jnp.minimum(s + 1, nsteps - 1)
+        x = sch.add_noise(schedule, x0, step_noise[jnp.minimum(s, nsteps - 2)], jnp.full_like(tt, ts[nxt]))
+        if "bank" in outs:
+            bank = tuple(b.astype(b0.dtype) for b, b0 in zip(outs["bank"], bank0))
+        return x, bank
+
+    x, bank = lax.fori_loop(0, exit_step, no_grad_step, (noise, bank0))
+    x, bank = pin(sg(x), 0), sg(bank)
+    plan = ForwardPlan(start=frame, q_bank=exit_step == 0, recompute=jnp.array(False),
+                       zero_text_query=state.zero_query_next)
+    flow, tt, outs, _ = _forward(params, rc, cache, x, ts[exit_step], plan, text, False, bank)
+    x0 = pin(sch.flow_to_x0(schedule, flow, x, tt), 0)
+    if "bank" in outs:
+        bank = tuple(sg(b).astype(b0.dtype) for b, b0 in zip(outs["bank"], bank0))
+    cache = with_bank(cache, {"bank": bank} if rc.spec.bank else {})
+    # clean-context pass: writes the chunk's K/V (no gradient)
+    x_ctx = sg(x0)
+    if rc.ctx_noise_always or rc.context_noise > 0:
+        x_ctx = sch.add_noise(schedule, x_ctx, ctx_noise, jnp.full_like(tt, rc.context_noise))
+    q_bank = (exit_step == 0) if rc.ctx_qbank_quirk else jnp.array(False)
+    plan = ForwardPlan(start=frame, q_bank=q_bank, recompute=jnp.array(False), zero_text_query=jnp.array(False))
+    _, _, outs, (new_slots, placement) = _forward(params_ng, rc, cache, x_ctx, rc.context_noise, plan, text_ng, True)
+    cache = commit(cache, outs, new_slots, frame + c, placement)
+    cache = record_chunk(cache, outs, frame, rc.spec, rc.memory.bank_record_rule)
+    slots = jnp.mod(frame + jnp.arange(c), rc.spec.window)
+    history = state.history.at[:, slots].set(sg(x0).astype(state.history.dtype))
+    zq = jnp.zeros_like(state.zero_query_next)
+    return StreamState(sg(cache), history, frame + c, zq), x0
+
+
 def generate_window(params: dit.Params, rc: RolloutConfig, state: StreamState, text: PromptKV,
                     rng: jax.Array, *, num_frames: int, text2: PromptKV | None = None,
                     switch_frame: jnp.ndarray | int = NO_SWITCH, n_recache: int = 0,
@@ -264,9 +319,6 @@ def generate_window(params: dit.Params, rc: RolloutConfig, state: StreamState, t
     if num_frames <= 0 or num_frames % c:
         raise ValueError(f"num_frames={num_frames} is not a positive multiple of the chunk size {c}")
     nc = num_frames // c
-    nsteps = rc.num_steps
-    schedule = rc.schedule()
-    ts = jnp.asarray(rc.timesteps, jnp.float32)
     text2 = text if text2 is None else text2
     switch_frame = jnp.asarray(switch_frame, jnp.int32)
     grad_from_frame = jnp.asarray(grad_from_frame, jnp.int32)
@@ -280,52 +332,10 @@ def generate_window(params: dit.Params, rc: RolloutConfig, state: StreamState, t
         frame = state.frame
         is_switch = (frame >= switch_frame) & (frame - c < switch_frame)
         state = lax.cond(is_switch, lambda s: recache(params_ng, rc, s, text2, n_recache), lambda s: s, state)
-        second = frame >= switch_frame
-        text_live = _select_text(second, text, text2)
-        text_ng = sg(text_live)
-        noise, step_noise, ctx_noise = chunk_noise(k_noise, rc, i)
-        noise, step_noise, ctx_noise = pin(noise, 0), pin(step_noise, 1), pin(ctx_noise, 0)
-        exit_step = exit_steps[i]
-        cache = state.cache
-        bank0 = (cache.bank_k, cache.bank_v, cache.bank_frame)
-
-        def no_grad_step(s, carry):
-            x, bank = carry
-            plan = ForwardPlan(start=frame, q_bank=s == 0, recompute=jnp.array(False),
-                               zero_text_query=state.zero_query_next)
-            flow, tt, outs, _ = _forward(params_ng, rc, cache, x, ts[s], plan, text_ng, False, bank)
-            x0 = sch.flow_to_x0(schedule, flow, x, tt)
-            nxt = jnp.minimum(s + 1, nsteps - 1)
-            x = sch.add_noise(schedule, x0, step_noise[jnp.minimum(s, nsteps - 2)], jnp.full_like(tt, ts[nxt]))
-            if "bank" in outs:
-                bank = tuple(b.astype(b0.dtype) for b, b0 in zip(outs["bank"], bank0))
-            return x, bank
-
-        x, bank = lax.fori_loop(0, exit_step, no_grad_step, (noise, bank0))
-        x, bank = pin(sg(x), 0), sg(bank)
-        # the exit step: live params, the only differentiable forward of the chunk
-        plan = ForwardPlan(start=frame, q_bank=exit_step == 0, recompute=jnp.array(False),
-                           zero_text_query=state.zero_query_next)
-        flow, tt, outs, _ = _forward(params, rc, cache, x, ts[exit_step], plan, text_live, False, bank)
-        x0 = pin(sch.flow_to_x0(schedule, flow, x, tt), 0)
+        text_live = _select_text(frame >= switch_frame, text, text2)
+        new_state, x0 = _denoise_chunk(params, rc, state, text_live, chunk_noise(k_noise, rc, i), exit_steps[i],
+                                       pin)
         x0 = jnp.where(frame >= grad_from_frame, x0, sg(x0))
-        if "bank" in outs:
-            bank = tuple(sg(b).astype(b0.dtype) for b, b0 in zip(outs["bank"], bank0))
-        cache = with_bank(cache, {"bank": bank} if rc.spec.bank else {})
-        # clean-context pass: writes the chunk's K/V (no gradient)
-        x_ctx = sg(x0)
-        if rc.ctx_noise_always or rc.context_noise > 0:
-            x_ctx = sch.add_noise(schedule, x_ctx, ctx_noise, jnp.full_like(tt, rc.context_noise))
-        q_bank = (exit_step == 0) if rc.ctx_qbank_quirk else jnp.array(False)
-        plan = ForwardPlan(start=frame, q_bank=q_bank, recompute=jnp.array(False),
-                           zero_text_query=jnp.array(False))
-        _, _, outs, (new_slots, placement) = _forward(params_ng, rc, cache, x_ctx, rc.context_noise, plan, text_ng,
-                                                      True)
-        cache = commit(cache, outs, new_slots, frame + c, placement)
-        cache = record_chunk(cache, outs, frame, rc.spec, rc.memory.bank_record_rule)
-        slots = jnp.mod(frame + jnp.arange(c), rc.spec.window)
-        history = state.history.at[:, slots].set(sg(x0).astype(state.history.dtype))
-        new_state = StreamState(sg(cache), history, frame + c, jnp.array(False))
         return new_state, x0
 
     never_skip = isinstance(skip_chunks, int) and skip_chunks == 0
@@ -555,6 +565,102 @@ def _where_samples(pred: jnp.ndarray, a: StreamState, b: StreamState) -> StreamS
     return StreamState(cache, b.history, b.frame, zq)
 
 
+def _check_story(rc: RolloutConfig, b: int, f: int, contexts: jnp.ndarray, switch_frames: jnp.ndarray) -> None:
+    """Shape checks shared by the story functions (``b`` samples of ``f`` latent frames)."""
+    c = rc.chunk_frames
+    if b != rc.batch or f <= 0 or f % c:
+        raise ValueError(f"a story batch of {b} x {f} latent frames must be [{rc.batch}, k*{c}] (global batch, "
+                         "whole chunks)")
+    p = contexts.shape[1]
+    if contexts.shape[0] != b or tuple(contexts.shape[2:]) != (rc.model.text_len, rc.model.text_dim):
+        raise ValueError(f"contexts {tuple(contexts.shape)} must be [{b}, P, {rc.model.text_len}, "
+                         f"{rc.model.text_dim}] (one prompt embedding per segment)")
+    if tuple(switch_frames.shape) != (b, p - 1):
+        raise ValueError(f"switch_frames {tuple(switch_frames.shape)} must be [{b}, {p - 1}] (one per prompt after "
+                         "the first)")
+
+
+class _StoryPrompts:
+    """A story batch's prompts for chunk-by-chunk generation: every segment's cross-attention K/V once, the
+    segment of every frame, and the per-sample re-cache at switches (the streaming sampler's rule)."""
+
+    def __init__(self, params: dit.Params, rc: RolloutConfig, contexts: jnp.ndarray, switch_frames: jnp.ndarray,
+                 num_frames: int):
+        b, p = contexts.shape[:2]
+        self.rc, self.b = rc, b
+        self.params_ng = sg(params)
+        self.switch_frames = jnp.asarray(switch_frames, jnp.int32)
+        tk, tv = dit.text_kv(params, rc.model, contexts.reshape((b * p,) + tuple(contexts.shape[2:])))
+        self.tk, self.tv = (x.reshape((x.shape[0], b, p) + x.shape[2:]) for x in (tk, tv))  # [L, B, P, T, H, D]
+        self.frame_seg = segment_of_frames(self.switch_frames, num_frames)  # [B, F]
+        c, window = rc.chunk_frames, rc.spec.window
+        # re-cache lengths min(window, frame) of the chunk starts, one compiled forward each
+        self.lengths = sorted({min(window, k * c) for k in range(1, num_frames // c)}) if window else []
+
+    def text_at(self, frame: jnp.ndarray) -> PromptKV:
+        """The prompt K/V [L, B, T, H, D] of each sample's segment at latent ``frame``."""
+        seg = lax.dynamic_index_in_dim(self.frame_seg, frame, axis=1, keepdims=False)  # [B]
+        pick = lambda x: jnp.take_along_axis(x, seg[None, :, None, None, None, None], axis=2)[:, :, 0]
+        return PromptKV(pick(self.tk), pick(self.tv))
+
+    def switch(self, state: StreamState, frame: jnp.ndarray, text: PromptKV) -> StreamState:
+        """The samples whose prompt switches at ``frame`` re-encode the last ``min(window, frame)`` frames with
+        ``text`` (their new prompt); the others keep their state."""
+        if not self.lengths:
+            return state
+        rc, b, text_ng = self.rc, self.b, sg(text)
+        switching = jnp.any(self.switch_frames == frame, axis=1)  # [B]
+        branch = jnp.searchsorted(jnp.asarray(self.lengths, jnp.int32), jnp.minimum(frame, rc.spec.window))
+
+        def do_recache(st):
+            redone = lax.switch(branch, [lambda s_, n=n: recache(self.params_ng, rc, s_, text_ng, n)
+                                         for n in self.lengths], st)
+            redone = StreamState(redone.cache, redone.history, redone.frame,
+                                 jnp.broadcast_to(redone.zero_query_next, (b,)))
+            return _where_samples(switching, redone, st)
+
+        return lax.cond(jnp.any(switching) & (frame > 0), do_recache, lambda st: st, state)
+
+
+def _story_state(rc: RolloutConfig) -> StreamState:
+    """A fresh memory whose NAM text-query flag is per sample ``[B]`` (stories switch per sample)."""
+    state = init_state(rc)
+    return StreamState(state.cache, state.history, state.frame, jnp.zeros((rc.batch,), bool))
+
+
+def story_rollout(params: dit.Params, rc: RolloutConfig, rng: jax.Array, contexts: jnp.ndarray,
+                  switch_frames: jnp.ndarray, *, num_frames: int,
+                  constrain: Callable[[jnp.ndarray, int], jnp.ndarray] | None = None) -> tuple[jnp.ndarray, dict]:
+    """Backward simulation of whole stories from a fresh memory: :func:`generate_window`'s chunks (the same draws
+    per chunk) with each sample's own prompt switches (re-cache per sample, as :func:`teacher_forced_story`).
+    With one switch shared by every sample it equals :func:`rollout` with two prompts.
+
+    Args:
+      contexts: ``[B, P, text_len, text_dim]`` the segments' prompt embeddings; switch_frames ``[B, P - 1]``
+        int32 chunk multiples in ``(0, num_frames)``, increasing, ``NO_SWITCH`` padding.
+    Returns: (latents ``[B, num_frames, C, h, w]`` float32, aux: ``exit_steps`` [chunks],
+      ``denoised_timestep_from`` / ``_to``).
+    """
+    c = rc.chunk_frames
+    _check_story(rc, contexts.shape[0], num_frames, contexts, switch_frames)
+    nc = num_frames // c
+    pin = constrain if constrain is not None else (lambda x, axis=0: x)
+    k_exit, k_noise = jax.random.split(rng)
+    exit_steps = draw_exit_steps(k_exit, rc, nc)
+    story = _StoryPrompts(params, rc, contexts, switch_frames, num_frames)
+
+    def chunk(state: StreamState, i):
+        frame = i * c
+        text = story.text_at(frame)
+        state = story.switch(state, frame, text)
+        return _denoise_chunk(params, rc, state, text, chunk_noise(k_noise, rc, i), exit_steps[i], pin)
+
+    _, x0s = lax.scan(chunk, _story_state(rc), jnp.arange(nc))  # [nc, B, c, C, h, w]
+    x = jnp.moveaxis(x0s, 0, 1).reshape((rc.batch, num_frames) + tuple(rc.latent_shape))
+    frm, to = denoised_timestep_range(rc, exit_steps[0])
+    return x, {"exit_steps": exit_steps, "denoised_timestep_from": frm, "denoised_timestep_to": to}
+
+
 def teacher_forced_story(params: dit.Params, rc: RolloutConfig, latents: jnp.ndarray, contexts: jnp.ndarray,
                          switch_frames: jnp.ndarray, rng: jax.Array, *, exit_choices: Sequence[int] = (),
                          constrain: Callable[[jnp.ndarray, int], jnp.ndarray] | None = None
@@ -579,17 +685,11 @@ def teacher_forced_story(params: dit.Params, rc: RolloutConfig, latents: jnp.nda
     """
     c = rc.chunk_frames
     b, f = latents.shape[:2]
-    if tuple(latents.shape[2:]) != tuple(rc.latent_shape) or b != rc.batch or f % c:
+    if tuple(latents.shape[2:]) != tuple(rc.latent_shape):
         want = ", ".join(map(str, rc.latent_shape))
         raise ValueError(f"latents {tuple(latents.shape)} must be [{rc.batch}, k*{c}, {want}] (global batch, whole "
                          "chunks, the latent shape)")
-    p = contexts.shape[1]
-    if contexts.shape[0] != b or tuple(contexts.shape[2:]) != (rc.model.text_len, rc.model.text_dim):
-        raise ValueError(f"contexts {tuple(contexts.shape)} must be [{b}, P, {rc.model.text_len}, "
-                         f"{rc.model.text_dim}] (one prompt embedding per segment)")
-    if tuple(switch_frames.shape) != (b, p - 1):
-        raise ValueError(f"switch_frames {tuple(switch_frames.shape)} must be [{b}, {p - 1}] (one per prompt after "
-                         "the first)")
+    _check_story(rc, b, f, contexts, switch_frames)
     choices = tuple(range(rc.num_steps)) if not exit_choices else tuple(int(s) for s in exit_choices)
     if not choices or min(choices) < 0 or max(choices) >= rc.num_steps:
         raise ValueError(f"exit_choices {list(exit_choices)} must be step indices in [0, {rc.num_steps})")
@@ -600,38 +700,15 @@ def teacher_forced_story(params: dit.Params, rc: RolloutConfig, latents: jnp.nda
     pin = constrain if constrain is not None else (lambda x, axis=0: x)
     params_ng = sg(params)
     latents = sg(latents.astype(jnp.float32))
-    switch_frames = jnp.asarray(switch_frames, jnp.int32)
     k_exit, k_noise = jax.random.split(rng)
     exit_steps = jnp.asarray(choices, jnp.int32)[jax.random.randint(k_exit, (nc, b), 0, len(choices))]
-    # every segment's cross-attention K/V once: [L, B, P, T, H, D]
-    tk, tv = dit.text_kv(params, rc.model, contexts.reshape((b * p,) + tuple(contexts.shape[2:])))
-    tk, tv = (x.reshape((x.shape[0], b, p) + x.shape[2:]) for x in (tk, tv))
-    # re-cache lengths min(window, frame) of the chunk starts, one compiled forward each
-    lengths = sorted({min(spec.window, k * c) for k in range(1, nc)}) if spec.window else []
-
-    def text_at(seg):  # seg [B] -> PromptKV [L, B, T, H, D]
-        pick = lambda x: jnp.take_along_axis(x, seg[None, :, None, None, None, None], axis=2)[:, :, 0]
-        return PromptKV(pick(tk), pick(tv))
-
-    frame_seg = segment_of_frames(switch_frames, f)  # [B, F]
+    story = _StoryPrompts(params, rc, contexts, switch_frames, f)
 
     def chunk(state: StreamState, i):
         frame = i * c
-        seg = lax.dynamic_index_in_dim(frame_seg, frame, axis=1, keepdims=False)  # [B]
-        text = text_at(seg)
+        text = story.text_at(frame)
         text_ng = sg(text)
-        if lengths:
-            switching = jnp.any(switch_frames == frame, axis=1)  # [B]
-            branch = jnp.searchsorted(jnp.asarray(lengths, jnp.int32), jnp.minimum(frame, spec.window))
-
-            def do_recache(st):
-                redone = lax.switch(branch, [lambda s_, n=n: recache(params_ng, rc, s_, text_ng, n)
-                                             for n in lengths], st)
-                redone = StreamState(redone.cache, redone.history, redone.frame,
-                                     jnp.broadcast_to(redone.zero_query_next, (b,)))
-                return _where_samples(switching, redone, st)
-
-            state = lax.cond(jnp.any(switching) & (frame > 0), do_recache, lambda st: st, state)
+        state = story.switch(state, frame, text)
         noise, _, ctx_noise = chunk_noise(k_noise, rc, i)
         noise, ctx_noise = pin(noise, 0), pin(ctx_noise, 0)
         gt = pin(lax.dynamic_slice_in_dim(latents, frame, c, axis=1), 0)  # [B, c, C, h, w]
@@ -658,9 +735,7 @@ def teacher_forced_story(params: dit.Params, rc: RolloutConfig, latents: jnp.nda
         history = state.history.at[:, slots].set(gt.astype(state.history.dtype))
         return StreamState(sg(cache), history, frame + c, jnp.zeros((b,), bool)), x0
 
-    state = init_state(rc)
-    state = StreamState(state.cache, state.history, state.frame, jnp.zeros((b,), bool))
-    _, x0s = lax.scan(chunk, state, jnp.arange(nc))  # [nc, B, c, C, h, w]
+    _, x0s = lax.scan(chunk, _story_state(rc), jnp.arange(nc))  # [nc, B, c, C, h, w]
     x = jnp.moveaxis(x0s, 0, 1).reshape(latents.shape)
     return x, {"exit_steps": exit_steps}
 
@@ -669,5 +744,5 @@ __all__ = [
     "NO_SWITCH", "RolloutConfig", "StreamCarry", "StreamHost", "abstract_stream", "choose_switch_frame",
     "chunk_noise", "denoised_timestep_range", "draw_exit_steps", "frame_contexts", "generate_window", "init_state",
     "new_frame_choices", "prompt_kv", "recache", "rollout", "rollout_config", "segment_of_frames", "start_stream",
-    "story_config", "streaming_window", "teacher_forced_story",
+    "story_config", "story_rollout", "streaming_window", "teacher_forced_story",
 ]

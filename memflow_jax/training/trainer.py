@@ -1,4 +1,4 @@
-"""Train states, jitted steps and the training loop of the seven recipes.
+"""Train states, jitted steps and the training loop of the eight recipes.
 
 Recipes (``train.recipe``):
 
@@ -13,6 +13,12 @@ Recipes (``train.recipe``):
   ``dfake_gen_update_ratio`` steps) and a critic update, each on its own backward-simulated rollout.
 * ``dmd_long`` — streaming long tuning with prompt switches (reference ``train_long.yaml``): the rollout goes on
   window by window across steps, the generator and the critic each consume the next window.
+* ``dmd_story`` — DMD on whole storyworld stories (not in the reference): the generator rolls out each story of a
+  ``stories`` dataset (its prompts and switch frames; no video is read) chunk by chunk from a fresh memory, with the
+  sampler's memory semantics and each sample's own prompt switches (:func:`rollout.story_rollout`); the real score
+  (a ``teacher_story`` teacher) and the critic see the whole story, a prompt per frame. Unlike ``dmd_long``, whose
+  teacher sees one window, the real score sees an object before it leaves and after it comes back, so the
+  distribution it pulls the rollout towards is one where a returning object keeps its look.
 * ``story``    — teacher forcing on ground-truth stories (not in the reference; Self-Forcing's "teacher forcing"
   baseline, with MemFlow's memory): a storyworld ``stories`` dataset (segment boundaries on chunk boundaries) is
   encoded by the frozen ``run.vae_ckpt`` inside the step; chunk by chunk the generator denoises the ground-truth
@@ -308,9 +314,10 @@ class StorySource:
     ``src[i]``: ``{"video": uint8 [T, H, W, 3], "contexts": float32 [P, text_len, text_dim] (rows past the
     story's segments repeat its last prompt, never selected), "switch_frames": int32 [P - 1] (latent frames,
     ``rollout.NO_SWITCH`` padding), "idx"}`` with ``P`` the most segments of any story in the dataset.
+    ``videos=False``: the prompts alone, read from the index (no video decoded; the dmd_story recipe's data).
     """
 
-    def __init__(self, path: str, embedder: Any):
+    def __init__(self, path: str, embedder: Any, videos: bool = True):
         from memflow_jax.storyworld.dataset import StoryworldSource
 
         self.source = StoryworldSource(path)
@@ -325,6 +332,7 @@ class StorySource:
         self.records = self.source.index_records()
         self.num_prompts = max(len(r["prompts"]) for r in self.records)
         self.embedder = embedder
+        self.videos = videos
         missing = [p for r in self.records for p in r["prompts"] if p not in embedder]
         if missing:
             raise ValueError(f"{len(missing)} prompts of {path} are not in the text cache (e.g. {missing[0]!r}): "
@@ -334,13 +342,14 @@ class StorySource:
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        ex = self.source[int(i)]
+        ex = self.source[int(i)] if self.videos else self.records[int(i)]
         prompts = list(ex["prompts"])
         prompts += [prompts[-1]] * (self.num_prompts - len(prompts))
         sw = list(ex["latent_switch_frames"])
         sw += [ro.NO_SWITCH] * (self.num_prompts - 1 - len(sw))
-        return {"video": ex["video"], "contexts": np.stack([np.asarray(self.embedder[p], np.float32) for p in prompts]),
+        item = {"contexts": np.stack([np.asarray(self.embedder[p], np.float32) for p in prompts]),
                 "switch_frames": np.asarray(sw, np.int32), "idx": np.int64(i)}
+        return {"video": ex["video"], **item} if self.videos else item
 
 
 # --------------------------------------------------------------------------------------------------
@@ -546,6 +555,12 @@ def make_reencode_fn(vae_params: Params, vae_cfg: Any) -> ro.ReencodeFn:
 # --------------------------------------------------------------------------------------------------
 
 
+def _like_cond(uncond: jnp.ndarray, cond: jnp.ndarray) -> jnp.ndarray:
+    """The negative prompt ``[B, T, D]`` shaped like the conditioning: a story's ``[B, F', T, D]`` (a prompt per
+    frame) repeats it on every frame."""
+    return uncond if uncond.ndim == cond.ndim else jnp.broadcast_to(uncond[:, None], cond.shape)
+
+
 def _global_norm(tree: Any) -> jnp.ndarray:
     tree_mod = getattr(optax, "tree", None)
     return tree_mod.norm(tree) if tree_mod is not None and hasattr(tree_mod, "norm") else optax.global_norm(tree)
@@ -620,6 +635,8 @@ class Trainer:
         self.stories = self.recipe in ("story", "teacher_story") or t.story_weight > 0  # stories to encode
         if self.recipe == "story":
             self.rc = self.story_rc
+        if self.recipe == "dmd_story":  # whole stories rolled out with the sampler's memory semantics
+            self.rc = ro.story_config(self.cfg, self.global_batch, model=self.gen_cfg)
         # vae recipe: check the videos against the config before anything compiles
         self.video_source = self._video_source() if self.recipe == "vae" else None
         self._build_models()
@@ -693,7 +710,7 @@ class Trainer:
             self.ema = jax.jit(optim.ema_init, out_shardings=self.gen_sh.params)(self.gen.params)
         self.critic = self.critic_base = self.teacher = None
         self.critic_sh = None
-        if self.recipe in ("dmd", "dmd_long"):
+        if self.recipe in ("dmd", "dmd_long", "dmd_story"):
             self.teacher = self._weights(r.teacher_ckpt, self.teacher_cfg, "run.teacher_ckpt (real score)", keys[2])
             if r.critic_ckpt:
                 critic = self._weights(r.critic_ckpt, self.gen_cfg, "run.critic_ckpt", keys[3])
@@ -850,8 +867,8 @@ class Trainer:
             self.log(f"vae data: {src.num_skipped} video(s) shorter than {n} frames skipped")
         return src
 
-    def _story_source(self, embedder: Any, path: str, key: str) -> StorySource:
-        """Stories (the story recipe's data, or the story term's: config ``key`` = ``path``), checked against the
+    def _story_source(self, embedder: Any, path: str, key: str, videos: bool = True) -> StorySource:
+        """Stories (the story recipes' data, or the story term's: config ``key`` = ``path``), checked against the
         sampler's chunk, the VAE's strides and the resolution."""
         from memflow_jax.nn import vae as vae_lib
 
@@ -860,7 +877,7 @@ class Trainer:
             raise ConfigError(f"{key} is empty: export a stories dataset (`python -m "
                               "memflow_jax.storyworld.export --out DIR --kind stories --num-latent F --chunk "
                               f"{self.chunk} --t-stride {s.vae_stride[0]}`) and set {key}=DIR")
-        src = StorySource(path, embedder)
+        src = StorySource(path, embedder, videos=videos)
         ts = vae_lib.time_stride(self.cfg.vae)
         if (src.chunk, src.t_stride) != (self.chunk, ts):
             raise ConfigError(f"{path}: stories aligned to chunks of {src.chunk} latent frames at time "
@@ -889,6 +906,19 @@ class Trainer:
             self.uncond = self._uncond(per_process) if t.text_dropout > 0 else None
             self.data_iter = data.make_loader(self.source, per_process, seed=t.data_seed, shuffle=True,
                                               worker_count=t.data_workers, num_threads=2, prefetch_buffer_size=2)
+            return
+        if self.recipe == "dmd_story":  # the stories' prompts and switch frames (no videos: the generator makes them)
+            self.embedder = self._embedder()
+            self.source = self._story_source(self.embedder, t.video_data_path, "train.video_data_path", videos=False)
+            self.story_frames = self.source.num_latent
+            if self.story_frames % self.chunk:
+                raise ConfigError(f"train.video_data_path: stories of {self.story_frames} latent frames are not whole "
+                                  f"chunks of sampler.chunk_frames={self.chunk}; export them with --chunk "
+                                  f"{self.chunk}")
+            self.data_iter = data.make_loader(self.source, per_process, seed=t.data_seed, shuffle=True,
+                                              worker_count=t.data_workers, num_threads=2, prefetch_buffer_size=2)
+            self.uncond = self._uncond(per_process)
+            self.story_source = None
             return
         if self.recipe in ("teacher", "ode_init"):
             source = self._latent_source(self.recipe == "ode_init")
@@ -1019,6 +1049,11 @@ class Trainer:
             cond = jnp.where(aux["use_second"], carry.cond2, carry.cond)
             return win, mask, carry, aux, cond
         (num_frames,) = variant
+        if self.recipe == "dmd_story":  # whole stories; the scores see a prompt per (patch) frame [B, F', T, D]
+            ctx, sw = batch_or_none["contexts"], batch_or_none["switch_frames"]
+            x, aux = ro.story_rollout(gen_params, self.rc, rng, ctx, sw, num_frames=num_frames, constrain=self._pin)
+            cond = self._pin(ro.frame_contexts(ctx, sw, num_frames)[:, ::self.gen_cfg.patch_size[0]])
+            return x, None, carry, aux, cond
         cond = batch_or_none["prompt_embeds"]
         x, _, aux = ro.rollout(gen_params, self.rc, rng, cond, num_frames=num_frames, constrain=self._pin)
         x, mask = self._slice_last(x, num_frames)
@@ -1042,6 +1077,12 @@ class Trainer:
                                 (x.shape[0], x.shape[1], 1, 1, 1))
         return x, mask
 
+    def _prompt_batch_sh(self) -> dict[str, Any]:
+        """Shardings of a (non-streaming) DMD step's prompt batch."""
+        if self.recipe == "dmd_story":
+            return {"contexts": self.bsh, "switch_frames": self.bsh}
+        return {"prompt_embeds": self.bsh}
+
     def _gen_step_fn(self, variant: tuple) -> Callable:
         t, r = self.train_cfg, self.run_cfg
         teacher_cfg, critic_cfg = self.teacher_cfg, self.gen_cfg
@@ -1063,7 +1104,7 @@ class Trainer:
                 loss, laux = losses.dmd_generator_loss(
                     x, real_score_fn=self._score(teacher_ng, teacher_cfg),
                     fake_score_fn=self._score(critic_eff, critic_cfg),
-                    cond=cond, uncond=uncond, schedule=self.gen_schedule, real_score_schedule=self.score_schedule,
+                    cond=cond, uncond=_like_cond(uncond, cond), schedule=self.gen_schedule, real_score_schedule=self.score_schedule,
                     raw_timestep=raw, noise=noise, guidance_scale=t.guidance_scale,
                     fake_guidance_scale=t.fake_guidance_scale, timestep_shift=self.rc.timestep_shift,
                     min_step=t.min_step, max_step=t.max_step, mask=mask)
@@ -1088,7 +1129,7 @@ class Trainer:
         ema_sh = self.gen_sh.params if self.ema is not None else None
         base_sh = self._sh(self.gen_base)
         carry_sh = self._carry_sh() if stream else None
-        batch_sh = {"n_new": self.rep, "has_prev": self.rep} if stream else {"prompt_embeds": self.bsh}
+        batch_sh = {"n_new": self.rep, "has_prev": self.rep} if stream else self._prompt_batch_sh()
         story_sh = {"video": self.bsh, "contexts": self.bsh, "switch_frames": self.bsh} \
             if self.story_source is not None else None
         in_sh = (self.gen_sh, ema_sh, base_sh, self.critic_sh.params, self._sh(self.critic_base),
@@ -1130,7 +1171,7 @@ class Trainer:
             return TrainState(params, opt_state), new_carry, metrics
 
         carry_sh = self._carry_sh() if stream else None
-        batch_sh = {"n_new": self.rep, "has_prev": self.rep} if stream else {"prompt_embeds": self.bsh}
+        batch_sh = {"n_new": self.rep, "has_prev": self.rep} if stream else self._prompt_batch_sh()
         in_sh = (self.critic_sh, self._sh(self.critic_base), self.gen_sh.params, self._sh(self.gen_base), carry_sh,
                  batch_sh, self.rep)
         out_sh = (self.critic_sh, carry_sh, self.rep)
@@ -1384,12 +1425,16 @@ class Trainer:
                 if train_gen:
                     metrics.update(self._stream_window(hrng, k_gen, True, loop))
                 metrics.update(self._stream_window(hrng, k_critic, False, loop))
+            elif self.recipe == "dmd_story":  # whole stories: one variant, the dataset's length
+                variant = (self.story_frames,)
+                batch = self._next_batch(("contexts", "switch_frames"), None)
             else:
                 hrng = np.random.default_rng([t.seed, 7919, step])
                 lo, hi = t.min_num_training_frames // self.chunk, t.num_training_frames // self.chunk
                 nb = int(hrng.integers(lo, hi + 1))
                 variant = (nb * self.chunk,)
                 batch = self._next_batch(("prompt_embeds",))
+            if self.recipe != "dmd_long":
                 if train_gen:
                     fn = self._jit(("gen",) + variant, lambda: self._gen_step_fn(variant))
                     self.gen, self.ema, _, m = fn(self.gen, self.ema, self.gen_base, self.critic.params,
