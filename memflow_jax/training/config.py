@@ -31,8 +31,8 @@ SWITCH_MODES = ("random_choice", "fixed", "random")
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Training recipe (``teacher`` fine-tune | ``ode_init`` regression | ``dmd`` | ``dmd_long`` streaming |
-    ``teacher_story`` / ``dmd_story``: the teacher / DMD on whole storyworld stories | ``story``: teacher forcing on ground-truth stories with memory | ``vae``: the Wan VAE's encoder + decoder on
-    storyworld videos)."""
+    ``teacher_story`` / ``dmd_story``: the teacher / DMD on whole storyworld stories | ``story``: teacher forcing
+    on ground-truth stories with memory | ``vae``: the Wan VAE's encoder + decoder on storyworld videos)."""
 
     recipe: str = "dmd_long"  # reference distribution_loss: dmd (-> dmd) | dmd_switch + streaming (-> dmd_long)
     # --- optimisers (torch AdamW, decoupled weight decay) ---

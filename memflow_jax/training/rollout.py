@@ -272,6 +272,7 @@ def _denoise_chunk(params: dit.Params, rc: RolloutConfig, state: StreamState, te
 
     x, bank = lax.fori_loop(0, exit_step, no_grad_step, (noise, bank0))
     x, bank = pin(sg(x), 0), sg(bank)
+    # the exit step: live params and prompt K/V, the only differentiable forward of the chunk
     plan = ForwardPlan(start=frame, q_bank=exit_step == 0, recompute=jnp.array(False),
                        zero_text_query=state.zero_query_next)
     flow, tt, outs, _ = _forward(params, rc, cache, x, ts[exit_step], plan, text, False, bank)

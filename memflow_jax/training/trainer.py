@@ -1104,7 +1104,8 @@ class Trainer:
                 loss, laux = losses.dmd_generator_loss(
                     x, real_score_fn=self._score(teacher_ng, teacher_cfg),
                     fake_score_fn=self._score(critic_eff, critic_cfg),
-                    cond=cond, uncond=_like_cond(uncond, cond), schedule=self.gen_schedule, real_score_schedule=self.score_schedule,
+                    cond=cond, uncond=_like_cond(uncond, cond), schedule=self.gen_schedule,
+                    real_score_schedule=self.score_schedule,
                     raw_timestep=raw, noise=noise, guidance_scale=t.guidance_scale,
                     fake_guidance_scale=t.fake_guidance_scale, timestep_shift=self.rc.timestep_shift,
                     min_step=t.min_step, max_step=t.max_step, mask=mask)

@@ -1,7 +1,8 @@
 """Tiny dmd_long (streaming DMD with a prompt switch, LoRA on generator and critic, VAE first-frame re-encode) on a
 2 x 4 (data x fsdp) mesh of 8 host CPU devices: sharded params, finite losses, params that move, checkpoints, and
 a resume from the step-2 checkpoint (the later ones deleted, as after a crash) that ends bit-identical to the
-uninterrupted run.
+uninterrupted run; and a tiny dmd_story step (a batch of stories that switch prompts at their own frames, split
+over the devices).
 
 XLA_FLAGS=--xla_force_host_platform_device_count=8 must be set before JAX starts its backend, so under a plain
 pytest run ``test_dmd_long_on_8_host_devices`` re-runs this file in a subprocess with the flag and
@@ -168,3 +169,31 @@ if INNER:
             chex.assert_trees_all_equal(runs["final_a"], runs["final_c"])
             assert runs["host_a"] == runs["host_c"]
             assert runs["host_a"]["switch_frame"] == 6 and runs["host_a"]["length"] == 12
+
+    @pytest.mark.slow
+    def test_dmd_story_on_8_host_devices(tmp_path):
+        """recipe dmd_story on the 2 x 4 mesh: 8 stories that switch prompts at their own frames, one per device
+        (per-sample re-cache under a sharded batch): finite losses and a generator and critic that move."""
+        from memflow_jax.storyworld import dataset as D
+
+        stories = D.write_dataset(tmp_path / "stories", kind="stories", num_examples=8, seed=0, height=32, width=32,
+                                  storage="files", num_latent=12, chunk=3, t_stride=4)
+        cfg = cfg_lib.load(os.path.join(ROOT, "configs", "tiny_dmd_story.yaml"),
+                           ["train.mesh_data=2", "train.mesh_fsdp=4", "run.progress=false", "train.max_iters=2",
+                            "train.save_interval=2", f"train.video_data_path={stories}"])
+        t = tr.Trainer(cfg, str(tmp_path / "run"), log=lambda m: None)
+        try:
+            assert dict(t.mesh.shape) == {"data": 2, "fsdp": 4} and t.global_batch == 8
+            switches = {tuple(t.source[i]["switch_frames"]) for i in range(len(t.source))}
+            init = _host({"gen": t.gen.params, "critic": t.critic.params})
+            hist = t.train()
+            final = _host({"gen": t.gen.params, "critic": t.critic.params})
+        finally:
+            t.close()
+        assert len(switches) > 1  # the batch's stories switch at different frames
+        assert [("generator_loss" in h) for h in hist] == [True, False]  # dfake_gen_update_ratio 2
+        for h in hist:
+            assert all(np.isfinite(v) for k, v in h.items() if k.endswith(("loss", "norm"))), h
+        for name in ("gen", "critic"):
+            assert max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(init[name]),
+                                                                    jax.tree_util.tree_leaves(final[name]))) > 0
