@@ -1,4 +1,5 @@
-"""MemFlow training entry point (recipes: vae | teacher | ode_init | dmd | dmd_long | story).
+"""MemFlow training entry point (recipes: vae | teacher | teacher_story | ode_init | dmd | dmd_long | dmd_story |
+story).
 
     python train.py --config configs/dmd_long.yaml [section.key=value ...] [--run-dir DIR]
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python train.py --config configs/tiny_dmd_long.yaml \

@@ -16,7 +16,7 @@ itself keep a returning object's hidden attribute? (``--num-clips 0`` checks sto
 
     python benchmarks/storyworld_teacher_check.py --teacher ART/teacher --text ART/text --vae DATA/latents/vae \\
         [--num-clips 8] [--seeds 0] [--steps 48] [--guidance-scale 3.0] [--json OUT.json] [--png OUT.png] \\
-        [--prompts EXTRA_PROMPTS.txt] [--stories 8]
+        [--prompts EXTRA_PROMPTS.txt] [--stories 8 [--story-png OUT.png]]
 
 ``--teacher``: a converted DiT checkpoint (``train.py --export``), its ``model`` / ``sampler`` sections are used;
 ``--text``: a converted checkpoint with ``t5`` + ``tokenizer/`` (the ``text`` stage or a demo package);
@@ -233,7 +233,7 @@ def check_stories(args: argparse.Namespace, cfg: Any, solve_fn: Callable, vparam
         sw = jnp.asarray(np.asarray(e.latent_switch_frames, np.int32).reshape(1, -1))
         return frame_contexts(seg, sw, n)[:, ::mcfg.patch_size[0]]
 
-    runs = []
+    runs, strips = [], []
     for seed in args.seeds:
         for i, e in enumerate(stories):
             ctx = contexts(e)
@@ -243,6 +243,9 @@ def check_stories(args: argparse.Namespace, cfg: Any, solve_fn: Callable, vparam
             rec = _story_record(E.score(video, e.annotations)[0], seed=seed, story=i,
                                 latent_std=float(np.std(np.asarray(x0))))
             runs.append(rec)
+            if seed == args.seeds[0] and i < 4:  # --story-png: the teacher's frames above the ground truth's
+                pick = np.linspace(0, video.shape[0] - 1, 16).astype(int)
+                strips += [np.concatenate(list(v[pick]), 1) for v in (video, e.video)]
             log(f"seed {seed} story {i}: adherence {rec['adherence']:.3f}, re-appearance pass "
                 f"{rec['consistency_pass_rate']:.2f} ({rec['returns_measured']} of {rec['returns']} returns "
                 f"measured), smoothness {rec['smoothness']:.4f}")
@@ -258,6 +261,12 @@ def check_stories(args: argparse.Namespace, cfg: Any, solve_fn: Callable, vparam
     log(table)
     log(f"cells: mean over {len(args.seeds)} seed(s) x {len(stories)} held-out stories of {n} latent frames; "
         "returns measured: return events per story whose object the video shows whole on both sides of its gap")
+    if args.story_png and strips:
+        from memflow_jax.io.video import frame_strip_png
+
+        frame_strip_png(np.concatenate(strips, 0)[None], args.story_png, num_frames=None)
+        log(f"wrote {args.story_png} (16 frames a row: the teacher's story above its ground truth, the first "
+            f"{len(strips) // 2} stories, seed {args.seeds[0]})")
     return {"num_stories": len(stories), "num_latent": n, "runs": runs, "rows": dict(rows), "table": table}
 
 
@@ -309,6 +318,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--story-latent", type=int, default=0, help="latent frames a story (default "
                     "sampler.num_output_frames)")
     ap.add_argument("--json", default="")
+    ap.add_argument("--story-png", default="", help="with --stories: the first 4 stories as rows of 16 frames, "
+                    "the teacher's above the ground truth's (first seed)")
     ap.add_argument("--png", default="", help="frame strips of the first 4 clips (first seed)")
     ap.add_argument("overrides", nargs="*", help="config overrides section.key=value")
     args = ap.parse_args(argv)

@@ -62,15 +62,20 @@ def test_scores_held_out_stories_whole(stage_dirs):
     """``--stories``: held-out stories solved whole, a prompt per latent frame, scored with re-appearance; with the
     lossless codec the ground truth's row is the ground truth's own (a measurable return in every story)."""
     root, teacher, text, vae = stage_dirs
-    out = root / "stories.json"
+    out, png = root / "stories.json", root / "stories.png"
     assert T.main(["--teacher", teacher, "--text", text, "--vae", vae, "--num-clips", "0", "--stories", "1",
-                   "--steps", "2", "--json", str(out)]) == 0
+                   "--steps", "2", "--json", str(out), "--story-png", str(png)]) == 0
     rep = json.loads(out.read_text())["stories"]
     assert rep["num_stories"] == 1 and len(rep["runs"]) == 1 and rep["num_latent"] == 12
     gt, codec, run = rep["rows"]["ground truth"], rep["rows"]["ground truth through the codec"], rep["runs"][0]
     assert gt["returns_measured"] >= 1 and codec["adherence"] == pytest.approx(gt["adherence"], abs=2 / 255)
     assert 0.0 <= run["adherence"] <= 1.0 and 0 <= run["returns_measured"] <= run["returns"]
     assert np.isfinite(run["latent_std"]) and "reappear. pass" in rep["table"]
+    assert all(len(d) == 3 for d in run["return_distances"]) and len(run["return_distances"]) == run["returns_measured"]
+    import imageio.v3 as iio
+
+    s = config_lib.load(E.TINY_CONFIG, list(E.TINY_OVERRIDES) + PIXEL).sampler
+    assert iio.imread(png).shape == (2 * s.height, 16 * s.width, 3)  # the teacher's 16 frames above the truth's
 
 
 def test_errors_name_the_problem(stage_dirs, capsys):
