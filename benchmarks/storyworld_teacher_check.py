@@ -231,7 +231,7 @@ def check_stories(args: argparse.Namespace, cfg: Any, solve_fn: Callable, vparam
     def contexts(e: Any) -> jnp.ndarray:  # [1, F / patch_t, L, D]: each latent frame its segment's prompt
         seg = jnp.asarray(np.stack([_fit_context(enc.encode([p]), cfg)[0] for p in e.prompts]))[None]
         sw = jnp.asarray(np.asarray(e.latent_switch_frames, np.int32).reshape(1, -1))
-        return frame_contexts(seg, sw, n)[:, ::mcfg.patch_size[0]]
+        return frame_contexts(seg, sw, n, mcfg.patch_size[0])
 
     runs, strips = [], []
     for seed in args.seeds:

@@ -81,12 +81,11 @@ def set_iterator_state_json(iterator: Any, text: str) -> None:
     """Inverse of :func:`iterator_state_json` (bytes-state iterators get the encoded JSON back). A saved state laid
     out for another loader (e.g. another ``train.data_workers``) is refused by name instead of failing later inside
     the loader."""
-    current = iterator.get_state()
-    if isinstance(current, (bytes, bytearray)):
+    if isinstance(iterator.get_state(), (bytes, bytearray)):
         iterator.set_state(text.encode())
         return
     saved = json.loads(text)
-    if _layout(saved) != _layout(json.loads(json.dumps(current, default=_json_default))):
+    if _layout(saved) != _layout(json.loads(iterator_state_json(iterator))):
         raise CheckpointError("the checkpoint's data-iterator state is laid out for another data loader than this "
                               "run's (a different train.data_workers?): resume with the loader settings the run was "
                               "saved with")

@@ -63,10 +63,12 @@ def segment_of_frames(switch_frames: jnp.ndarray, num_frames: int) -> jnp.ndarra
     return jnp.sum(switch_frames[:, None, :] <= frames[None, :, None], axis=-1).astype(jnp.int32)
 
 
-def frame_contexts(contexts: jnp.ndarray, switch_frames: jnp.ndarray, num_frames: int) -> jnp.ndarray:
+def frame_contexts(contexts: jnp.ndarray, switch_frames: jnp.ndarray, num_frames: int,
+                   patch_t: int = 1) -> jnp.ndarray:
     """A story's prompt per latent frame: ``contexts [B, P, T, D]`` (one embedding per segment), ``switch_frames
-    [B, P - 1]`` -> ``[B, F, T, D]`` (the bidirectional DiT's per-frame conditioning, :func:`nn.dit.forward`)."""
-    seg = segment_of_frames(switch_frames, num_frames)
+    [B, P - 1]`` -> ``[B, F, T, D]``; with ``patch_t`` (``model.patch_size[0]``) one per patch frame
+    ``[B, F / patch_t, T, D]`` (the bidirectional DiT's per-frame conditioning, :func:`nn.dit.forward`)."""
+    seg = segment_of_frames(switch_frames, num_frames)[:, ::patch_t]
     return jnp.take_along_axis(contexts, seg[:, :, None, None], axis=1)
 # (latents [B, n, C, h, w], latent index j) -> VAE re-encoding [B, 1, C, h, w] of latent j's last pixel frame
 ReencodeFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]

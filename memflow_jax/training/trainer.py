@@ -900,25 +900,20 @@ class Trainer:
                                               num_threads=2, prefetch_buffer_size=2)
             return
         per_process = self.global_batch // jax.process_count()
-        if self.recipe in ("story", "teacher_story"):
+        if self.recipe in ("story", "teacher_story", "dmd_story"):  # dmd_story: prompts only (it makes the videos)
+            dmd_story = self.recipe == "dmd_story"
             self.embedder = self._embedder()
-            self.source = self._story_source(self.embedder, t.video_data_path, "train.video_data_path")
-            self.uncond = self._uncond(per_process) if t.text_dropout > 0 else None
-            self.data_iter = data.make_loader(self.source, per_process, seed=t.data_seed, shuffle=True,
-                                              worker_count=t.data_workers, num_threads=2, prefetch_buffer_size=2)
-            return
-        if self.recipe == "dmd_story":  # the stories' prompts and switch frames (no videos: the generator makes them)
-            self.embedder = self._embedder()
-            self.source = self._story_source(self.embedder, t.video_data_path, "train.video_data_path", videos=False)
+            self.source = self._story_source(self.embedder, t.video_data_path, "train.video_data_path",
+                                             videos=not dmd_story)
             self.story_frames = self.source.num_latent
-            if self.story_frames % self.chunk:
+            if dmd_story and self.story_frames % self.chunk:
                 raise ConfigError(f"train.video_data_path: stories of {self.story_frames} latent frames are not whole "
                                   f"chunks of sampler.chunk_frames={self.chunk}; export them with --chunk "
                                   f"{self.chunk}")
+            self.uncond = self._uncond(per_process) if dmd_story or t.text_dropout > 0 else None
+            self.story_source = None
             self.data_iter = data.make_loader(self.source, per_process, seed=t.data_seed, shuffle=True,
                                               worker_count=t.data_workers, num_threads=2, prefetch_buffer_size=2)
-            self.uncond = self._uncond(per_process)
-            self.story_source = None
             return
         if self.recipe in ("teacher", "ode_init"):
             source = self._latent_source(self.recipe == "ode_init")
@@ -1052,7 +1047,7 @@ class Trainer:
         if self.recipe == "dmd_story":  # whole stories; the scores see a prompt per (patch) frame [B, F', T, D]
             ctx, sw = batch_or_none["contexts"], batch_or_none["switch_frames"]
             x, aux = ro.story_rollout(gen_params, self.rc, rng, ctx, sw, num_frames=num_frames, constrain=self._pin)
-            cond = self._pin(ro.frame_contexts(ctx, sw, num_frames)[:, ::self.gen_cfg.patch_size[0]])
+            cond = self._pin(ro.frame_contexts(ctx, sw, num_frames, self.gen_cfg.patch_size[0]))
             return x, None, carry, aux, cond
         cond = batch_or_none["prompt_embeds"]
         x, _, aux = ro.rollout(gen_params, self.rc, rng, cond, num_frames=num_frames, constrain=self._pin)
@@ -1187,8 +1182,8 @@ class Trainer:
         def step(gen: TrainState, ema, gen_base, batch, rng, loop_step):
             if story:  # the story's latents and a prompt per (patch) frame [B, F', L, D]
                 latents = self._story_latents(batch)
-                ctx = ro.frame_contexts(batch["contexts"], batch["switch_frames"], latents.shape[1])
-                ctx = self._pin(ctx[:, ::mcfg.patch_size[0]])
+                ctx = self._pin(ro.frame_contexts(batch["contexts"], batch["switch_frames"], latents.shape[1],
+                                                  mcfg.patch_size[0]))
             else:
                 latents, ctx = batch["latents"], batch["prompt_embeds"]  # ctx [B, L, D]
             metrics = {}
