@@ -87,6 +87,7 @@ sg = jax.lax.stop_gradient
 # --------------------------------------------------------------------------------------------------
 
 
+CRITIC_ARCHS = ("generator", "teacher")  # run.critic_arch: whose architecture the fake score has
 SCRATCH = "scratch"  # a checkpoint path meaning "start from the Wan initialisation"
 STORY_SALT = 0x5701  # the story term's own streams: its host draw of stories and its in-step key
 
@@ -97,7 +98,11 @@ class RunConfig:
 
     teacher_ckpt: str = ""  # real score weights (Wan folder | converted dir | .pt | "scratch"); "" only with
     # synthetic_data
-    critic_ckpt: str = ""  # fake score init; "" -> a copy of the generator's initial weights
+    critic_ckpt: str = ""  # fake score init; "" -> a copy of the initial weights of critic_arch's model
+    # the fake score's architecture: "generator" (reference: fake_name is the generator's model) | "teacher"
+    # (teacher_model's, e.g. a story teacher wider than the generator; with critic_ckpt "" a copy of the teacher,
+    # DMD2's initialisation: the fake score starts as a good score model and only learns the generator's shift)
+    critic_arch: str = "generator"
     # VAE weights (first-frame re-encoding of streaming windows; the vae recipe's init, "" = random):
     # Wan2.1_VAE.pth | converted checkpoint dir (component "vae") | a vae-recipe run dir (newest checkpoint, EMA
     # params if saved) — see load_vae_host
@@ -123,6 +128,8 @@ class RunConfig:
             raise ConfigError("run.score_timestep_shift must be > 0")
         if self.synthetic_size < 1:
             raise ConfigError("run.synthetic_size must be >= 1")
+        if self.critic_arch not in CRITIC_ARCHS:
+            raise ConfigError(f"run.critic_arch={self.critic_arch!r}: choose one of {', '.join(CRITIC_ARCHS)}")
 
 
 cfg_lib.register_section("run", RunConfig)
@@ -600,6 +607,7 @@ class Trainer:
         self.gen_cfg = with_numerics(cfg.model, t)
         self.teacher_cfg = with_numerics(cfg.teacher_model, t)
         self.cfg = cfg.replace(model=self.gen_cfg, teacher_model=self.teacher_cfg)
+        self.critic_cfg = self.teacher_cfg if self.run_cfg.critic_arch == "teacher" else self.gen_cfg
         self.rep = NamedSharding(self.mesh, P())
         self.bsh = sh.batch_sharding(self.mesh, self.global_batch)
         s = cfg.sampler
@@ -713,9 +721,9 @@ class Trainer:
         if self.recipe in ("dmd", "dmd_long", "dmd_story"):
             self.teacher = self._weights(r.teacher_ckpt, self.teacher_cfg, "run.teacher_ckpt (real score)", keys[2])
             if r.critic_ckpt:
-                critic = self._weights(r.critic_ckpt, self.gen_cfg, "run.critic_ckpt", keys[3])
+                critic = self._weights(r.critic_ckpt, self.critic_cfg, "run.critic_ckpt", keys[3])
             else:
-                critic = self._copy(base)
+                critic = self._copy(self.teacher if r.critic_arch == "teacher" else base)
             lora_critic = self.lora and t.lora_apply_to_critic
             self.critic_base = critic if lora_critic else None
             critic_trainable = self._lora_init(critic, keys[4]) if lora_critic else critic
@@ -1080,7 +1088,7 @@ class Trainer:
 
     def _gen_step_fn(self, variant: tuple) -> Callable:
         t, r = self.train_cfg, self.run_cfg
-        teacher_cfg, critic_cfg = self.teacher_cfg, self.gen_cfg
+        teacher_cfg, critic_cfg = self.teacher_cfg, self.critic_cfg
         stream = self.recipe == "dmd_long"
 
         def step(gen: TrainState, ema, gen_base, critic_params, critic_base, teacher, carry, batch, uncond, rng,
@@ -1135,7 +1143,7 @@ class Trainer:
 
     def _critic_step_fn(self, variant: tuple, train_critic: bool = True) -> Callable:
         t, r = self.train_cfg, self.run_cfg
-        critic_cfg = self.gen_cfg
+        critic_cfg = self.critic_cfg
         stream = self.recipe == "dmd_long"
 
         def step(critic: TrainState, critic_base, gen_params, gen_base, carry, batch, rng):

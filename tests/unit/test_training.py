@@ -438,6 +438,43 @@ def test_tiny_dmd_story_run_resumes(tmp_path):
     chex.assert_trees_all_equal(final_b, final)
 
 
+def _critic_arch_teacher_trainer(tmp_path, steps):
+    stories = _stories(tmp_path)
+    return tr.Trainer(_cfg("tiny_dmd_story", f"train.video_data_path={stories}", f"train.max_iters={steps}",
+                           "run.critic_arch=teacher"), str(tmp_path / "run"), log=lambda m: None)
+
+
+def test_critic_arch_teacher_starts_as_the_teacher(tmp_path):
+    """run.critic_arch=teacher: the fake score has teacher_model's (wider) shape and starts as a copy of the real
+    score (DMD2's initialisation)."""
+    t = _critic_arch_teacher_trainer(tmp_path, 1)
+    try:
+        assert t.critic_cfg == t.teacher_cfg and t.critic_cfg.dim != t.gen_cfg.dim
+        critic0 = t.critic_base if t.critic_base is not None else t.critic.params
+        chex.assert_trees_all_equal(jax.tree_util.tree_map(np.asarray, critic0),
+                                    jax.tree_util.tree_map(np.asarray, t.teacher))
+    finally:
+        t.close()
+
+
+@pytest.mark.slow
+def test_critic_arch_teacher_trains(tmp_path):
+    """... and the generator and that critic both update, finite."""
+    t = _critic_arch_teacher_trainer(tmp_path, 2)
+    try:
+        hist = t.train()
+    finally:
+        t.close()
+    assert [("generator_loss" in h) for h in hist] == [True, False]  # dfake_gen_update_ratio 2
+    assert all(np.isfinite(h["critic_loss"]) and h["critic_grad_norm"] > 0 for h in hist)
+    assert np.isfinite(hist[0]["generator_loss"]) and hist[0]["generator_grad_norm"] > 0
+
+
+def test_critic_arch_is_checked():
+    with pytest.raises(cfg_lib.ConfigError, match="run.critic_arch='wide'"):
+        _cfg("tiny_dmd_story", "run.critic_arch=wide")
+
+
 def _run(args, env=None, timeout=900):
     env = dict(os.environ, **(env or {}))
     env.pop("XLA_FLAGS", None)
