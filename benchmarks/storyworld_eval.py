@@ -17,7 +17,13 @@ Held-out split. Training scripts come from ``storyworld.dataset.make_example``:
 ``SeedSequence([dataset_seed, index])`` with dataset seeds >= 0 and no spawn key. Evaluation script ``i`` uses
 ``SeedSequence([split_seed, i], spawn_key=(EVAL_SPAWN_KEY,))``: the spawn key enters numpy's seed hash, so the
 streams are distinct from every training stream whatever the dataset seed (``--split-seed`` picks another
-held-out set; 0 is the reported one).
+held-out set; 0 is the reported one). In the default split the returning object is on screen from the first frame,
+so the frame sink (the first chunk, kept by sink and nam alike) shows it: memory modes can differ there only in how
+they use what they keep. ``--late-memory`` draws scripts (4+ segments) whose returning object first enters after the
+first segment, so only a memory of later frames (NAM's bank) has seen it when it returns: the split where nam and
+nam+sma can beat sink on re-appearance. ``--min-absent N`` keeps scripts whose returning object stays off screen for
+at least N latent frames; with N = the local window besides the sink, neither the sink nor the local window shows it
+when it returns.
 
 Alignment (derived from ``cfg.sampler.vae_stride[0]`` = s and ``cfg.sampler.chunk_frames`` = c): latent frame 0
 decodes to 1 video frame and each later latent frame to s, so ``n`` latent frames are ``1 + s(n - 1)`` video
@@ -121,18 +127,24 @@ def _gt_measurable(video: np.ndarray, ann: dict[str, Any]) -> bool:
 
 
 def make_eval_script(index: int, *, split_seed: int, num_latent: int, chunk: int, t_stride: int, height: int,
-                     width: int, fps: int) -> EvalScript:
+                     width: int, fps: int, late_memory: bool = False, min_absent: int = 0) -> EvalScript:
     """Held-out script ``index``: re-drawn (same generator) until an object leaves and returns and the ground
-    truth measures that return."""
+    truth measures that return; with ``late_memory`` also until every returning object first enters after the
+    first segment (so the frame sink never shows it), and with ``min_absent`` until every returning object is off
+    screen for at least that many latent frames (the segments between its exit and its return), so that a local
+    window of that many frames no longer shows it when it comes back."""
     rng = eval_rng(split_seed, index)
     for tries in range(1, MAX_SCRIPT_TRIES + 1):
         try:
-            script = SC.sample_aligned_script(rng, num_latent=num_latent, chunk=chunk, t_stride=t_stride)
+            script = SC.sample_aligned_script(rng, num_latent=num_latent, chunk=chunk, t_stride=t_stride,
+                                              p_late_memory=1.0 if late_memory else 0.0)
         except ValueError as e:  # too few chunks for a leave and a return
             raise EvalError(f"{e} (--max-chunks / sampler.num_output_frames)") from e
         render_seed = int(rng.integers(0, 2**31 - 1))
         returning = SC.returning_objects(script)
-        if not returning:
+        if not returning or (late_memory and not SC.returns_after_the_start(script)):
+            continue
+        if min_absent and min(SC.absent_latent_frames(script, k, t_stride) for k, _, _ in returning) < min_absent:
             continue
         video, ann = R.render_video(script, render_seed, None, height, width, fps)
         if not _gt_measurable(video, ann):
@@ -143,8 +155,10 @@ def make_eval_script(index: int, *, split_seed: int, num_latent: int, chunk: int
         return EvalScript(index, script, render_seed, C.script_prompts(script),
                           latent_switches(script, t_stride, chunk), tuple(script.start_frames), num_latent,
                           video, ann, returning, tries)
-    raise EvalError(f"script {index}: no script with a measurable return in {MAX_SCRIPT_TRIES} draws for "
-                    f"{num_latent} latent frames; use more chunks")
+    what = "a measurable return" + (" of an object that enters after the first segment" if late_memory else "") + (
+        f" after >= {min_absent} latent frames off screen" if min_absent else "")
+    raise EvalError(f"script {index}: no script with {what} in {MAX_SCRIPT_TRIES} draws for {num_latent} latent "
+                    "frames; use more chunks")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -450,6 +464,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", default=None, help="comma-separated sampling seeds (default 0,1,2; --tiny: 0,1)")
     p.add_argument("--modes", default=",".join(ALL_MODES), help="memory modes: none|sink|nam[+sma], comma-separated")
     p.add_argument("--split-seed", type=int, default=0, help="held-out split (see the module docstring)")
+    p.add_argument("--late-memory", action="store_true", help="held-out scripts whose returning object first "
+                   "enters after the first segment: the frame sink never shows it, so only a memory of later "
+                   "frames (nam) has its look when it returns (the split where nam can beat sink)")
+    p.add_argument("--min-absent", type=int, default=0, help="held-out scripts whose returning object stays off "
+                   "screen for at least this many latent frames (segments between exit and return): with the "
+                   "local window's frames besides the sink (memory.local_attn_size - sink_size, 6 for the demo) no "
+                   "mode without a bank still sees it when it returns")
     p.add_argument("--json", default=None, help="write every per-script per-seed number and the summary here")
     p.add_argument("--tiny", action="store_true", help="configs/tiny.yaml, random weights: a CPU smoke run")
     p.add_argument("--max-chunks", type=int, default=None, help="generate at most this many chunks (>= 3)")
@@ -506,10 +527,13 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     # ground truth
     t0 = time.perf_counter()
     scripts = [make_eval_script(i, split_seed=args.split_seed, num_latent=num_latent, chunk=chunk,
-                                t_stride=t_stride, height=s.height, width=s.width, fps=s.fps)
+                                t_stride=t_stride, height=s.height, width=s.width, fps=s.fps,
+                                late_memory=args.late_memory, min_absent=args.min_absent)
                for i in range(num_scripts)]
     gt_metrics = [score(e.video, e.annotations) for e in scripts]
-    log(f"{num_scripts} held-out script(s) (split seed {args.split_seed}): {num_latent} latent frames = "
+    late = (", returning objects enter after the first segment" if args.late_memory else "") + (
+        f", off screen >= {args.min_absent} latent frames" if args.min_absent else "")
+    log(f"{num_scripts} held-out script(s) (split seed {args.split_seed}{late}): {num_latent} latent frames = "
         f"{num_latent // chunk} chunks = {n_video} video frames at {s.height}x{s.width}, {s.fps} fps; rendered "
         f"and scored in {time.perf_counter() - t0:.1f}s")
     for e in scripts:
@@ -592,7 +616,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
                   "chunk_frames": chunk, "vae_temporal_stride": t_stride, "height": s.height, "width": s.width,
                   "fps": s.fps, "device": device, "platform": platform.platform(), "load_seconds": load_s,
                   "warmup": not args.no_warmup},
-        "split": {"split_seed": args.split_seed, "eval_spawn_key": EVAL_SPAWN_KEY,
+        "split": {"split_seed": args.split_seed, "late_memory": args.late_memory, "min_absent": args.min_absent,
+                  "eval_spawn_key": EVAL_SPAWN_KEY,
                   "convention": "eval script i: SeedSequence([split_seed, i], spawn_key=(eval_spawn_key,)); "
                                 "training (storyworld.dataset): SeedSequence([dataset_seed, index]), no spawn key"},
         "spread": "std = sample std (ddof 1) over the per-seed means (mean over scripts); min/max of those",
@@ -641,7 +666,8 @@ def _codec_only(args: argparse.Namespace, cfg, ckpt: str | None, scripts: list[E
         f"{g['adherence']:.3f} / {g['consistency_pass_rate']:.2f}" for g, _ in codec_metrics))
     report = {"benchmark": "storyworld_eval", "codec_only": True,
               "setup": {"ckpt": ckpt, "codec": cfg.vae.codec, "z_dim": cfg.vae.z_dim, "num_scripts": len(scripts),
-                        "split_seed": args.split_seed, "platform": platform.platform()},
+                        "split_seed": args.split_seed, "late_memory": args.late_memory,
+                        "min_absent": args.min_absent, "platform": platform.platform()},
               "ground_truth": gt, "ground_truth_through_vae": codec,
               "ground_truth_through_vae_per_script": [g for g, _ in codec_metrics], "table": table,
               "total_seconds": time.perf_counter() - t_start}

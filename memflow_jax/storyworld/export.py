@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-latent", type=int, default=36, help="latent frames per story (a multiple of --chunk)")
     g.add_argument("--chunk", type=int, default=3, help="latent frames per chunk (sampler.chunk_frames)")
     g.add_argument("--t-stride", type=int, default=4, help="the VAE's temporal stride (sampler.vae_stride[0])")
+    g.add_argument("--p-late-memory", type=float, default=0.0,
+                   help="probability that a story's returning object first enters after the first segment (so "
+                        "after the frame sink; stories of 4+ segments)")
     return p
 
 
@@ -56,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.kind == "clips":
         kw = dict(num_frames=args.clip_frames, max_objects=args.max_objects, p_event=args.p_event)
     elif args.kind == "stories":
-        kw = dict(num_latent=args.num_latent, chunk=args.chunk, t_stride=args.t_stride, max_objects=args.max_objects)
+        kw = dict(num_latent=args.num_latent, chunk=args.chunk, t_stride=args.t_stride, max_objects=args.max_objects,
+                  p_late_memory=args.p_late_memory)
     else:
         kw = dict(num_segments=args.num_segments, num_frames=args.num_frames,
                   segment_frames=tuple(args.segment_frames), frame_multiple=args.frame_multiple,

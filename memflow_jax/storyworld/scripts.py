@@ -156,7 +156,8 @@ def _least_overlap(sample, tries: int = 8) -> S.Script:
 
 def sample_script(rng: np.random.Generator, *, num_segments: int | None = None, num_objects: int | None = None,
                   max_objects: int = 3, segment_frames: tuple[int, int] = (16, 32), num_frames: int | None = None,
-                  frame_multiple: int = 1, p_background_change: float = 0.6, p_enter: float = 0.35) -> S.Script:
+                  frame_multiple: int = 1, p_background_change: float = 0.6, p_enter: float = 0.35,
+                  p_late_memory: float = 0.0) -> S.Script:
     """A 3-6 segment narrative in which one object leaves and later comes back.
 
     Args:
@@ -169,15 +170,21 @@ def sample_script(rng: np.random.Generator, *, num_segments: int | None = None, 
       p_background_change: probability that the background changes and later changes back (needs 4+ segments
         for the change to last a segment; with 3 it changes in segment 1 and reverts in 2).
       p_enter: probability that each non-memory object enters mid-story instead of being there from the start.
+      p_late_memory: probability (4+ segments) that the object that leaves and comes back is absent at the start
+        and enters in a later segment, so a frame sink (the first chunk) never shows it: only a memory that
+        keeps later frames (NAM's bank) has its look when it returns. 0 draws nothing (the streams of scripts
+        sampled before the option existed are unchanged).
     """
+    if not 0.0 <= p_late_memory <= 1.0:
+        raise ValueError(f"p_late_memory={p_late_memory} must be in [0, 1]")
     kw = dict(num_segments=num_segments, num_objects=num_objects, max_objects=max_objects,
               segment_frames=segment_frames, num_frames=num_frames, frame_multiple=frame_multiple,
-              p_background_change=p_background_change, p_enter=p_enter)
+              p_background_change=p_background_change, p_enter=p_enter, p_late_memory=p_late_memory)
     return _least_overlap(lambda: _sample_script_once(rng, **kw))
 
 
 def _sample_script_once(rng, *, num_segments, num_objects, max_objects, segment_frames, num_frames,
-                        frame_multiple, p_background_change, p_enter) -> S.Script:
+                        frame_multiple, p_background_change, p_enter, p_late_memory) -> S.Script:
     n_seg = int(rng.integers(3, 7)) if num_segments is None else int(num_segments)
     if not 3 <= n_seg <= 6:
         raise ValueError(f"num_segments={n_seg} must be in 3..6 (a leave and a later return need >= 3)")
@@ -192,7 +199,14 @@ def _sample_script_once(rng, *, num_segments, num_objects, max_objects, segment_
 
     plan: list[list] = [[""] * n_obj for _ in range(n_seg)]
     mem = int(rng.integers(0, n_obj))  # the object that leaves and comes back
-    leave = int(rng.integers(1, n_seg - 1))
+    late = p_late_memory > 0 and n_seg >= 4 and rng.random() < p_late_memory
+    first = 0  # the memory object's first segment on screen
+    if late:  # absent until it enters in segment `first`, then on screen for at least a segment before leaving
+        first = int(rng.integers(1, n_seg - 2))
+        for s in range(first):
+            plan[s][mem] = "absent"
+        plan[first][mem] = ("enter", S.SIDES[int(rng.integers(0, 2))])
+    leave = int(rng.integers(first + 1, n_seg - 1))
     ret = int(rng.integers(leave + 1, n_seg))
     plan[leave][mem] = ("leave", S.SIDES[int(rng.integers(0, 2))])
     for s in range(leave + 1, ret):
@@ -259,6 +273,23 @@ def returning_objects(script: S.Script) -> list[tuple[int, int, int]]:
     return out
 
 
+def returns_after_the_start(script: S.Script) -> bool:
+    """Every returning object is absent in the first segment (it enters later): a frame sink never shows it."""
+    rets = returning_objects(script)
+    return bool(rets) and all(script.segments[0].actions[k].kind == "absent" for k, _, _ in rets)
+
+
+def absent_latent_frames(script: S.Script, obj: int, t_stride: int) -> int:
+    """Latent frames of the segments in which returning object ``obj`` is absent between its (first) exit and its
+    return: how long it is off screen before it comes back (0 if it never leaves and returns)."""
+    frames = 0
+    for k, leave, ret in returning_objects(script):
+        if k == obj:
+            frames = sum(script.segments[s].duration for s in range(leave + 1, ret)) // t_stride
+            break
+    return frames
+
+
 # --------------------------------------------------------------------------------------------------
 # Latent <-> video frame alignment and chunk-aligned scripts
 # --------------------------------------------------------------------------------------------------
@@ -289,10 +320,11 @@ def video_to_latent_start(video_frame: int, t_stride: int) -> int:
 
 
 def sample_aligned_script(rng: np.random.Generator, *, num_latent: int, chunk: int, t_stride: int,
-                          max_objects: int = 3) -> S.Script:
+                          max_objects: int = 3, p_late_memory: float = 0.0) -> S.Script:
     """A 3..min(6, chunks) segment narrative (:func:`sample_script`) whose segment boundaries fall on the chunk
     boundaries of a model making ``num_latent`` latent frames in chunks of ``chunk``: segment lengths
-    ``k * s * c`` video frames except the first, ``k * s * c - (s - 1)``; total ``video_frames(num_latent, s)``."""
+    ``k * s * c`` video frames except the first, ``k * s * c - (s - 1)``; total ``video_frames(num_latent, s)``.
+    ``p_late_memory``: as :func:`sample_script`'s."""
     if num_latent % chunk:
         raise ValueError(f"num_latent={num_latent} is not a multiple of the chunk size {chunk}")
     n_chunks = num_latent // chunk
@@ -302,7 +334,7 @@ def sample_aligned_script(rng: np.random.Generator, *, num_latent: int, chunk: i
     unit = t_stride * chunk  # video frames of a chunk after the first
     n_seg = int(rng.integers(3, min(6, n_chunks) + 1))
     script = sample_script(rng, num_segments=n_seg, max_objects=max_objects, segment_frames=(unit, unit),
-                           num_frames=t_stride * num_latent, frame_multiple=unit)
+                           num_frames=t_stride * num_latent, frame_multiple=unit, p_late_memory=p_late_memory)
     segs = list(script.segments)
     segs[0] = dataclasses.replace(segs[0], duration=segs[0].duration - (t_stride - 1))
     return S.Script(script.objects, tuple(segs))

@@ -46,7 +46,9 @@
 # pcadec then pcadeclong stages train it; VAE_SRC defaults to the latter's run, the PCA encodes as before); and WINDOWS=1 (the latents
 # stage also encodes the first 33 frames of every script segment that long with its own prompt, so the teacher
 # learns the continuation prompts that long tuning and sampling use; data.encode_latents --segment-windows; the
-# odepairs and dmd stages then draw their prompts from the same mix).
+# odepairs and dmd stages then draw their prompts from the same mix). P_LATE_MEMORY (stories stage: the probability
+# that a story's returning object first enters after its first segment, export --p-late-memory; default 0) and
+# LATE_MEMORY=1 (storycheck on the held-out stories of storyworld_eval.py --late-memory).
 set -euo pipefail
 
 DATA=${DATA:-data/storyworld}
@@ -117,7 +119,7 @@ stage() {
     stories)
       # 36 latent frames = 141 video frames, prompt switches on chunk boundaries (3 latent = 12 video frames)
       $PY -m memflow_jax.storyworld.export --out "$DATA/stories" --kind stories --num "$N_STORIES" --seed 2 \
-        --num-latent 36 --chunk 3 --t-stride 4 --workers "$WORKERS" ;;
+        --num-latent 36 --chunk 3 --t-stride 4 --p-late-memory "${P_LATE_MEMORY:-0}" --workers "$WORKERS" ;;
     textcache)
       $PY -m memflow_jax.data.text_cache build --converted-ckpt "$ART/text" --out "$DATA/text_cache" --negative-prompt "" \
         --prompts "$DATA/clips/prompts.txt" "$DATA/scripts/prompts.txt" "$DATA/scripts/switch_prompts.txt" \
@@ -158,7 +160,8 @@ stage() {
         run.vae_ckpt="$DATA/latents/vae" run.teacher_ckpt="${TEACHER_STORY_INIT:-scratch}" $ARCH $EXTRA ;;
     storycheck)
       $PY benchmarks/storyworld_teacher_check.py --teacher "$ART/teacher_story" --text "$ART/text" \
-        --vae "$DATA/latents/vae" --num-clips 0 --stories 8 --json "$RUNS/teacher_story_check.json" ;;
+        --vae "$DATA/latents/vae" --num-clips 0 --stories 8 ${LATE_MEMORY:+--late-memory} \
+        --json "$RUNS/teacher_story_check.json" ;;
     dmdstory)
       $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_dmd_story.yaml \
         --run-dir "$RUNS/dmd_story" --export "$ART/dmd_story" "$PATHS" train.video_data_path="$DATA/stories" \

@@ -179,6 +179,30 @@ def test_scripts_contain_leave_and_return():
     assert (ann["visible_fraction"][runs[1][0]:runs[1][1], k] == 1).any()
 
 
+def test_late_memory_scripts_hide_the_returning_object_from_the_sink():
+    """p_late_memory=1 (4+ segments): the object that leaves and comes back is absent in the first segment,
+    enters in a later one, is on screen for at least that segment, then leaves and returns; with 3 segments it
+    cannot, and p_late_memory=0 draws nothing (the default streams are the ones before the option)."""
+    for seed in range(30):
+        script = _script(seed, num_segments=4 + seed % 3, p_late_memory=1.0)
+        (k, leave, ret), = SC.returning_objects(script)
+        kinds = [seg.actions[k].kind for seg in script.segments]
+        first = kinds.index("enter")
+        assert 1 <= first < leave < ret and kinds[:first] == ["absent"] * first
+        assert SC.returns_after_the_start(script)
+        prompts = C.script_prompts(script)
+        assert "enters from the" in prompts[first] and "leaves to the" in prompts[leave]
+        assert "comes back from the" in prompts[ret]
+        three = _script(seed, num_segments=3, p_late_memory=1.0)
+        assert not SC.returns_after_the_start(three)
+        assert _script(seed, p_late_memory=0.0) == _script(seed)
+    script, video, ann = _story(3, p_late_memory=1.0)  # the ground truth never shows it in the first segment
+    k = SC.returning_objects(script)[0][0]
+    assert not ann["visible"][:script.segments[0].duration, k].any()
+    with pytest.raises(ValueError, match="p_late_memory"):
+        _script(0, p_late_memory=1.5)
+
+
 def test_script_length_options_and_clips():
     s = _script(2, num_segments=5, num_frames=120, frame_multiple=4)
     assert len(s.segments) == 5 and s.num_frames == 120
@@ -272,6 +296,12 @@ def test_stories_export_is_on_the_chunk_grid(tmp_path):
     assert sorted(listed) == sorted(set(every)) and len(listed) == len(set(listed))
     with pytest.raises(ValueError, match="num_latent"):
         D.write_dataset(tmp_path / "bad", kind="stories", num_examples=1, height=32, width=32)
+    # --p-late-memory reaches the stories' scripts (36 latent frames: 3-6 segments, the 4+ ones late)
+    late = [D.make_example("stories", i, 5, 32, 32, sampler_kwargs=dict(num_latent=36, chunk=3, t_stride=4,
+                                                                         p_late_memory=1.0)) for i in range(6)]
+    scripts = [S.script_from_dict(ex["script"]) for ex in late]
+    assert all(SC.returns_after_the_start(sc) == (len(sc.segments) >= 4) for sc in scripts)
+    assert any(len(sc.segments) >= 4 for sc in scripts)
 
 
 def test_grain_map_dataset_reads_source(tmp_path):

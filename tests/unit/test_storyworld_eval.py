@@ -46,6 +46,30 @@ def test_script_segments_start_where_the_model_switches(t_stride, chunk, num_lat
         assert e.returning and SC.returning_objects(e.script) == e.returning
 
 
+def test_late_memory_split():
+    """--late-memory: every held-out script's returning object first enters after the first segment (the frame
+    sink never shows it), the return is measurable in the ground truth, and the default split is unchanged."""
+    chunk, stride = TINY_CFG.sampler.chunk_frames, TINY_CFG.sampler.vae_stride[0]
+    hw = dict(height=TINY_CFG.sampler.height, width=TINY_CFG.sampler.width, fps=TINY_CFG.sampler.fps)
+    for index in range(3):
+        e = E.make_eval_script(index, split_seed=0, num_latent=12 * chunk, chunk=chunk, t_stride=stride,
+                               late_memory=True, **hw)
+        assert SC.returns_after_the_start(e.script) and len(e.prompts) >= 4 and E._gt_measurable(e.video, e.annotations)
+        k = e.returning[0][0]
+        assert not e.annotations["visible"][:e.video_start_frames[1], k].any()
+        d = E.make_eval_script(index, split_seed=0, num_latent=12 * chunk, chunk=chunk, t_stride=stride, **hw)
+        assert not SC.returns_after_the_start(d.script)
+        g = E.make_eval_script(index, split_seed=0, num_latent=12 * chunk, chunk=chunk, t_stride=stride,
+                               late_memory=True, min_absent=2 * chunk, **hw)
+        (k, leave, ret), = g.returning
+        starts = g.latent_switch_frames  # segment s >= 1 starts at latent frame starts[s - 1]
+        assert SC.absent_latent_frames(g.script, k, stride) == starts[ret - 1] - starts[leave] >= 2 * chunk
+        assert SC.returns_after_the_start(g.script)
+    with pytest.raises(E.EvalError, match="enters after the first segment"):
+        E.make_eval_script(0, split_seed=0, num_latent=3 * chunk, chunk=chunk, t_stride=stride, late_memory=True,
+                           **hw)
+
+
 def test_video_to_latent_start_rejects_misaligned_frames():
     s = TINY_CFG.sampler.vae_stride[0]
     assert E.video_frames(1, s) == 1 and E.video_frames(3, s) == 1 + 2 * s
