@@ -223,7 +223,7 @@ def check_stories(args: argparse.Namespace, cfg: Any, solve_fn: Callable, vparam
         raise CheckError(f"--story-latent {n}: stories are whole chunks of sampler.chunk_frames={s.chunk_frames}")
     stories = [E.make_eval_script(i, split_seed=args.split_seed, num_latent=n, chunk=s.chunk_frames,
                                   t_stride=stride, height=s.height, width=s.width, fps=s.fps,
-                                  late_memory=args.late_memory)
+                                  late_memory=args.late_memory, min_absent=args.min_absent)
                for i in range(args.stories)]
     comp = types.SimpleNamespace(cfg=cfg, vae_params=vparams)
     gt = [E.score(e.video, e.annotations)[0] for e in stories]
@@ -268,8 +268,8 @@ def check_stories(args: argparse.Namespace, cfg: Any, solve_fn: Callable, vparam
         frame_strip_png(np.concatenate(strips, 0)[None], args.story_png, num_frames=None)
         log(f"wrote {args.story_png} (16 frames a row: the teacher's story above its ground truth, the first "
             f"{len(strips) // 2} stories, seed {args.seeds[0]})")
-    return {"num_stories": len(stories), "num_latent": n, "late_memory": args.late_memory, "runs": runs,
-            "rows": dict(rows), "table": table}
+    return {"num_stories": len(stories), "num_latent": n, "late_memory": args.late_memory,
+            "min_absent": args.min_absent, "runs": runs, "rows": dict(rows), "table": table}
 
 
 def _story_record(m: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -316,6 +316,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--split-seed", type=int, default=0)
     ap.add_argument("--late-memory", action="store_true", help="--stories: held-out stories whose returning object "
                     "first enters after the first segment (storyworld_eval.py --late-memory)")
+    ap.add_argument("--min-absent", type=int, default=0, help="--stories: held-out stories whose returning object "
+                    "stays off screen at least this many latent frames (storyworld_eval.py --min-absent)")
     ap.add_argument("--prompts", default="", help="extra prompts, one a line, scored without a ground truth")
     ap.add_argument("--stories", type=int, default=0, help="also solve this many held-out stories whole, a prompt "
                     "per latent frame (a teacher_story teacher), scored with re-appearance")
