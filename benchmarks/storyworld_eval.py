@@ -22,8 +22,9 @@ so the frame sink (the first chunk, kept by sink and nam alike) shows it: memory
 they use what they keep. ``--late-memory`` draws scripts (4+ segments) whose returning object first enters after the
 first segment, so only a memory of later frames (NAM's bank) has seen it when it returns: the split where nam and
 nam+sma can beat sink on re-appearance. ``--min-absent N`` keeps scripts whose returning object stays off screen for
-at least N latent frames; with N = the local window besides the sink, neither the sink nor the local window shows it
-when it returns.
+at least N latent frames: with N >= ``memory.local_attn_size - sink_size`` the rolling window of sink and nam no
+longer shows it when it returns, with N >= ``memory.local_attn_size`` (mode none keeps no sink, so its window is
+all of it) no mode's window does, only NAM's bank can have kept it.
 
 Alignment (derived from ``cfg.sampler.vae_stride[0]`` = s and ``cfg.sampler.chunk_frames`` = c): latent frame 0
 decodes to 1 video frame and each later latent frame to s, so ``n`` latent frames are ``1 + s(n - 1)`` video
@@ -468,9 +469,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "enters after the first segment: the frame sink never shows it, so only a memory of later "
                    "frames (nam) has its look when it returns (the split where nam can beat sink)")
     p.add_argument("--min-absent", type=int, default=0, help="held-out scripts whose returning object stays off "
-                   "screen for at least this many latent frames (segments between exit and return): with the "
-                   "local window's frames besides the sink (memory.local_attn_size - sink_size, 6 for the demo) no "
-                   "mode without a bank still sees it when it returns")
+                   "screen for at least this many latent frames (segments between exit and return); with "
+                   "memory.local_attn_size (the window of mode none, which keeps no sink) no mode's window still "
+                   "shows it when it returns (see the module docstring)")
     p.add_argument("--json", default=None, help="write every per-script per-seed number and the summary here")
     p.add_argument("--tiny", action="store_true", help="configs/tiny.yaml, random weights: a CPU smoke run")
     p.add_argument("--max-chunks", type=int, default=None, help="generate at most this many chunks (>= 3)")

@@ -49,7 +49,7 @@
 # odepairs and dmd stages then draw their prompts from the same mix). P_LATE_MEMORY (stories stage: the probability
 # that a story's returning object first enters after its first segment, export --p-late-memory; default 0) and
 # LATE_MEMORY=1 (storycheck on the held-out stories of storyworld_eval.py --late-memory --min-absent $MIN_ABSENT, default
-# 6: the demo's local window besides the sink).
+# 9: configs/storyworld.yaml's memory.local_attn_size, so no memory mode's window shows the returning object).
 set -euo pipefail
 
 DATA=${DATA:-data/storyworld}
@@ -161,7 +161,7 @@ stage() {
         run.vae_ckpt="$DATA/latents/vae" run.teacher_ckpt="${TEACHER_STORY_INIT:-scratch}" $ARCH $EXTRA ;;
     storycheck)
       $PY benchmarks/storyworld_teacher_check.py --teacher "$ART/teacher_story" --text "$ART/text" \
-        --vae "$DATA/latents/vae" --num-clips 0 --stories 8 ${LATE_MEMORY:+--late-memory --min-absent "${MIN_ABSENT:-6}"} \
+        --vae "$DATA/latents/vae" --num-clips 0 --stories 8 ${LATE_MEMORY:+--late-memory --min-absent "${MIN_ABSENT:-9}"} \
         --json "$RUNS/teacher_story_check.json" ;;
     dmdstory)
       $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_dmd_story.yaml \
