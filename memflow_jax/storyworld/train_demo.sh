@@ -29,8 +29,13 @@
 #   teacherstory (optional, after stories + textcache) a teacher on whole stories, a prompt per latent frame
 #             (recipe teacher_story), from $TEACHER_STORY_INIT (default scratch)          -> $ART/teacher_story
 #   storycheck (optional) that teacher on 8 held-out stories whole, re-appearance scored  -> $RUNS/teacher_story_check.json
+#   storyodepairs (optional, after teacherstory) that teacher's ODE trajectories on the stories (48 Euler
+#             steps, guidance 3, a prompt per latent frame; $STORY_ODE_SAMPLES of them, default every story)
+#                                                                                         -> $DATA/story_ode_pairs
+#   odestory  (optional, after storyodepairs) the generator regressed on them through its memory (recipe
+#             ode_story), from $STORY_ODE_INIT (default $PACKAGE)                          -> $ART/ode_story
 #   dmdstory  (optional, after teacherstory) DMD on whole stories against that teacher (recipe dmd_story), the
-#             generator from $STORY_DMD_INIT (default $PACKAGE)                            -> $ART/dmd_story
+#             generator from $STORY_DMD_INIT (default $PACKAGE; e.g. $ART/ode_story)        -> $ART/dmd_story
 #   package   assemble tokenizer + UMT5 + DiT + VAE into the shipped checkpoint         -> $PACKAGE
 # Environment: DATA (data/storyworld), RUNS (runs/storyworld), ART ($RUNS/art), PACKAGE
 # (memflow_jax/assets/storyworld), VAE_SRC (the VAE the latents stage encodes with: $RUNS/vae_decoder),
@@ -163,6 +168,14 @@ stage() {
       $PY benchmarks/storyworld_teacher_check.py --teacher "$ART/teacher_story" --text "$ART/text" \
         --vae "$DATA/latents/vae" --num-clips 0 --stories 8 ${LATE_MEMORY:+--late-memory --min-absent "${MIN_ABSENT:-9}"} \
         --json "$RUNS/teacher_story_check.json" ;;
+    storyodepairs)
+      $PY -m memflow_jax.training.ode_pairs --config configs/storyworld_ode_story.yaml --stories "$DATA/stories" \
+        --out "$DATA/story_ode_pairs" --steps 48 --guidance-scale 3.0 ${STORY_ODE_SAMPLES:+--num-samples $STORY_ODE_SAMPLES} \
+        ${ODE_BATCH:+--batch-size $ODE_BATCH} --dtype "$STORE_DTYPE" "$PATHS" run.teacher_ckpt="$ART/teacher_story" $ARCH ;;
+    odestory)
+      $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_ode_story.yaml \
+        --run-dir "$RUNS/ode_story" --export "$ART/ode_story" "$PATHS" train.latent_data_path="$DATA/story_ode_pairs" \
+        train.generator_ckpt="${STORY_ODE_INIT:-$PACKAGE}" $ARCH $EXTRA ;;
     dmdstory)
       $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_dmd_story.yaml \
         --run-dir "$RUNS/dmd_story" --export "$ART/dmd_story" "$PATHS" train.video_data_path="$DATA/stories" \
@@ -171,7 +184,7 @@ stage() {
       $PY -m memflow_jax.storyworld.package --dit "${PACKAGE_DIT:-$ART/dmd_long}" --text "$ART/text" \
         --vae "$DATA/latents/vae" --out "$PACKAGE" ;;
     *)
-      echo "unknown stage '$name' (data text vae vaedec pca pcadec pcadeclong latents stories textcache teacher teachercheck odepairs odeinit dmd dmdlong story teacherstory storycheck dmdstory package)" >&2
+      echo "unknown stage '$name' (data text vae vaedec pca pcadec pcadeclong latents stories textcache teacher teachercheck odepairs odeinit dmd dmdlong story teacherstory storycheck storyodepairs odestory dmdstory package)" >&2
       exit 2 ;;
   esac
   echo "=== stage $name done in $((SECONDS - t0)) s"

@@ -23,7 +23,7 @@ NEGATIVE_PROMPT = (
     "合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
 
-RECIPES = ("teacher", "teacher_story", "ode_init", "dmd", "dmd_long", "dmd_story", "story", "vae")
+RECIPES = ("teacher", "teacher_story", "ode_init", "ode_story", "dmd", "dmd_long", "dmd_story", "story", "vae")
 DIT_RECIPES = tuple(r for r in RECIPES if r != "vae")  # the recipes that train a DiT (exportable by --export)
 SWITCH_MODES = ("random_choice", "fixed", "random")
 
@@ -32,7 +32,8 @@ SWITCH_MODES = ("random_choice", "fixed", "random")
 class TrainConfig:
     """Training recipe (``teacher`` fine-tune | ``ode_init`` regression | ``dmd`` | ``dmd_long`` streaming |
     ``teacher_story`` / ``dmd_story``: the teacher / DMD on whole storyworld stories | ``story``: teacher forcing
-    on ground-truth stories with memory | ``vae``: the Wan VAE's encoder + decoder on storyworld videos)."""
+    on ground-truth stories with memory | ``ode_story``: the same on a story teacher's ODE trajectories | ``vae``:
+    the Wan VAE's encoder + decoder on storyworld videos)."""
 
     recipe: str = "dmd_long"  # reference distribution_loss: dmd (-> dmd) | dmd_switch + streaming (-> dmd_long)
     # --- optimisers (torch AdamW, decoupled weight decay) ---

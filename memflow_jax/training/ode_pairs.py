@@ -13,6 +13,12 @@ the grid points nearest to the generator's warped denoising timesteps, then the 
 Output (readable by :class:`memflow_jax.data.OdeTrajectorySource` / ``ArrayRecordSource``): ``ode_XXXXXX.npz``
 (``ode_latent`` float32 + ``prompt``) per sample or one ``ode_pairs.array_record``, plus ``ode_pairs.json``
 (timesteps recorded, solver settings).
+
+``--stories DIR`` (a storyworld ``stories`` export; npz only): one trajectory per story, of the story's latent
+length, each latent frame conditioned on its own segment's prompt (:func:`rollout.frame_contexts`; the teacher a
+``teacher_story`` one) and the negative prompt on every frame; each file keeps the story's ``prompts`` and
+``latent_switch_frames`` (``ode_pairs.json``: ``"kind": "stories"``). The ``ode_story`` recipe reads them
+(:class:`memflow_jax.training.trainer.StoryOdeSource`).
 """
 from __future__ import annotations
 
@@ -60,6 +66,14 @@ def solve(params: Any, mcfg: Any, noise: jnp.ndarray, cond: jnp.ndarray, uncond:
     return jnp.concatenate([states, last[None]], 0)
 
 
+def _text_cache(t: Any) -> Any:
+    from memflow_jax.data import TextEmbeddingCache
+
+    if not t.text_cache_dir:
+        raise SystemExit("train.text_cache_dir is empty: build the UMT5 cache first (memflow_jax.data.text_cache)")
+    return TextEmbeddingCache(t.text_cache_dir, as_dtype=np.float32)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m memflow_jax.training.ode_pairs", description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True)
@@ -75,8 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                     help="stored dtype of the trajectories (float16 halves the files; read back as float32)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stories", default=None, help="a storyworld stories export: one trajectory per story, a prompt "
+                    "per latent frame (the ode_story recipe's data)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
+    if args.stories and args.format != "npz":
+        raise SystemExit("--stories writes npz files (one per story with its prompts and switch frames): drop "
+                         "--format arrayrecord")
 
     from memflow_jax import config as cfg_lib
     from memflow_jax.training import rollout as ro
@@ -103,17 +122,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         raise SystemExit("run.teacher_ckpt is empty (or set run.synthetic_data=true for a random teacher)")
 
-    if r.synthetic_data and not (t.text_cache_dir and os.path.exists(t.data_path)):
+    stories = None
+    if args.stories:
+        if r.synthetic_data and not t.text_cache_dir:
+            embedder: Any = tr.SyntheticEmbedder(tcfg.text_len, tcfg.text_dim, t.data_seed)
+        else:
+            embedder = _text_cache(t)
+        stories = tr.StorySource(args.stories, embedder, videos=False)
+        if stories.chunk != cfg.sampler.chunk_frames:
+            raise SystemExit(f"{args.stories}: segment boundaries on chunks of {stories.chunk} latent frames, the "
+                             f"generator's sampler.chunk_frames is {cfg.sampler.chunk_frames}: re-export the stories "
+                             f"with --chunk {cfg.sampler.chunk_frames}")
+        prompts = [" | ".join(rec["prompts"]) for rec in stories.records]
+    elif r.synthetic_data and not (t.text_cache_dir and os.path.exists(t.data_path)):
         source = tr.SyntheticPromptSource(r.synthetic_size)
-        embedder: Any = tr.SyntheticEmbedder(tcfg.text_len, tcfg.text_dim, t.data_seed)
+        embedder = tr.SyntheticEmbedder(tcfg.text_len, tcfg.text_dim, t.data_seed)
+        prompts = [str(source[i]["prompts"]) for i in range(len(source))]
     else:
-        from memflow_jax.data import PromptSource, TextEmbeddingCache
+        from memflow_jax.data import PromptSource
 
         source = PromptSource(t.data_path)
-        if not t.text_cache_dir:
-            raise SystemExit("train.text_cache_dir is empty: build the UMT5 cache first (memflow_jax.data.text_cache)")
-        embedder = TextEmbeddingCache(t.text_cache_dir, as_dtype=np.float32)
-    prompts = [str(source[i]["prompts"]) for i in range(len(source))]
+        embedder = _text_cache(t)
+        prompts = [str(source[i]["prompts"]) for i in range(len(source))]
     n = len(prompts) if args.num_samples is None else min(args.num_samples, len(prompts))
     shift = cfg.sampler.timestep_shift if args.shift is None else args.shift
     schedule = sch.make_schedule(shift, num_train_timesteps=cfg.sampler.num_train_timesteps,
@@ -121,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets = ro.rollout_config(cfg, 1).timesteps
     rec = record_indices(np.asarray(schedule.timesteps), targets)
     h, w = cfg.sampler.latent_hw
-    shape = (t.num_training_frames, tcfg.in_dim, h, w)
+    frames = stories.num_latent if stories is not None else t.num_training_frames
+    shape = (frames, tcfg.in_dim, h, w)
     bsh = sh.batch_sharding(mesh, bs)
     keep = jnp.asarray(list(rec) + [-1])  # states at the denoising timesteps, then the clean latent
     fn = jax.jit(lambda p, z, c, u: solve(p, tcfg, z, c, u, schedule, args.guidance_scale)[keep],
@@ -138,14 +169,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         pad = idx + [idx[-1]] * (bs - len(idx))
         noise = np.stack([np.random.default_rng([args.seed, i]).standard_normal(shape).astype(np.float32)
                           for i in pad])
-        cond = np.stack([np.asarray(embedder[prompts[i]], np.float32) for i in pad])
+        if stories is not None:  # a prompt per (patch) frame [B, F', L, D]
+            items = [stories[i] for i in pad]
+            cond = np.asarray(ro.frame_contexts(jnp.asarray(np.stack([it["contexts"] for it in items])),
+                                                jnp.asarray(np.stack([it["switch_frames"] for it in items])),
+                                                frames, tcfg.patch_size[0]))
+        else:
+            cond = np.stack([np.asarray(embedder[prompts[i]], np.float32) for i in pad])
         unc = np.broadcast_to(neg, cond.shape)
         put = lambda a: jax.make_array_from_callback(a.shape, bsh, lambda s, a=a: a[s])  # noqa: E731
         states = fn(params, put(noise), put(cond), put(np.ascontiguousarray(unc)))  # [S+1, B, F, C, h, w]
         states = np.asarray(multihost_utils.process_allgather(states, tiled=True))
         for j, i in enumerate(idx):
             ode = np.ascontiguousarray(states[:, j]).astype(args.dtype)
-            if args.format == "npz" and main_proc:
+            if stories is not None and main_proc:
+                story = stories.records[i]
+                np.savez(os.path.join(args.out, f"ode_{i:06d}.npz"), ode_latent=ode,
+                         prompts=np.asarray(list(story["prompts"])),
+                         latent_switch_frames=np.asarray(list(story["latent_switch_frames"]), np.int32))
+            elif args.format == "npz" and main_proc:
                 np.savez(os.path.join(args.out, f"ode_{i:06d}.npz"), ode_latent=ode, prompt=np.asarray(prompts[i]))
             elif args.format == "arrayrecord":
                 records.append({"ode_latent": ode, "prompts": prompts[i]})
@@ -159,7 +201,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "denoising_timesteps": [float(x) for x in targets],
                 "recorded_grid_timesteps": [float(np.asarray(schedule.timesteps)[i]) for i in rec],
                 "layout": "ode_latent [S+1, F, C, h, w]: states at the denoising timesteps, then the clean latent",
-                "teacher_ckpt": r.teacher_ckpt or "synthetic", "format": args.format, "dtype": args.dtype}
+                "teacher_ckpt": r.teacher_ckpt or "synthetic", "format": args.format, "dtype": args.dtype,
+                "kind": "stories" if stories is not None else "clips", "num_latent": frames}
+        if stories is not None:
+            meta["stories"] = os.path.abspath(args.stories)
         with open(os.path.join(args.out, "ode_pairs.json"), "w") as f:
             json.dump(meta, f, indent=1)
         print(f"wrote {n} ODE pairs to {os.path.abspath(args.out)}")

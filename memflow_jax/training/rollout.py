@@ -666,6 +666,7 @@ def story_rollout(params: dit.Params, rc: RolloutConfig, rng: jax.Array, context
 
 def teacher_forced_story(params: dit.Params, rc: RolloutConfig, latents: jnp.ndarray, contexts: jnp.ndarray,
                          switch_frames: jnp.ndarray, rng: jax.Array, *, exit_choices: Sequence[int] = (),
+                         states: jnp.ndarray | None = None,
                          constrain: Callable[[jnp.ndarray, int], jnp.ndarray] | None = None
                          ) -> tuple[jnp.ndarray, dict]:
     """The generator's denoising predictions on ground-truth stories whose memory holds the ground truth.
@@ -684,6 +685,9 @@ def teacher_forced_story(params: dit.Params, rc: RolloutConfig, latents: jnp.nda
         segment are never selected).
       switch_frames: ``[B, P - 1]`` int32 latent frames where prompts ``1..`` start: chunk multiples in
         ``(0, F)``, increasing; unused entries ``NO_SWITCH``.
+      states: optional ``[B, S, F, C, h, w]`` noisy inputs, one per denoising step (a teacher's ODE trajectory at
+        ``rc.timesteps``, whose end is ``latents``): the drawn step's state replaces fresh noise on ``latents``,
+        so the regression target is a deterministic function of the input (the ``ode_story`` recipe).
     Returns: (x0 predictions ``[B, F, C, h, w]`` float32, aux: ``exit_steps`` ``[chunks, B]`` int32).
     """
     c = rc.chunk_frames
@@ -693,6 +697,10 @@ def teacher_forced_story(params: dit.Params, rc: RolloutConfig, latents: jnp.nda
         raise ValueError(f"latents {tuple(latents.shape)} must be [{rc.batch}, k*{c}, {want}] (global batch, whole "
                          "chunks, the latent shape)")
     _check_story(rc, b, f, contexts, switch_frames)
+    if states is not None and tuple(states.shape) != (b, rc.num_steps) + tuple(latents.shape[1:]):
+        raise ValueError(f"states {tuple(states.shape)} must be [{b}, {rc.num_steps}, {f}, "
+                         f"{', '.join(map(str, rc.latent_shape))}]: one noisy state per denoising step "
+                         "(sampler.denoising_step_list) of the latents' frames; regenerate the ODE pairs")
     choices = tuple(range(rc.num_steps)) if not exit_choices else tuple(int(s) for s in exit_choices)
     if not choices or min(choices) < 0 or max(choices) >= rc.num_steps:
         raise ValueError(f"exit_choices {list(exit_choices)} must be step indices in [0, {rc.num_steps})")
@@ -703,6 +711,7 @@ def teacher_forced_story(params: dit.Params, rc: RolloutConfig, latents: jnp.nda
     pin = constrain if constrain is not None else (lambda x, axis=0: x)
     params_ng = sg(params)
     latents = sg(latents.astype(jnp.float32))
+    states = None if states is None else sg(states)
     k_exit, k_noise = jax.random.split(rng)
     exit_steps = jnp.asarray(choices, jnp.int32)[jax.random.randint(k_exit, (nc, b), 0, len(choices))]
     story = _StoryPrompts(params, rc, contexts, switch_frames, f)
@@ -716,7 +725,12 @@ def teacher_forced_story(params: dit.Params, rc: RolloutConfig, latents: jnp.nda
         noise, ctx_noise = pin(noise, 0), pin(ctx_noise, 0)
         gt = pin(lax.dynamic_slice_in_dim(latents, frame, c, axis=1), 0)  # [B, c, C, h, w]
         t = ts[exit_steps[i]][:, None]  # [B, 1]
-        x_t = sch.add_noise(schedule, gt, noise, jnp.broadcast_to(t, (b, c)))
+        if states is None:
+            x_t = sch.add_noise(schedule, gt, noise, jnp.broadcast_to(t, (b, c)))
+        else:  # the trajectory's state at the drawn step, this chunk's frames
+            at = lax.dynamic_slice_in_dim(states, frame, c, axis=2)  # [B, S, c, C, h, w]
+            x_t = pin(jnp.take_along_axis(at, exit_steps[i][:, None, None, None, None, None], axis=1)[:, 0]
+                      .astype(jnp.float32), 0)
         cache = state.cache
         plan = ForwardPlan(start=frame, q_bank=jnp.array(True), recompute=jnp.array(False),
                            zero_text_query=state.zero_query_next)

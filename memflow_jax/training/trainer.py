@@ -1,4 +1,4 @@
-"""Train states, jitted steps and the training loop of the eight recipes.
+"""Train states, jitted steps and the training loop of the nine recipes.
 
 Recipes (``train.recipe``):
 
@@ -29,6 +29,11 @@ Recipes (``train.recipe``):
   (exposure bias; ``storyworld/TRAINING.md`` round 11). ``train.story_weight > 0`` adds it, weighted, to the
   generator loss of ``dmd`` / ``dmd_long`` instead (stories of ``train.story_data_path``, drawn by index from the
   step; metrics ``generator_dmd_loss`` and ``story_loss``).
+* ``ode_story`` — the ``story`` recipe on a story teacher's ODE trajectories (``training.ode_pairs --stories``, data
+  ``train.latent_data_path``; not in the reference): the noisy input of a chunk is the trajectory's state at the
+  drawn step, the target and the memory its end, so the target is a deterministic function of the input (no
+  posterior-mean blur) and the generator learns the teacher's rendering of whole stories through its memory;
+  ``ode_init``'s role for a ``dmd_story`` that follows.
 * ``vae``      — the Wan VAE (encoder + decoder, :mod:`memflow_jax.nn.vae`) on windows of storyworld videos:
   reparameterised posterior sample -> decoder, loss ``L1 + MSE + train.vae_kl_weight * KL``
   (:func:`losses.vae_loss`). The VAE tree takes the generator's place (state, optimizer, EMA, shardings);
@@ -57,7 +62,7 @@ import math
 import os
 import time
 import zlib
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.struct
 import jax
@@ -350,13 +355,70 @@ class StorySource:
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         ex = self.source[int(i)] if self.videos else self.records[int(i)]
-        prompts = list(ex["prompts"])
-        prompts += [prompts[-1]] * (self.num_prompts - len(prompts))
-        sw = list(ex["latent_switch_frames"])
-        sw += [ro.NO_SWITCH] * (self.num_prompts - 1 - len(sw))
-        item = {"contexts": np.stack([np.asarray(self.embedder[p], np.float32) for p in prompts]),
-                "switch_frames": np.asarray(sw, np.int32), "idx": np.int64(i)}
+        item = story_prompt_fields(ex["prompts"], ex["latent_switch_frames"], self.num_prompts, self.embedder)
+        item["idx"] = np.int64(i)
         return {"video": ex["video"], **item} if self.videos else item
+
+
+def story_prompt_fields(prompts: Sequence[str], switch_frames: Sequence[int], num_prompts: int, embedder: Any
+                        ) -> dict[str, np.ndarray]:
+    """A story's ``contexts`` [P, text_len, text_dim] float32 (rows past its segments repeat its last prompt,
+    never selected) and ``switch_frames`` [P - 1] int32 (``rollout.NO_SWITCH`` padding), ``P = num_prompts``."""
+    prompts = list(prompts) + [prompts[-1]] * (num_prompts - len(prompts))
+    sw = [int(x) for x in switch_frames] + [ro.NO_SWITCH] * (num_prompts - 1 - len(switch_frames))
+    return {"contexts": np.stack([np.asarray(embedder[p], np.float32) for p in prompts]),
+            "switch_frames": np.asarray(sw, np.int32)}
+
+
+class StoryOdeSource:
+    """Story ODE pairs (``python -m memflow_jax.training.ode_pairs --stories``) as the ode_story recipe's records.
+
+    ``src[i]``: ``{"ode_latent": float32 [S + 1, F, C, h, w] (the teacher's states at the generator's denoising
+    steps, then its clean story), "contexts": float32 [P, text_len, text_dim], "switch_frames": int32 [P - 1],
+    "idx"}``, padded as :class:`StorySource`'s.
+    """
+
+    def __init__(self, path: str, embedder: Any):
+        meta_path = os.path.join(path, "ode_pairs.json")
+        if not os.path.isfile(meta_path):
+            raise ValueError(f"{path}: no ode_pairs.json; make story ODE pairs with `python -m "
+                             "memflow_jax.training.ode_pairs --config CFG --stories STORIES --out DIR`")
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        if self.meta.get("kind") != "stories":
+            raise ValueError(f"{path}: ODE pairs of {self.meta.get('kind', 'clips')!r}, not stories; the ode_story "
+                             "recipe needs `ode_pairs --stories` (clips: train.recipe=ode_init)")
+        self.files = [os.path.join(path, f"ode_{i:06d}.npz") for i in range(int(self.meta["count"]))]
+        missing = [f for f in self.files if not os.path.isfile(f)]
+        if missing:
+            raise ValueError(f"{path}: {len(missing)} of the {len(self.files)} trajectories in ode_pairs.json are "
+                             f"missing (e.g. {os.path.basename(missing[0])}): regenerate the ODE pairs")
+        self.records = []
+        for fn in self.files:
+            with np.load(fn, allow_pickle=False) as z:
+                self.records.append({"prompts": [str(p) for p in z["prompts"]],
+                                     "latent_switch_frames": [int(x) for x in z["latent_switch_frames"]]})
+                if fn == self.files[0]:
+                    self.shape = tuple(z["ode_latent"].shape)
+        self.num_latent = int(self.shape[1])
+        self.num_prompts = max(len(r["prompts"]) for r in self.records)
+        self.embedder = embedder
+        absent = [p for r in self.records for p in r["prompts"] if p not in embedder]
+        if absent:
+            raise ValueError(f"{len(absent)} prompts of {path} are not in the text cache (e.g. {absent[0]!r}): build it "
+                             "over the stories' segment_prompts.txt")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        r = self.records[int(i)]
+        with np.load(self.files[int(i)], allow_pickle=False) as z:
+            ode = np.asarray(z["ode_latent"], np.float32)
+        if tuple(ode.shape) != self.shape:
+            raise ValueError(f"{self.files[int(i)]}: ode_latent {tuple(ode.shape)}, the others {self.shape}")
+        item = story_prompt_fields(r["prompts"], r["latent_switch_frames"], self.num_prompts, self.embedder)
+        return {"ode_latent": ode, **item, "idx": np.int64(i)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -639,9 +701,9 @@ class Trainer:
         # the story loss (the story recipe's, or beside DMD with train.story_weight): teacher forcing with the
         # sampler's memory semantics
         self.story_rc = ro.story_config(self.cfg, self.global_batch, model=self.gen_cfg) \
-            if self.recipe == "story" or t.story_weight > 0 else None
+            if self.recipe in ("story", "ode_story") or t.story_weight > 0 else None
         self.stories = self.recipe in ("story", "teacher_story") or t.story_weight > 0  # stories to encode
-        if self.recipe == "story":
+        if self.recipe in ("story", "ode_story"):
             self.rc = self.story_rc
         if self.recipe == "dmd_story":  # whole stories rolled out with the sampler's memory semantics
             self.rc = ro.story_config(self.cfg, self.global_batch, model=self.gen_cfg)
@@ -844,6 +906,30 @@ class Trainer:
             return cls.from_manifest(path)
         return cls(path)
 
+    def _story_ode_source(self, embedder: Any) -> "StoryOdeSource":
+        """The ode_story recipe's data (``train.latent_data_path``), checked against the generator's denoising
+        steps, latent shape and chunk."""
+        path = self.train_cfg.latent_data_path
+        if not path:
+            raise ConfigError("train.latent_data_path is empty: make story ODE pairs with `python -m "
+                              "memflow_jax.training.ode_pairs --config CFG --stories STORIES --out DIR` and set it")
+        src = StoryOdeSource(path, embedder)
+        want = self._timesteps()
+        got = np.asarray(src.meta.get("denoising_timesteps", []), np.float32)
+        if got.shape != want.shape or not np.allclose(got, want, atol=1e-3):
+            raise ConfigError(f"{path}: trajectories recorded at timesteps {got.tolist()}, the generator denoises at "
+                              f"{want.tolist()} (sampler.denoising_step_list, warp_denoising_step, timestep_shift): "
+                              "regenerate the ODE pairs with this config")
+        h, w = self.latent_hw
+        shape = (len(want) + 1, src.num_latent, self.gen_cfg.in_dim, h, w)
+        if tuple(src.shape) != shape:
+            raise ConfigError(f"{path}: ode_latent {tuple(src.shape)}, the model needs {shape} ([S + 1, F, "
+                              "in_dim, h, w]): regenerate the ODE pairs with this config")
+        if src.num_latent % self.chunk:
+            raise ConfigError(f"{path}: stories of {src.num_latent} latent frames are not whole chunks of "
+                              f"sampler.chunk_frames={self.chunk}; export the stories with --chunk {self.chunk}")
+        return src
+
     def _timesteps(self) -> np.ndarray:
         rc = ro.rollout_config(self.cfg, 1, model=self.gen_cfg)
         return np.asarray(rc.timesteps, np.float32)
@@ -920,6 +1006,14 @@ class Trainer:
                                   f"{self.chunk}")
             self.uncond = self._uncond(per_process) if dmd_story or t.text_dropout > 0 else None
             self.story_source = None
+            self.data_iter = data.make_loader(self.source, per_process, seed=t.data_seed, shuffle=True,
+                                              worker_count=t.data_workers, num_threads=2, prefetch_buffer_size=2)
+            return
+        if self.recipe == "ode_story":
+            self.embedder = self._embedder()
+            self.source = self._story_ode_source(self.embedder)
+            self.story_frames = self.source.num_latent
+            self.uncond = self.story_source = None
             self.data_iter = data.make_loader(self.source, per_process, seed=t.data_seed, shuffle=True,
                                               worker_count=t.data_workers, num_threads=2, prefetch_buffer_size=2)
             return
@@ -1293,27 +1387,35 @@ class Trainer:
         return self._pin(sg(latents).astype(jnp.float32))
 
     def _story_loss(self, params: Params, rc: ro.RolloutConfig, latents: jnp.ndarray, batch: dict,
-                    rng: jax.Array) -> tuple[jnp.ndarray, dict]:
-        """Teacher forcing on the stories (:func:`rollout.teacher_forced_story`): mean((x0 - x0_gt)^2), aux."""
+                    rng: jax.Array, states: jnp.ndarray | None = None) -> tuple[jnp.ndarray, dict]:
+        """Teacher forcing on the stories (:func:`rollout.teacher_forced_story`; ``states``: a teacher's
+        trajectory states as the noisy inputs): mean((x0 - x0_gt)^2), aux."""
         pred, aux = ro.teacher_forced_story(params, rc, latents, batch["contexts"], batch["switch_frames"], rng,
-                                            exit_choices=tuple(self.train_cfg.story_exit_steps),
+                                            exit_choices=tuple(self.train_cfg.story_exit_steps), states=states,
                                             constrain=self._pin)
         return losses.ode_regression_loss(pred, latents), aux
 
     def _story_step_fn(self) -> Callable:
+        ode = self.recipe == "ode_story"
+
         def step(gen: TrainState, ema, gen_base, batch, rng, loop_step):
-            latents = self._story_latents(batch)
+            if ode:  # a story teacher's trajectory [B, S + 1, F, C, h, w]: states at the steps, then its end
+                traj = batch["ode_latent"]
+                latents, states = self._pin(traj[:, -1].astype(jnp.float32)), self._pin(traj[:, :-1])
+            else:
+                latents, states = self._story_latents(batch), None
 
             def loss_fn(trainable):
                 params = lora_lib.merge_lora_params(sg(gen_base), trainable, self.lora_scale) \
                     if gen_base is not None else trainable
-                return self._story_loss(params, self.rc, latents, batch, rng)
+                return self._story_loss(params, self.rc, latents, batch, rng, states=states)
 
             (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(gen.params)
             steps = aux["exit_steps"].astype(jnp.float32)
             return self._apply(gen, ema, grads, loop_step, {"story_loss": loss, "exit_step": jnp.mean(steps)})
 
-        return self._simple_jit(step, {"video": self.bsh, "contexts": self.bsh, "switch_frames": self.bsh})
+        first = "ode_latent" if ode else "video"
+        return self._simple_jit(step, {first: self.bsh, "contexts": self.bsh, "switch_frames": self.bsh})
 
     def _apply(self, gen: TrainState, ema, grads, loop_step, metrics: dict,
                grad_metric: str = "generator_grad_norm"):
@@ -1413,9 +1515,10 @@ class Trainer:
             fn = self._jit("vae", self._vae_step_fn)
             self.gen, self.ema, metrics = fn(self.gen, self.ema, self.gen_base, self._next_batch(("video",), None),
                                              rng, loop)
-        elif self.recipe == "story":
+        elif self.recipe in ("story", "ode_story"):
             fn = self._jit("story", self._story_step_fn)
-            batch = self._next_batch(("video", "contexts", "switch_frames"), None)
+            first = "ode_latent" if self.recipe == "ode_story" else "video"
+            batch = self._next_batch((first, "contexts", "switch_frames"), None)
             self.gen, self.ema, metrics = fn(self.gen, self.ema, self.gen_base, batch, rng, loop)
         elif self.recipe == "ode_init":
             fn = self._jit("ode", self._ode_step_fn)

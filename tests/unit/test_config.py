@@ -79,7 +79,7 @@ def test_storyworld_configs_share_the_architecture():
     for path in sorted(glob.glob("configs/storyworld_*.yaml")):
         cfg = config_lib.load(path)
         assert cfg.model == base.model and cfg.text == base.text and cfg.vae == base.vae, path
-        if cfg.train.recipe == "dmd_story":  # a story teacher of its own width: it must read the same latents/prompts
+        if cfg.train.recipe in ("dmd_story", "ode_story"):  # a story teacher of its own width: same latents/prompts
             for key in ("in_dim", "out_dim", "patch_size", "text_len", "text_dim", "freq_dim"):
                 assert getattr(cfg.teacher_model, key) == getattr(base.model, key), (path, key)
         elif cfg.train.recipe not in ("vae", "teacher", "teacher_story"):

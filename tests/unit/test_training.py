@@ -184,6 +184,33 @@ def test_teacher_forced_story_is_the_sampler_on_its_own_frames():
     np.testing.assert_allclose(np.asarray(pred), np.asarray(gt), rtol=1e-5, atol=2e-6)
 
 
+def test_teacher_forced_story_on_trajectory_states_is_the_noised_story():
+    """``states``: the drawn step's state replaces fresh noise on the latents. States made of the very noise the
+    function draws (``chunk_noise`` of its second key) at each step's timestep must give its default predictions."""
+    cfg = _cfg()
+    b, f = 2, 9
+    rc = ro.story_config(cfg, b)
+    params = _init(rc.model, 0)
+    gt = rand.normal(jax.random.key(1), (b, f) + rc.latent_shape)
+    ctx = rand.normal(jax.random.key(2), (b, 2, rc.model.text_len, rc.model.text_dim))
+    sw = jnp.asarray([[3], [6]], jnp.int32)
+    rng = jax.random.key(3)
+    _, k_noise = jax.random.split(rng)
+    noise = jnp.concatenate([ro.chunk_noise(k_noise, rc, i)[0] for i in range(f // rc.chunk_frames)], 1)
+    sched = rc.schedule()
+    states = jnp.stack([sch.add_noise(sched, gt, noise, jnp.full((b, f), t, jnp.float32)) for t in rc.timesteps], 1)
+    chex.assert_shape(states, (b, rc.num_steps, f) + rc.latent_shape)
+    run = jax.jit(lambda p, st: ro.teacher_forced_story(p, rc, gt, ctx, sw, rng, states=st))
+    want, aux = jax.jit(lambda p: ro.teacher_forced_story(p, rc, gt, ctx, sw, rng))(params)
+    got, aux2 = run(params, states)
+    np.testing.assert_array_equal(np.asarray(aux["exit_steps"]), np.asarray(aux2["exit_steps"]))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=2e-6)
+    other, _ = run(params, states + 0.5)  # the states are the input: other states, other predictions
+    assert float(jnp.max(jnp.abs(other - want))) > 1e-3
+    with pytest.raises(ValueError, match="one noisy state per denoising step"):
+        ro.teacher_forced_story(params, rc, gt, ctx, sw, rng, states=states[:, 1:])
+
+
 @pytest.mark.parametrize("slow", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["errors", "gradient"])
 def test_teacher_forced_story_gradient_and_errors(slow):
     cfg = _cfg()
@@ -545,6 +572,79 @@ def test_ode_pairs_then_ode_init_run(tmp_path):
     recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(recs) == 4 and all(np.isfinite(r["ode_loss"]) for r in recs)
     assert sorted(os.listdir(run / "checkpoints")) == ["2", "4"]
+
+
+def _fake_story_pairs(path, rc, *, count=2, frames=9, kind="stories", timesteps=None):
+    """A story ODE-pairs folder as ``ode_pairs --stories`` writes it, with random trajectories."""
+    os.makedirs(path, exist_ok=True)
+    steps = list(rc.timesteps) if timesteps is None else timesteps
+    for i in range(count):
+        np.savez(os.path.join(path, f"ode_{i:06d}.npz"),
+                 ode_latent=np.random.default_rng(i).standard_normal((len(steps) + 1, frames) + rc.latent_shape)
+                 .astype(np.float32),
+                 prompts=np.asarray([f"a circle moves left {i}", "a square enters"][: 1 + i % 2]),
+                 latent_switch_frames=np.asarray([3] if i % 2 else [], np.int32))
+    with open(os.path.join(path, "ode_pairs.json"), "w") as f:
+        json.dump({"count": count, "kind": kind, "num_latent": frames,
+                   "denoising_timesteps": [float(x) for x in steps]}, f)
+    return str(path)
+
+
+def test_ode_story_data_and_its_checks(tmp_path):
+    """recipe ode_story: StoryOdeSource's records (the stories' prompts padded as StorySource's) and clear errors
+    for pairs of clips, of other timesteps, or of another latent shape."""
+    cfg = _cfg("tiny_ode_story")
+    rc = ro.story_config(cfg, 2)
+    good = _fake_story_pairs(tmp_path / "good", rc)
+    t = tr.Trainer(_cfg("tiny_ode_story", f"train.latent_data_path={good}"), str(tmp_path / "run"), log=lambda m: None)
+    try:
+        assert t.recipe == "ode_story" and t.story_frames == 9 and t.rc.num_steps == 4 and t.story_vae is None
+        recs = [t.source[i] for i in range(2)]
+        chex.assert_shape(recs[0]["ode_latent"], (5, 9) + rc.latent_shape)
+        chex.assert_shape(recs[0]["contexts"], (2, cfg.model.text_len, cfg.model.text_dim))
+        assert recs[0]["switch_frames"].tolist() == [ro.NO_SWITCH] and recs[1]["switch_frames"].tolist() == [3]
+        np.testing.assert_array_equal(recs[0]["contexts"][0], recs[0]["contexts"][1])  # padding repeats the last
+    finally:
+        t.close()
+    cases = {"clips": (dict(kind="clips"), ValueError, "ode_init"),
+             "steps": (dict(timesteps=[1000.0, 500.0]), cfg_lib.ConfigError, "regenerate the ODE pairs"),
+             "frames": (dict(frames=8), cfg_lib.ConfigError, "whole chunks")}
+    for name, (kw, err, msg) in cases.items():
+        bad = _fake_story_pairs(tmp_path / name, rc, **kw)
+        with pytest.raises(err, match=msg):
+            tr.Trainer(_cfg("tiny_ode_story", f"train.latent_data_path={bad}"), str(tmp_path / f"r_{name}"),
+                       log=lambda m: None)
+    with pytest.raises(cfg_lib.ConfigError, match="latent_data_path is empty"):
+        tr.Trainer(_cfg("tiny_ode_story"), str(tmp_path / "r_empty"), log=lambda m: None)
+
+
+@pytest.mark.slow
+def test_story_ode_pairs_then_ode_story_run(tmp_path):
+    """ode_pairs --stories: one trajectory per story (its length, its prompts and switch frames kept), then the
+    ode_story recipe trains on them and resumes."""
+    stories, pairs = _stories(tmp_path), tmp_path / "pairs"
+    _run(["-m", "memflow_jax.training.ode_pairs", "--config", "configs/tiny_ode_story.yaml", "--stories", stories,
+          "--out", str(pairs), "--steps", "8"])
+    from memflow_jax.storyworld import dataset as D
+
+    recs = D.StoryworldSource(stories).index_records()
+    meta = json.loads((pairs / "ode_pairs.json").read_text())
+    assert meta["kind"] == "stories" and meta["count"] == len(recs) == 4 and meta["num_latent"] == 9
+    cfg = _cfg("tiny_ode_story")
+    h, w = cfg.sampler.latent_hw
+    for i, rec in enumerate(recs):
+        with np.load(pairs / f"ode_{i:06d}.npz") as z:
+            chex.assert_shape(z["ode_latent"], (5, 9, cfg.model.in_dim, h, w))
+            assert np.all(np.isfinite(z["ode_latent"]))
+            assert [str(p) for p in z["prompts"]] == list(rec["prompts"])
+            assert z["latent_switch_frames"].tolist() == list(rec["latent_switch_frames"])
+    run = tmp_path / "run"
+    for end in (2, 3):
+        _run(["train.py", "--config", "configs/tiny_ode_story.yaml", "--run-dir", str(run), "run.progress=false",
+              f"train.latent_data_path={pairs}", f"train.max_iters={end}"])
+    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3] and all(np.isfinite(r["story_loss"]) for r in recs)
+    assert "3" in os.listdir(run / "checkpoints")
 
 
 @pytest.mark.slow
