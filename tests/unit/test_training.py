@@ -184,16 +184,21 @@ def test_teacher_forced_story_is_the_sampler_on_its_own_frames():
     np.testing.assert_allclose(np.asarray(pred), np.asarray(gt), rtol=1e-5, atol=2e-6)
 
 
+def _story_case(switch_frames, f: int = 9):
+    """A tiny story batch: (rc, params, latents [B, f, ...], contexts [B, P, T, D], switch frames [B, P - 1])."""
+    sw = jnp.asarray(switch_frames, jnp.int32)
+    b, segments = sw.shape[0], sw.shape[1] + 1
+    rc = ro.story_config(_cfg(), b)
+    gt = rand.normal(jax.random.key(1), (b, f) + rc.latent_shape)
+    ctx = rand.normal(jax.random.key(2), (b, segments, rc.model.text_len, rc.model.text_dim))
+    return rc, _init(rc.model, 0), gt, ctx, sw
+
+
 def test_teacher_forced_story_on_trajectory_states_is_the_noised_story():
     """``states``: the drawn step's state replaces fresh noise on the latents. States made of the very noise the
     function draws (``chunk_noise`` of its second key) at each step's timestep must give its default predictions."""
-    cfg = _cfg()
-    b, f = 2, 9
-    rc = ro.story_config(cfg, b)
-    params = _init(rc.model, 0)
-    gt = rand.normal(jax.random.key(1), (b, f) + rc.latent_shape)
-    ctx = rand.normal(jax.random.key(2), (b, 2, rc.model.text_len, rc.model.text_dim))
-    sw = jnp.asarray([[3], [6]], jnp.int32)
+    rc, params, gt, ctx, sw = _story_case([[3], [6]])
+    b, f = gt.shape[:2]
     rng = jax.random.key(3)
     _, k_noise = jax.random.split(rng)
     noise = jnp.concatenate([ro.chunk_noise(k_noise, rc, i)[0] for i in range(f // rc.chunk_frames)], 1)
@@ -213,13 +218,7 @@ def test_teacher_forced_story_on_trajectory_states_is_the_noised_story():
 
 @pytest.mark.parametrize("slow", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["errors", "gradient"])
 def test_teacher_forced_story_gradient_and_errors(slow):
-    cfg = _cfg()
-    b, f = 1, 9
-    rc = ro.story_config(cfg, b)
-    params = _init(rc.model, 0)
-    gt = rand.normal(jax.random.key(1), (b, f) + rc.latent_shape)
-    ctx = rand.normal(jax.random.key(2), (b, 3, rc.model.text_len, rc.model.text_dim))
-    sw = jnp.asarray([[3, ro.NO_SWITCH]], jnp.int32)
+    rc, params, gt, ctx, sw = _story_case([[3, ro.NO_SWITCH]])
 
     def loss(p):
         pred, aux = ro.teacher_forced_story(p, rc, gt, ctx, sw, jax.random.key(4), exit_choices=(1, 2))
