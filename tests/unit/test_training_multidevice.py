@@ -1,8 +1,8 @@
 """Tiny dmd_long (streaming DMD with a prompt switch, LoRA on generator and critic, VAE first-frame re-encode) on a
 2 x 4 (data x fsdp) mesh of 8 host CPU devices: sharded params, finite losses, params that move, checkpoints, and
 a resume from the step-2 checkpoint (the later ones deleted, as after a crash) that ends bit-identical to the
-uninterrupted run; and a tiny dmd_story step (a batch of stories that switch prompts at their own frames, split
-over the devices).
+uninterrupted run; a tiny dmd_story step (a batch of stories that switch prompts at their own frames, split
+over the devices); and story ODE pairs solved over the devices, then tiny ode_story steps.
 
 XLA_FLAGS=--xla_force_host_platform_device_count=8 must be set before JAX starts its backend, so under a plain
 pytest run ``test_dmd_long_on_8_host_devices`` re-runs this file in a subprocess with the flag and
@@ -197,3 +197,33 @@ if INNER:
         for name in ("gen", "critic"):
             assert max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(init[name]),
                                                                     jax.tree_util.tree_leaves(final[name]))) > 0
+
+    @pytest.mark.slow
+    def test_ode_story_on_8_host_devices(tmp_path):
+        """ode_pairs --stories solves 8 stories as one batch split over the 8 devices (a prompt per frame, the
+        batch sharding on [B, F, T, D] contexts), then recipe ode_story on the 2 x 4 mesh: finite losses and a
+        generator that moves."""
+        from memflow_jax.storyworld import dataset as D
+        from memflow_jax.training import ode_pairs
+
+        mesh = ["train.mesh_data=2", "train.mesh_fsdp=4"]
+        stories = D.write_dataset(tmp_path / "stories", kind="stories", num_examples=8, seed=0, height=32, width=32,
+                                  storage="files", num_latent=9, chunk=3, t_stride=4)
+        pairs = tmp_path / "pairs"
+        config = os.path.join(ROOT, "configs", "tiny_ode_story.yaml")
+        assert ode_pairs.main(["--config", config, "--stories", str(stories), "--out", str(pairs), "--steps", "4",
+                               *mesh]) == 0
+        assert json.loads((pairs / "ode_pairs.json").read_text())["count"] == 8
+        cfg = cfg_lib.load(config, [*mesh, "run.progress=false", "train.max_iters=2", "train.batch_size=1",
+                                    f"train.latent_data_path={pairs}"])
+        t = tr.Trainer(cfg, str(tmp_path / "run"), log=lambda m: None)
+        try:
+            assert dict(t.mesh.shape) == {"data": 2, "fsdp": 4} and t.global_batch == 8
+            init = _host(t.gen.params)
+            hist = t.train()
+            final = _host(t.gen.params)
+        finally:
+            t.close()
+        assert len(hist) == 2 and all(np.isfinite(h["story_loss"]) for h in hist)
+        assert max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(init),
+                                                                jax.tree_util.tree_leaves(final))) > 0
