@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"{args.stories}: segment boundaries on chunks of {stories.chunk} latent frames, the "
                              f"generator's sampler.chunk_frames is {cfg.sampler.chunk_frames}: re-export the stories "
                              f"with --chunk {cfg.sampler.chunk_frames}")
-        prompts = [" | ".join(rec["prompts"]) for rec in stories.records]
+        prompts = []  # a story's prompts come with it (stories[i])
     elif r.synthetic_data and not (t.text_cache_dir and os.path.exists(t.data_path)):
         source = tr.SyntheticPromptSource(r.synthetic_size)
         embedder = tr.SyntheticEmbedder(tcfg.text_len, tcfg.text_dim, t.data_seed)
@@ -144,7 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         source = PromptSource(t.data_path)
         embedder = _text_cache(t)
         prompts = [str(source[i]["prompts"]) for i in range(len(source))]
-    n = len(prompts) if args.num_samples is None else min(args.num_samples, len(prompts))
+    total = len(stories) if stories is not None else len(prompts)
+    n = total if args.num_samples is None else min(args.num_samples, total)
     shift = cfg.sampler.timestep_shift if args.shift is None else args.shift
     schedule = sch.make_schedule(shift, num_train_timesteps=cfg.sampler.num_train_timesteps,
                                  num_inference_steps=args.steps)

@@ -393,13 +393,13 @@ class StoryOdeSource:
         if missing:
             raise ValueError(f"{path}: {len(missing)} of the {len(self.files)} trajectories in ode_pairs.json are "
                              f"missing (e.g. {os.path.basename(missing[0])}): regenerate the ODE pairs")
+        with np.load(self.files[0], allow_pickle=False) as z:
+            self.shape = tuple(z["ode_latent"].shape)  # [S + 1, F, C, h, w]; every file is checked when read
         self.records = []
         for fn in self.files:
             with np.load(fn, allow_pickle=False) as z:
                 self.records.append({"prompts": [str(p) for p in z["prompts"]],
                                      "latent_switch_frames": [int(x) for x in z["latent_switch_frames"]]})
-                if fn == self.files[0]:
-                    self.shape = tuple(z["ode_latent"].shape)
         self.num_latent = int(self.shape[1])
         self.num_prompts = max(len(r["prompts"]) for r in self.records)
         self.embedder = embedder
@@ -994,11 +994,14 @@ class Trainer:
                                               num_threads=2, prefetch_buffer_size=2)
             return
         per_process = self.global_batch // jax.process_count()
-        if self.recipe in ("story", "teacher_story", "dmd_story"):  # dmd_story: prompts only (it makes the videos)
+        if self.recipe in ("story", "teacher_story", "dmd_story", "ode_story"):  # dmd_story: prompts only
             dmd_story = self.recipe == "dmd_story"
             self.embedder = self._embedder()
-            self.source = self._story_source(self.embedder, t.video_data_path, "train.video_data_path",
-                                             videos=not dmd_story)
+            if self.recipe == "ode_story":  # a story teacher's trajectories with the stories' prompts
+                self.source = self._story_ode_source(self.embedder)
+            else:
+                self.source = self._story_source(self.embedder, t.video_data_path, "train.video_data_path",
+                                                 videos=not dmd_story)
             self.story_frames = self.source.num_latent
             if dmd_story and self.story_frames % self.chunk:
                 raise ConfigError(f"train.video_data_path: stories of {self.story_frames} latent frames are not whole "
@@ -1006,14 +1009,6 @@ class Trainer:
                                   f"{self.chunk}")
             self.uncond = self._uncond(per_process) if dmd_story or t.text_dropout > 0 else None
             self.story_source = None
-            self.data_iter = data.make_loader(self.source, per_process, seed=t.data_seed, shuffle=True,
-                                              worker_count=t.data_workers, num_threads=2, prefetch_buffer_size=2)
-            return
-        if self.recipe == "ode_story":
-            self.embedder = self._embedder()
-            self.source = self._story_ode_source(self.embedder)
-            self.story_frames = self.source.num_latent
-            self.uncond = self.story_source = None
             self.data_iter = data.make_loader(self.source, per_process, seed=t.data_seed, shuffle=True,
                                               worker_count=t.data_workers, num_threads=2, prefetch_buffer_size=2)
             return
