@@ -22,6 +22,7 @@ import os
 import sys
 from typing import Any, Sequence
 
+import ml_dtypes
 import numpy as np
 
 from memflow_jax import config as config_lib
@@ -30,6 +31,7 @@ from memflow_jax.io.atomic import write_text
 
 DEMO_STORY_TAG = 0x5709  # SeedSequence tag of the default story (training datasets use plain integer seeds)
 STORY_FILE = "story.jsonl"
+STORE_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}  # the DiT's storage (--dit-dtype)
 
 
 def demo_story(num_frames: int, chunk: int, seed: int = 0, num_segments: int = 4,
@@ -111,12 +113,16 @@ def swapped_decoder(vae_dir: str, run_dir: str) -> tuple[dict[str, Any], Any, di
 
 
 def package(dit_dir: str, text_dir: str, vae_dir: str, out_dir: str, story_seed: int = 0,
-            decoder_run: str | None = None) -> str:
+            decoder_run: str | None = None, dit_dtype: str = "float32") -> str:
     """Merge the three converted checkpoints into ``out_dir`` (validated against the merged config).
 
     ``decoder_run``: a ``vae``-recipe run with a frozen encoding path (``pcadec`` / ``vaedec``) whose weights replace
     ``vae_dir``'s, which then only supplies the latent statistics (:func:`swapped_decoder`).
+    ``dit_dtype``: how the DiT's weights are stored ("bfloat16" halves them; every loader restores them in its own
+    param dtype, Orbax casting on restore).
     """
+    if dit_dtype not in STORE_DTYPES:
+        raise ValueError(f"dit_dtype {dit_dtype!r}: use one of {sorted(STORE_DTYPES)}")
     from memflow_jax.nn import dit, t5, vae
     from memflow_jax.pipeline import check_compatible
 
@@ -146,11 +152,19 @@ def package(dit_dir: str, text_dir: str, vae_dir: str, out_dir: str, story_seed:
     if decoder_run:
         sources["vae"]["decoder_run"] = decoder_source
     counts = {k: int(sum(np.prod(x.shape) for x in _leaves(v))) for k, v in comps.items()}
+    comps["dit"] = _cast(comps["dit"], STORE_DTYPES[dit_dtype])
     story = demo_story(cfg.sampler.num_output_frames, cfg.sampler.chunk_frames, story_seed)  # fails before writing
-    save_converted(out_dir, comps, cfg.checkpoint_dict(), extra_meta={"sources": sources, "param_counts": counts},
+    save_converted(out_dir, comps, cfg.checkpoint_dict(),
+                   extra_meta={"sources": sources, "param_counts": counts, "stored_dtypes": {"dit": dit_dtype}},
                    copy_dirs={"tokenizer": tok})
     write_text(os.path.join(out_dir, STORY_FILE), "".join(json.dumps(seg) + "\n" for seg in story))
     return out_dir
+
+
+def _cast(tree: Any, dtype: Any) -> Any:
+    import jax
+
+    return jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), tree)
 
 
 def _leaves(tree: Any) -> list[Any]:
@@ -173,9 +187,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--decoder-run", default=None,
                     help="a vae-recipe run folder with a frozen encoding path (pcadec / pcadeclong / vaedec): its EMA "
                          "weights, with --vae's latent statistics (the frozen params are checked equal)")
+    ap.add_argument("--dit-dtype", choices=sorted(STORE_DTYPES), default="float32",
+                    help="storage dtype of the DiT's weights (bfloat16 halves the package; loaders cast back)")
     args = ap.parse_args(argv)
     try:
-        out = package(args.dit, args.text, args.vae, args.out, args.story_seed, args.decoder_run)
+        out = package(args.dit, args.text, args.vae, args.out, args.story_seed, args.decoder_run, args.dit_dtype)
     except (ValueError, config_lib.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

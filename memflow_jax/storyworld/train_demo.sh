@@ -14,10 +14,11 @@
 #   pcadec    (ARCH=pcadec, after pca) a Wan decoder for the PCA latents (recipe vae)       -> $RUNS/pca_decoder
 #   pcadeclong (ARCH=pcadec) that decoder fine-tuned on 141-frame script windows          -> $RUNS/pca_decoder_long
 #   latents   encode the clips with the VAE, measure latent statistics                  -> $DATA/latents (+ vae/)
-#   stories   (optional, before textcache) 36-latent-frame stories on the chunk grid      -> $DATA/stories
+#   stories   (before textcache) 36-latent-frame stories on the chunk grid                -> $DATA/stories
 #   textcache UMT5 embeddings of every prompt (and of the empty negative prompt)         -> $DATA/text_cache
 #             (with WINDOWS=1 after latents: the script segments' prompts come from its prompts.txt; with
 #             the stories stage run: every story segment's prompt too)
+#   (the clip chain, teacher to dmdlong, made the shipped DiT until round 17; TRAINING.md rounds 1-12)
 #   teacher   bidirectional teacher (recipe teacher)                                     -> $ART/teacher
 #   teachercheck (optional gate) the teacher on 16 held-out clips + 16 continuation prompts -> $RUNS/teacher_check.json
 #   odepairs  teacher ODE trajectories (48 Euler steps, guidance)                        -> $DATA/ode_pairs
@@ -26,17 +27,18 @@
 #   dmdlong   streaming long tuning with prompt switches (recipe dmd_long)               -> $ART/dmd_long
 #   story     (optional, after stories) teacher forcing on ground-truth stories with memory (recipe story),
 #             from $STORY_INIT (default $ART/dmd_long)                                    -> $ART/story
-#   teacherstory (optional, after stories + textcache) a teacher on whole stories, a prompt per latent frame
+#   teacherstory (after stories + textcache) a teacher on whole stories, a prompt per latent frame
 #             (recipe teacher_story), from $TEACHER_STORY_INIT (default scratch)          -> $ART/teacher_story
 #   storycheck (optional) that teacher on 8 held-out stories whole, re-appearance scored  -> $RUNS/teacher_story_check.json
-#   storyodepairs (optional, after teacherstory) that teacher's ODE trajectories on the stories (48 Euler
+#   storyodepairs (after teacherstory) that teacher's ODE trajectories on the stories (48 Euler
 #             steps, guidance 3, a prompt per latent frame; $STORY_ODE_SAMPLES of them, default every story)
 #                                                                                         -> $DATA/story_ode_pairs
-#   odestory  (optional, after storyodepairs) the generator regressed on them through its memory (recipe
-#             ode_story), from $STORY_ODE_INIT (default $PACKAGE)                          -> $ART/ode_story
+#   odestory  (after storyodepairs) the causal generator regressed on them through its memory (recipe
+#             ode_story), from $STORY_ODE_INIT (default the story teacher) -> $ART/ode_story: the shipped DiT
 #   dmdstory  (optional, after teacherstory) DMD on whole stories against that teacher (recipe dmd_story), the
 #             generator from $STORY_DMD_INIT (default $PACKAGE; e.g. $ART/ode_story)        -> $ART/dmd_story
-#   package   assemble tokenizer + UMT5 + DiT + VAE into the shipped checkpoint         -> $PACKAGE
+#   package   assemble tokenizer + UMT5 + DiT ($PACKAGE_DIT, default $ART/ode_story) + VAE into the shipped
+#             checkpoint, the DiT stored in $DIT_DTYPE (default bfloat16; --decoder-run $DECODER_RUN if set) -> $PACKAGE
 # Environment: DATA (data/storyworld), RUNS (runs/storyworld), ART ($RUNS/art), PACKAGE
 # (memflow_jax/assets/storyworld), VAE_SRC (the VAE the latents stage encodes with: $RUNS/vae_decoder),
 # N_CLIPS, N_SCRIPTS, N_STORIES, WORKERS, MINUTES (wall-clock cap of each train.py run: it stops checkpointed and resumable),
@@ -175,14 +177,15 @@ stage() {
     odestory)
       $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_ode_story.yaml \
         --run-dir "$RUNS/ode_story" --export "$ART/ode_story" "$PATHS" train.latent_data_path="$DATA/story_ode_pairs" \
-        train.generator_ckpt="${STORY_ODE_INIT:-$PACKAGE}" $ARCH $EXTRA ;;
+        train.generator_ckpt="${STORY_ODE_INIT:-$ART/teacher_story}" $ARCH $EXTRA ;;
     dmdstory)
       $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_dmd_story.yaml \
         --run-dir "$RUNS/dmd_story" --export "$ART/dmd_story" "$PATHS" train.video_data_path="$DATA/stories" \
         train.generator_ckpt="${STORY_DMD_INIT:-$PACKAGE}" run.teacher_ckpt="$ART/teacher_story" $ARCH $EXTRA ;;
     package)
-      $PY -m memflow_jax.storyworld.package --dit "${PACKAGE_DIT:-$ART/dmd_long}" --text "$ART/text" \
-        --vae "$DATA/latents/vae" --out "$PACKAGE" ;;
+      $PY -m memflow_jax.storyworld.package --dit "${PACKAGE_DIT:-$ART/ode_story}" --text "$ART/text" \
+        --vae "$DATA/latents/vae" ${DECODER_RUN:+--decoder-run "$DECODER_RUN"} --dit-dtype "${DIT_DTYPE:-bfloat16}" \
+        --out "$PACKAGE" ;;
     *)
       echo "unknown stage '$name' (data text vae vaedec pca pcadec pcadeclong latents stories textcache teacher teachercheck odepairs odeinit dmd dmdlong story teacherstory storycheck storyodepairs odestory dmdstory package)" >&2
       exit 2 ;;

@@ -69,6 +69,26 @@ def test_package_merges_the_stages_into_one_loadable_checkpoint(tmp_path):
     assert not os.path.exists(tmp_path / "bad")
 
 
+def test_package_can_store_the_dit_in_bfloat16(tmp_path):
+    import ml_dtypes
+
+    cfg, dit_dir, text_dir, vae_dir = _stage_dirs(tmp_path)
+    full, half = str(tmp_path / "full"), str(tmp_path / "half")
+    assert pkg.main(["--dit", dit_dir, "--text", text_dir, "--vae", vae_dir, "--out", full]) == 0
+    assert pkg.main(["--dit", dit_dir, "--text", text_dir, "--vae", vae_dir, "--out", half,
+                     "--dit-dtype", "bfloat16"]) == 0
+    assert read_converted_meta(half)["stored_dtypes"] == {"dit": "bfloat16"}
+    assert pkg.dir_size(os.path.join(half, "dit")) < 0.75 * pkg.dir_size(os.path.join(full, "dit"))
+    a = load_components(config_from_checkpoint(full), full).dit_params
+    b = load_components(config_from_checkpoint(half), half).dit_params
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        assert y.dtype == x.dtype  # restored in the loader's param dtype
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(x).astype(ml_dtypes.bfloat16).astype(x.dtype))
+    with pytest.raises(ValueError, match="dit_dtype"):
+        pkg.package(dit_dir, text_dir, vae_dir, str(tmp_path / "bad"), dit_dtype="int8")
+    assert not os.path.exists(tmp_path / "bad")
+
+
 def test_default_sample_uses_the_bundled_demo_model(tmp_path, capsys):
     assert os.path.isfile(os.path.join(sample.DEFAULT_CKPT, "config.json")), "the bundled demo checkpoint is missing"
     out = tmp_path / "story.mp4"
