@@ -35,7 +35,10 @@ by ``s - 1`` frames, so every segment boundary of the ground truth is exactly wh
 Spread: each metric is first averaged over the scripts for one sampling seed; the table shows the mean over
 seeds ± the sample standard deviation over seeds (ddof 1) and [min, max] of the per-seed means. FPS = video
 frames / seconds of ``pipeline.generate`` (text encoding, streaming DiT, streaming VAE decode), measured after
-one untimed warm-up generation per mode that compiles every step (its time is reported separately).
+one untimed warm-up generation per mode that compiles every step (its time is reported separately). "returns
+measured / passed" counts the return events behind the re-appearance cells, over every script and seed: a return is
+measured when the video draws the object whole on both sides of its gap, so a pass rate over few measured returns
+says little (storyworld/TRAINING.md round 17).
 """
 from __future__ import annotations
 
@@ -316,6 +319,15 @@ def score(video: np.ndarray, ann: dict[str, Any]) -> tuple[dict[str, Any], dict[
     return out, reasons
 
 
+def returns_tally(metrics: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Return events over videos: how many the ground truth has, how many the video lets us measure (the object
+    drawn whole on both sides of its gap), how many of those pass. The pass rate alone hides how few are measured."""
+    events = [e for m in metrics for e in m["consistency_events"]]
+    dist = np.asarray([_f(e["distance"]) for e in events], np.float64)
+    return {"events": len(events), "measured": int(np.isfinite(dist).sum()),
+            "passed": int(sum(bool(e["passed"]) for e in events))}
+
+
 def _finite_mean(values: Sequence[float]) -> float:
     v = np.asarray(values, np.float64)
     v = v[np.isfinite(v)]
@@ -342,6 +354,7 @@ def aggregate(runs: list[dict[str, Any]], seeds: Sequence[int]) -> dict[str, Any
         rs = [r for r in runs if r["seed"] == sd]
         per_seed_fps.append(sum(r["video_frames"] for r in rs) / sum(r["seconds"] for r in rs))
     out["fps"] = _summary(per_seed_fps, [])
+    out["returns"] = returns_tally([r["metrics"] for r in runs])  # over every script and seed
     return out
 
 
@@ -416,15 +429,25 @@ def _cell(s: dict[str, Any], fmt: str = "{:.3f}") -> str:
     return txt
 
 
+def _returns_cell(t: dict[str, int] | None) -> str:
+    return "–" if t is None else f"{t['measured']} / {t['passed']} of {t['events']}"
+
+
 def format_table(summary: dict[str, dict[str, Any]], gt: dict[str, float],
-                 codec: dict[str, float] | None = None) -> str:
-    heads = ["mode"] + [h for _, h, _ in METRICS] + ["FPS"]
+                 codec: dict[str, float] | None = None,
+                 ref_returns: dict[str, dict[str, int]] | None = None) -> str:
+    """Markdown table; ``ref_returns``: the tallies of "ground truth" / "codec" (:func:`returns_tally`)."""
+    heads = ["mode"] + [h for _, h, _ in METRICS] + ["returns measured / passed", "FPS"]
     rows = [heads, ["---"] * len(heads)]
     for mode, s in summary.items():
-        rows.append([mode] + [_cell(s[k]) for k, _, _ in METRICS] + [_cell(s["fps"], "{:.1f}")])
-    refs = ([("ground truth through the VAE", codec)] if codec is not None else []) + [("ground truth", gt)]
-    for name, ref in refs:
-        rows.append([name] + [f"{ref[k]:.3f}" if np.isfinite(ref[k]) else "n/a" for k, _, _ in METRICS] + ["–"])
+        rows.append([mode] + [_cell(s[k]) for k, _, _ in METRICS] + [_returns_cell(s.get("returns")),
+                                                                    _cell(s["fps"], "{:.1f}")])
+    ref_returns = ref_returns or {}
+    refs = ([("ground truth through the VAE", codec, "codec")] if codec is not None else []) + \
+        [("ground truth", gt, "ground truth")]
+    for name, ref, key in refs:
+        rows.append([name] + [f"{ref[k]:.3f}" if np.isfinite(ref[k]) else "n/a" for k, _, _ in METRICS]
+                    + [_returns_cell(ref_returns.get(key)), "–"])
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
 
@@ -593,13 +616,18 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     summary = {m: aggregate([r for r in runs if r["mode"] == m], seeds) for m in modes}
     gt = {k: _finite_mean([g[0][k] for g in gt_metrics]) for k, _, _ in METRICS}
     comparisons = compare(summary)
-    table = format_table(summary, gt, codec)
+    ref_returns = {"ground truth": returns_tally([g for g, _ in gt_metrics]),
+                   "codec": returns_tally([g for g, _ in codec_metrics])}
+    table = format_table(summary, gt, codec, ref_returns)
     log("")
     log(table)
     log(f"cells: mean over {len(seeds)} sampling seed(s) of the per-seed mean over {num_scripts} script(s); "
         f"± = sample std over seeds (ddof 1); [min, max] of the per-seed means. adherence / reappear. pass: "
         f"higher is better (ground truth ~1); reappear. dist: lower is better (<= 1 passes); smoothness = mean "
-        f"|frame difference| (lower = smoother; compare with the ground truth's). FPS excludes the warm-up"
+        f"|frame difference| (lower = smoother; compare with the ground truth's); returns: return events whose "
+        f"object the video draws whole on both sides of its gap / of those passing, of all (a mode: over scripts x "
+        f"seeds; a reference: over scripts). "
+        f"FPS excludes the warm-up"
         f"{' (none: FPS includes compilation)' if args.no_warmup else ''}.")
     for c in comparisons:
         log(f"  {c['mode']} vs {c['baseline']} {c['metric']}: gain {c['gain']:+.3f} (per-seed "
@@ -631,6 +659,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         "ground_truth": gt,
         "ground_truth_through_vae": codec,
         "ground_truth_through_vae_per_script": [g for g, _ in codec_metrics],
+        "returns": {"ground_truth": ref_returns["ground truth"], "ground_truth_through_vae": ref_returns["codec"]},
         "warmup_seconds": warmup,
         "runs": runs,
         "summary": summary,
@@ -660,7 +689,8 @@ def _codec_only(args: argparse.Namespace, cfg, ckpt: str | None, scripts: list[E
     codec_metrics = [score(codec_roundtrip(comp, e.video), e.annotations) for e in scripts]
     codec = {k: _finite_mean([g[0][k] for g in codec_metrics]) for k, _, _ in METRICS}
     gt = {k: _finite_mean([g[0][k] for g in gt_metrics]) for k, _, _ in METRICS}
-    table = format_table({}, gt, codec)
+    table = format_table({}, gt, codec, {"ground truth": returns_tally([g for g, _ in gt_metrics]),
+                                         "codec": returns_tally([g for g, _ in codec_metrics])})
     log("")
     log(table)
     log("per script (adherence / reappearance pass): " + ", ".join(

@@ -146,6 +146,7 @@ def test_tiny_end_to_end_json(tmp_path):
         assert rep["summary"][mode]["fps"]["mean"] > 0
     assert len(rep["runs"]) == len(modes) * len(seeds) * setup["num_scripts"]
     n_segments = len(rep["scripts"][0]["prompts"])
+    n_events = len(rep["runs"][0]["metrics"]["consistency_events"])  # the one script's return events
     for r in rep["runs"]:
         m = r["metrics"]
         assert r["video_frames"] == setup["num_video_frames"] and r["seconds"] > 0
@@ -168,6 +169,18 @@ def test_tiny_end_to_end_json(tmp_path):
     assert len(rep["ground_truth_through_vae_per_script"]) == setup["num_scripts"]
     assert "| ground truth through the VAE |" in rep["table"]
     assert {(c["mode"], c["baseline"]) for c in rep["comparisons"]} == {("nam", "none")}
+    # return events: counted over every script and seed; measured ones are those with a finite distance
+    for mode in modes:
+        evs = [e for r in rep["runs"] if r["mode"] == mode for e in r["metrics"]["consistency_events"]]
+        want = {"events": len(evs), "measured": sum(e["distance"] is not None for e in evs),
+                "passed": sum(e["passed"] for e in evs)}
+        assert rep["summary"][mode]["returns"] == want
+        assert want["passed"] <= want["measured"] <= want["events"] == len(seeds) * n_events
+        row = next(line for line in rep["table"].splitlines() if line.startswith(f"| {mode} |"))
+        assert f"| {want['measured']} / {want['passed']} of {want['events']} |" in row
+    truth = rep["returns"]["ground_truth"]
+    assert truth == {"events": n_events, "measured": n_events, "passed": n_events}  # the ground truth passes all
+    assert "returns measured / passed" in rep["table"]
 
 
 def test_codec_only_scores_the_lossless_codec_as_the_ground_truth(tmp_path):
