@@ -328,6 +328,14 @@ def returns_tally(metrics: Sequence[dict[str, Any]]) -> dict[str, int]:
             "passed": int(sum(bool(e["passed"]) for e in events))}
 
 
+def reference_returns(gt_metrics: Sequence[tuple[dict, dict]], codec_metrics: Sequence[tuple[dict, dict]]
+                      ) -> dict[str, dict[str, int]]:
+    """:func:`returns_tally` of the ground truth and of its codec round trip (per script), keyed as
+    :func:`format_table` reads them."""
+    return {"ground truth": returns_tally([g for g, _ in gt_metrics]),
+            "codec": returns_tally([g for g, _ in codec_metrics])}
+
+
 def _finite_mean(values: Sequence[float]) -> float:
     v = np.asarray(values, np.float64)
     v = v[np.isfinite(v)]
@@ -616,8 +624,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     summary = {m: aggregate([r for r in runs if r["mode"] == m], seeds) for m in modes}
     gt = {k: _finite_mean([g[0][k] for g in gt_metrics]) for k, _, _ in METRICS}
     comparisons = compare(summary)
-    ref_returns = {"ground truth": returns_tally([g for g, _ in gt_metrics]),
-                   "codec": returns_tally([g for g, _ in codec_metrics])}
+    ref_returns = reference_returns(gt_metrics, codec_metrics)
     table = format_table(summary, gt, codec, ref_returns)
     log("")
     log(table)
@@ -689,8 +696,7 @@ def _codec_only(args: argparse.Namespace, cfg, ckpt: str | None, scripts: list[E
     codec_metrics = [score(codec_roundtrip(comp, e.video), e.annotations) for e in scripts]
     codec = {k: _finite_mean([g[0][k] for g in codec_metrics]) for k, _, _ in METRICS}
     gt = {k: _finite_mean([g[0][k] for g in gt_metrics]) for k, _, _ in METRICS}
-    table = format_table({}, gt, codec, {"ground truth": returns_tally([g for g, _ in gt_metrics]),
-                                         "codec": returns_tally([g for g, _ in codec_metrics])})
+    table = format_table({}, gt, codec, reference_returns(gt_metrics, codec_metrics))
     log("")
     log(table)
     log("per script (adherence / reappearance pass): " + ", ".join(

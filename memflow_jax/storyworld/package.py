@@ -26,7 +26,7 @@ import ml_dtypes
 import numpy as np
 
 from memflow_jax import config as config_lib
-from memflow_jax.convert.common import load_component, read_converted_meta, save_converted
+from memflow_jax.convert.common import cast_tree, load_component, read_converted_meta, save_converted
 from memflow_jax.io.atomic import write_text
 
 DEMO_STORY_TAG = 0x5709  # SeedSequence tag of the default story (training datasets use plain integer seeds)
@@ -152,19 +152,13 @@ def package(dit_dir: str, text_dir: str, vae_dir: str, out_dir: str, story_seed:
     if decoder_run:
         sources["vae"]["decoder_run"] = decoder_source
     counts = {k: int(sum(np.prod(x.shape) for x in _leaves(v))) for k, v in comps.items()}
-    comps["dit"] = _cast(comps["dit"], STORE_DTYPES[dit_dtype])
+    comps["dit"] = cast_tree(comps["dit"], STORE_DTYPES[dit_dtype])
     story = demo_story(cfg.sampler.num_output_frames, cfg.sampler.chunk_frames, story_seed)  # fails before writing
     save_converted(out_dir, comps, cfg.checkpoint_dict(),
                    extra_meta={"sources": sources, "param_counts": counts, "stored_dtypes": {"dit": dit_dtype}},
                    copy_dirs={"tokenizer": tok})
     write_text(os.path.join(out_dir, STORY_FILE), "".join(json.dumps(seg) + "\n" for seg in story))
     return out_dir
-
-
-def _cast(tree: Any, dtype: Any) -> Any:
-    import jax
-
-    return jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), tree)
 
 
 def _leaves(tree: Any) -> list[Any]:

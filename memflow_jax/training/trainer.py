@@ -405,8 +405,8 @@ class StoryOdeSource:
         self.embedder = embedder
         absent = [p for r in self.records for p in r["prompts"] if p not in embedder]
         if absent:
-            raise ValueError(f"{len(absent)} prompts of {path} are not in the text cache (e.g. {absent[0]!r}): build it "
-                             "over the stories' segment_prompts.txt")
+            raise ValueError(f"{len(absent)} prompts of {path} are not in the text cache (e.g. {absent[0]!r}): "
+                             "build it over the stories' segment_prompts.txt")
 
     def __len__(self) -> int:
         return len(self.files)
@@ -1390,6 +1390,10 @@ class Trainer:
                                             constrain=self._pin)
         return losses.ode_regression_loss(pred, latents), aux
 
+    def _story_input(self) -> str:
+        """The batch field the story / ode_story step reads its clean story from (videos / trajectories)."""
+        return "ode_latent" if self.recipe == "ode_story" else "video"
+
     def _story_step_fn(self) -> Callable:
         ode = self.recipe == "ode_story"
 
@@ -1409,8 +1413,7 @@ class Trainer:
             steps = aux["exit_steps"].astype(jnp.float32)
             return self._apply(gen, ema, grads, loop_step, {"story_loss": loss, "exit_step": jnp.mean(steps)})
 
-        first = "ode_latent" if ode else "video"
-        return self._simple_jit(step, {first: self.bsh, "contexts": self.bsh, "switch_frames": self.bsh})
+        return self._simple_jit(step, {self._story_input(): self.bsh, "contexts": self.bsh, "switch_frames": self.bsh})
 
     def _apply(self, gen: TrainState, ema, grads, loop_step, metrics: dict,
                grad_metric: str = "generator_grad_norm"):
@@ -1512,8 +1515,7 @@ class Trainer:
                                              rng, loop)
         elif self.recipe in ("story", "ode_story"):
             fn = self._jit("story", self._story_step_fn)
-            first = "ode_latent" if self.recipe == "ode_story" else "video"
-            batch = self._next_batch((first, "contexts", "switch_frames"), None)
+            batch = self._next_batch((self._story_input(), "contexts", "switch_frames"), None)
             self.gen, self.ema, metrics = fn(self.gen, self.ema, self.gen_base, batch, rng, loop)
         elif self.recipe == "ode_init":
             fn = self._jit("ode", self._ode_step_fn)
