@@ -147,8 +147,12 @@ def package(dit_dir: str, text_dir: str, vae_dir: str, out_dir: str, story_seed:
     sources = {}
     for name, d in (("dit", dit_dir), ("text", text_dir), ("vae", vae_dir)):
         meta = read_converted_meta(d)
-        sources[name] = {"path": os.path.relpath(d), **{k: v for k, v in meta.items()
-                                                        if k not in ("config", "components")}}
+        earlier = meta.get("sources", {}).get(name)
+        if isinstance(earlier, dict):  # ``d`` is itself a package: keep its record of this part, not its whole history
+            sources[name] = earlier
+        else:
+            sources[name] = {"path": os.path.relpath(d), **{k: v for k, v in meta.items()
+                                                            if k not in ("config", "components")}}
     if decoder_run:
         sources["vae"]["decoder_run"] = decoder_source
     counts = {k: int(sum(np.prod(x.shape) for x in _leaves(v))) for k, v in comps.items()}

@@ -34,9 +34,10 @@
 #             steps, guidance 3, a prompt per latent frame; $STORY_ODE_SAMPLES of them, default every story)
 #                                                                                         -> $DATA/story_ode_pairs
 #   odestory  (after storyodepairs) the causal generator regressed on them through its memory (recipe
-#             ode_story), from $STORY_ODE_INIT (default the story teacher) -> $ART/ode_story: the shipped DiT
-#   dmdstory  (optional, after teacherstory) DMD on whole stories against that teacher (recipe dmd_story), the
-#             generator from $STORY_DMD_INIT (default $PACKAGE; e.g. $ART/ode_story)        -> $ART/dmd_story
+#             ode_story), from $STORY_ODE_INIT (default the story teacher) -> $ART/ode_story (round 17's DiT)
+#   dmdstory  (after odestory + package) DMD on whole stories against that teacher (recipe dmd_story), the
+#             generator from $STORY_DMD_INIT (default $PACKAGE)  -> $ART/dmd_story: the shipped DiT (round 18),
+#             packaged by PACKAGE_DIT=$ART/dmd_story train_demo.sh package
 #   package   assemble tokenizer + UMT5 + DiT ($PACKAGE_DIT, default $ART/ode_story) + VAE into the shipped
 #             checkpoint, the DiT stored in $DIT_DTYPE (default bfloat16; --decoder-run $DECODER_RUN if set) -> $PACKAGE
 # Environment: DATA (data/storyworld), RUNS (runs/storyworld), ART ($RUNS/art), PACKAGE

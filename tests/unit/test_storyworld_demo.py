@@ -64,6 +64,10 @@ def test_package_merges_the_stages_into_one_loadable_checkpoint(tmp_path):
     with open(os.path.join(out, pkg.STORY_FILE)) as f:
         story = [json.loads(line) for line in f]
     assert story == pkg.demo_story(24, cfg.sampler.chunk_frames)
+    # re-packaging a new DiT with the package's own text model and codec keeps their records, not nested histories
+    again = str(tmp_path / "again")
+    assert pkg.main(["--dit", dit_dir, "--text", out, "--vae", out, "--out", again]) == 0
+    assert read_converted_meta(again)["sources"] == meta["sources"]
     # a stage folder without its section is named in the error, and nothing is written
     assert pkg.main(["--dit", text_dir, "--text", text_dir, "--vae", vae_dir, "--out", str(tmp_path / "bad")]) == 2
     assert not os.path.exists(tmp_path / "bad")
