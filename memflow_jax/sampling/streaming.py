@@ -329,13 +329,17 @@ class StreamingSampler:
     # ------------------------------------------------------------------ the generator loop
     def stream(self, contexts: Sequence[jnp.ndarray], switch_frames: Sequence[int], num_frames: int, *,
                rng: jax.Array | None = None, init_noise: np.ndarray | None = None,
-               step_noise: np.ndarray | None = None) -> Iterator[tuple[int, jnp.ndarray, dict]]:
+               step_noise: np.ndarray | None = None,
+               on_state: Callable[[int, StreamState], StreamState] | None = None
+               ) -> Iterator[tuple[int, jnp.ndarray, dict]]:
         """Yield ``(chunk_index, x0 [B, F, C, h, w], debug)`` chunk by chunk.
 
         contexts: one prompt-embedding array [B, T, text_dim] per segment; switch_frames: the latent frames where
         segments 2.. start (len = len(contexts) - 1, multiples of the chunk size). Noise comes from ``rng`` or from
         explicit arrays (``init_noise [B, num_frames, C, h, w]``, ``step_noise [chunks, S-1, B, F, C, h, w]``)
-        to replay another implementation's draws.
+        to replay another implementation's draws. ``on_state(chunk_index, state) -> state`` sees (and may replace,
+        same shapes) the state each chunk starts from, after any prompt switch's re-cache: a probe's hook, e.g. to
+        record the memory bank or swap in another run's (``benchmarks/storyworld_memory_probe.py``).
         """
         c = self.scfg.chunk_frames
         validate_schedule(switch_frames, len(contexts), num_frames, c)
@@ -360,6 +364,8 @@ class StreamingSampler:
                 cn = None
             else:
                 rng, noise, sn, cn = _chunk_noise(rng, (self.batch, c, self.mcfg.in_dim, h, w), nsteps)
+            if on_state is not None:
+                state = on_state(ci, state)
             state, x0, dbg = self.chunk(state, texts[seg], noise, sn, cn)
             self.current_state = state
             yield ci, x0, dbg

@@ -97,6 +97,30 @@ def test_explicit_noise_replays_rng_run(params):
     np.testing.assert_array_equal(np.concatenate(a, 1), np.concatenate(b, 1))
 
 
+def test_on_state_hook_sees_each_chunk_start_after_the_switch(params):
+    """``stream(on_state=...)``: called once a chunk with the state it starts from (the switch's re-cache already
+    applied); returning it unchanged changes nothing, returning another state is what the chunk then reads."""
+    from benchmarks.storyworld_eval import randomise_zero_head
+
+    head_drawn, _ = randomise_zero_head(params, 0)  # a zero-init head would make x0 independent of the cache
+    s = StreamingSampler(head_drawn, MODEL, MODES["nam"], SAMPLER, batch_size=1)
+    plain = [np.asarray(x) for _, x, _ in s.stream(_contexts(2), [6], 12, rng=jax.random.PRNGKey(4))]
+    seen = []
+
+    def look(ci, state):
+        seen.append((ci, int(state.frame)))
+        return state
+
+    hooked = [np.asarray(x) for _, x, _ in s.stream(_contexts(2), [6], 12, rng=jax.random.PRNGKey(4), on_state=look)]
+    np.testing.assert_array_equal(np.concatenate(hooked, 1), np.concatenate(plain, 1))
+    assert seen == [(0, 0), (1, 3), (2, 6), (3, 9)]
+    zeroed = [np.asarray(x) for _, x, _ in s.stream(
+        _contexts(2), [6], 12, rng=jax.random.PRNGKey(4),
+        on_state=lambda ci, st: st.replace(cache=st.cache.replace(k=jnp.zeros_like(st.cache.k))) if ci == 3 else st)]
+    np.testing.assert_array_equal(np.concatenate(zeroed[:3], 1), np.concatenate(plain[:3], 1))
+    assert float(np.max(np.abs(zeroed[3] - plain[3]))) > 0
+
+
 def test_bad_inputs(params):
     s = StreamingSampler(params, MODEL, MODES["nam"], SAMPLER, batch_size=1)
     with pytest.raises(ValueError, match="text_dim"):
