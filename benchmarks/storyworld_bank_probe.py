@@ -88,7 +88,8 @@ def return_distance(video: np.ndarray, ann: dict[str, Any], obj: int) -> float:
 
 def probe_script(comp, sampler, e: "E.EvalScript", seeds: tuple[int, int], chunk: int, t_stride: int
                  ) -> list[dict[str, Any]]:
-    """Both swaps (a<-b, b<-a) of one script: influence and the copy distances."""
+    """Both swaps (a<-b, b<-a) of one script, at the return of its first returning object: influence, the copy
+    distances and whether each bank holds that object."""
     import jax
     import jax.numpy as jnp
 
@@ -235,13 +236,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except E.EvalError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return E.run_cli(run, parse_args(argv))
 
 
 if __name__ == "__main__":

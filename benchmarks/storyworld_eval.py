@@ -714,16 +714,20 @@ def _codec_only(args: argparse.Namespace, cfg, ckpt: str | None, scripts: list[E
     return report
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run_cli(run_fn: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
+    """Exit status of ``run_fn(args)``: 0, or 2 with a one-line error for a bad script, config or checkpoint."""
     from memflow_jax.config import ConfigError
 
-    args = parse_args(argv)
     try:
-        run(args)
+        run_fn(args)
     except (EvalError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(run, parse_args(argv))
 
 
 if __name__ == "__main__":

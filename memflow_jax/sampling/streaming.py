@@ -339,7 +339,7 @@ class StreamingSampler:
         explicit arrays (``init_noise [B, num_frames, C, h, w]``, ``step_noise [chunks, S-1, B, F, C, h, w]``)
         to replay another implementation's draws. ``on_state(chunk_index, state) -> state`` sees (and may replace,
         same shapes) the state each chunk starts from, after any prompt switch's re-cache: a probe's hook, e.g. to
-        record the memory bank or swap in another run's (``benchmarks/storyworld_memory_probe.py``).
+        record the memory bank or swap in another run's (``benchmarks/storyworld_bank_probe.py``).
         """
         c = self.scfg.chunk_frames
         validate_schedule(switch_frames, len(contexts), num_frames, c)
