@@ -51,25 +51,6 @@ def swap_bank(state, donor):
     return state.replace(cache=new)
 
 
-def sample(comp, sampler, contexts, switches: Sequence[int], num_latent: int, seed: int,
-           on_state: Callable | None = None) -> np.ndarray:
-    """Decoded video uint8 [T, H, W, 3] of batch item 0 (the pipeline's streaming decode, chunk by chunk)."""
-    import jax
-
-    from memflow_jax.io.video import pixels_to_uint8
-    from memflow_jax.nn import vae as vae_nn
-
-    cfg = comp.cfg
-    h, w = sampler.latent_hw
-    vcache = vae_nn.init_decode_cache(cfg.vae, sampler.batch, h, w)
-    pix = []
-    for _, x0, _ in sampler.stream(contexts, list(switches), num_latent, rng=jax.random.PRNGKey(seed),
-                                   on_state=on_state):
-        p, vcache = vae_nn.decode_chunk_jit(comp.vae_params, cfg.vae, x0, vcache)
-        pix.append(np.asarray(p)[0])
-    return pixels_to_uint8(np.concatenate(pix, axis=0))
-
-
 def bank_shows_object(state, visible: np.ndarray, t_stride: int) -> float:
     """Fraction of layers whose bank (batch item 0) holds a latent frame in which the ground truth shows the object
     (``visible`` [T] bool over video frames): what NAM kept that could tell the DiT how the object looked."""
@@ -86,17 +67,16 @@ def return_distance(video: np.ndarray, ann: dict[str, Any], obj: int) -> float:
     return float(min((r["distance"] for r in recs), default=float("inf")))
 
 
-def probe_script(comp, sampler, e: "E.EvalScript", seeds: tuple[int, int], chunk: int, t_stride: int
+def probe_script(comp, e: "E.EvalScript", seeds: tuple[int, int], chunk: int, t_stride: int
                  ) -> list[dict[str, Any]]:
     """Both swaps (a<-b, b<-a) of one script, at the return of its first returning object: influence, the copy
     distances and whether each bank holds that object."""
     import jax
     import jax.numpy as jnp
 
-    from memflow_jax.pipeline import _fit_context
+    def sample(seed: int, on_state: Callable) -> np.ndarray:  # [T, H, W, 3] uint8
+        return E.generate_video(comp, e.prompts, e.latent_switch_frames, e.num_latent_frames, seed, on_state)[0]
 
-    contexts = [np.asarray(comp.text_encoder.encode([p] * sampler.batch)) for p in e.prompts]
-    contexts = [_fit_context(c, comp.cfg) for c in contexts]
     obj, _, ret_seg = e.returning[0]
     swap_chunk = e.latent_switch_frames[ret_seg - 1] // chunk  # the chunk the return segment starts with
     swap_video = E.video_frames(swap_chunk * chunk, t_stride)  # video frames made before that chunk
@@ -108,11 +88,10 @@ def probe_script(comp, sampler, e: "E.EvalScript", seeds: tuple[int, int], chunk
             if ci == swap_chunk:  # a copy: the chunk program donates the state it is given
                 states[s] = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), state)
             return state
-        videos[s] = sample(comp, sampler, contexts, e.latent_switch_frames, e.num_latent_frames, s, keep)
+        videos[s] = sample(s, keep)
     out = []
     for a, b in (seeds, seeds[::-1]):
-        swapped = sample(comp, sampler, contexts, e.latent_switch_frames, e.num_latent_frames, a,
-                         lambda ci, st, b=b: swap_bank(st, states[b]) if ci == swap_chunk else st)
+        swapped = sample(a, lambda ci, st, b=b: swap_bank(st, states[b]) if ci == swap_chunk else st)
         va, vb = videos[a].astype(np.float32), videos[b].astype(np.float32)
         before = float(np.abs(swapped[:swap_video].astype(np.float32) - va[:swap_video]).max())
         diff_swap = float(np.abs(swapped[swap_video:] - va[swap_video:]).mean())
@@ -197,21 +176,17 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
                           f"indices (off screen >= {min_absent} latent frames): lower --min-absent or --num-scripts")
 
     from memflow_jax.pipeline import load_components
-    from memflow_jax.sampling.streaming import StreamingSampler
 
     comp = load_components(cfg, ckpt, seed=s.seed)
-    if comp.vae_params is None:
-        raise E.EvalError("the probe decodes videos: the checkpoint needs VAE params")
     if comp.random_weights:
         params, _ = E.randomise_zero_head(comp.dit_params, s.seed)
         comp = dataclasses.replace(comp, dit_params=params)
-    sampler = StreamingSampler(comp.dit_params, cfg.model, cfg.memory, cfg.sampler, batch_size=1)
     log(f"{num_scripts} late-memory script(s), off screen >= {min_absent} latent frames; mode {args.mode}; "
         f"seeds {seeds}; {'RANDOM weights' if comp.random_weights else ckpt}")
     rows = []
     for e in scripts:
         t0 = time.perf_counter()
-        got = probe_script(comp, sampler, e, seeds, chunk, t_stride)
+        got = probe_script(comp, e, seeds, chunk, t_stride)
         rows.extend(got)
         for r in got:
             log(f"  script {e.index} {r['seeds'][0]}<-{r['seeds'][1]} (swap at chunk {r['swap_chunk']}): influence "

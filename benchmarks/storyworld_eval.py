@@ -253,9 +253,10 @@ def randomise_zero_head(params: Any, seed: int) -> tuple[Any, bool]:
     return out, True
 
 
-def generate_video(comp, prompts: Sequence[str], switches: Sequence[int], num_latent: int, seed: int
-                   ) -> tuple[np.ndarray, float]:
-    """(decoded video uint8 [T, H, W, 3] of batch item 0, seconds of ``pipeline.generate``)."""
+def generate_video(comp, prompts: Sequence[str], switches: Sequence[int], num_latent: int, seed: int,
+                   on_state: Callable | None = None) -> tuple[np.ndarray, float]:
+    """(decoded video uint8 [T, H, W, 3] of batch item 0, seconds of ``pipeline.generate``); ``on_state``: the
+    sampler's per-chunk state hook."""
     from memflow_jax.io.video import pixels_to_uint8
     from memflow_jax.pipeline import generate
     from memflow_jax.sampling.timeline import Timeline
@@ -268,7 +269,8 @@ def generate_video(comp, prompts: Sequence[str], switches: Sequence[int], num_la
         chunks.append(pix[0])  # [F, 3, H, W]
 
     t0 = time.perf_counter()
-    generate(comp, Timeline(tuple(prompts), tuple(switches)), num_frames=num_latent, seed=seed, on_chunk=on_chunk)
+    generate(comp, Timeline(tuple(prompts), tuple(switches)), num_frames=num_latent, seed=seed, on_chunk=on_chunk,
+             on_state=on_state)
     seconds = time.perf_counter() - t0  # generate returns host arrays: all work is done
     return pixels_to_uint8(np.concatenate(chunks, axis=0)), seconds
 

@@ -93,9 +93,11 @@ def config_from_checkpoint(ckpt_dir: str, overrides: list[str] = (), base_yaml: 
 
 def generate(comp: Components, timeline: Timeline, *, num_frames: int, seed: int = 0,
              offload_text_encoder: bool = False,
-             on_chunk: Callable[[int, np.ndarray, np.ndarray | None], None] | None = None) -> np.ndarray:
+             on_chunk: Callable[[int, np.ndarray, np.ndarray | None], None] | None = None,
+             on_state: Callable | None = None) -> np.ndarray:
     """Stream a video: returns all latents [B, T, C, h, w]; ``on_chunk(i, latents, pixels [B,F,3,H,W])``
-    is called per chunk (pixels are None when the VAE is skipped)."""
+    is called per chunk (pixels are None when the VAE is skipped); ``on_state``: the sampler's per-chunk state hook
+    (:meth:`StreamingSampler.stream`)."""
     cfg = comp.cfg
     b = cfg.sampler.batch_size
     # text: every distinct prompt encoded once; then the encoder can be dropped
@@ -108,7 +110,7 @@ def generate(comp: Components, timeline: Timeline, *, num_frames: int, seed: int
     vcache = vae_nn.init_decode_cache(cfg.vae, b, h, w) if comp.vae_params is not None else None
     lat = []
     for ci, x0, _ in sampler.stream(contexts, list(timeline.switch_frames), num_frames,
-                                    rng=jax.random.PRNGKey(seed)):
+                                    rng=jax.random.PRNGKey(seed), on_state=on_state):
         pix = None
         if vcache is not None:
             pix, vcache = vae_nn.decode_chunk_jit(comp.vae_params, cfg.vae, x0, vcache)
