@@ -5,7 +5,8 @@ Layout of a dataset folder (every file is a pure function of the arguments: same
     meta.json            format, kind, count, seed, resolution, fps, storage, sampler arguments, vocabulary
     data.array_record    one record per example (storage "arrayrecord")
     examples/000000.swr  ... one file per example (storage "files", when array_record is not installed)
-    index.jsonl          per example: index, seed, num_frames, prompts, start_frames (+ file for "files")
+    index.jsonl          per example: index, seed, num_frames, prompts, start_frames (+ file for "files"; stories
+                         + latent_switch_frames, latent_returns)
     prompts.txt          one prompt per line (reference TextDataset format): the clip's prompt / a script's
                          first prompt
     segment_prompts.txt  every distinct prompt of every segment, in first-seen order (a text cache's input)
@@ -18,7 +19,9 @@ Layout of a dataset folder (every file is a pure function of the arguments: same
 
 Kinds: ``clips`` (one prompt), ``scripts`` (3-6 prompts, free segment lengths) and ``stories`` (scripts whose
 segment boundaries fall on a streaming model's latent chunk boundaries, :func:`scripts.sample_aligned_script`;
-their records add ``latent_switch_frames``: the teacher-forced story recipe's data).
+their records add ``latent_switch_frames`` and ``latent_returns``, ``[object, latent frame its return segment
+starts, latent frames it was off screen]`` per return: the teacher-forced story recipes' data and their
+return-weighted loss).
 
 A record is ``MAGIC | uint64 header length | JSON header | raw little-endian array bytes``; the header holds the
 non-array fields and ``[name, dtype, shape, offset, nbytes]`` of every array. :class:`StoryworldSource`
@@ -68,7 +71,8 @@ def make_example(kind: str, index: int, seed: int, height: int = R.DEFAULT_HEIGH
     (one per segment), ``captions`` (the sentences of each segment), ``start_frames`` / ``switch_frames``
     (lists of ints), ``script`` (``scene.script_to_dict``), ``hidden`` (hidden attributes per object),
     ``seed`` (render seed), ``index``, ``dataset_seed``, ``kind``, ``height``, ``width``, ``fps``,
-    ``num_frames``; stories add ``latent_switch_frames`` (where prompts 2.. start, latent frames).
+    ``num_frames``; stories add ``latent_switch_frames`` (where prompts 2.. start, latent frames) and
+    ``latent_returns`` (:func:`scripts.latent_returns`, lists).
     """
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {list(KINDS)}")
@@ -86,6 +90,7 @@ def make_example(kind: str, index: int, seed: int, height: int = R.DEFAULT_HEIGH
     extra = {}
     if kind == "stories":
         extra["latent_switch_frames"] = list(SC.latent_switches(script, kw["t_stride"], kw["chunk"]))
+        extra["latent_returns"] = [list(r) for r in SC.latent_returns(script, kw["t_stride"], kw["chunk"])]
     return {
         "kind": kind, "index": int(index), "dataset_seed": int(seed), "seed": render_seed,
         "height": int(height), "width": int(width), "fps": int(fps), "num_frames": int(video.shape[0]),
@@ -149,7 +154,8 @@ def decode_example(data: bytes) -> dict[str, Any]:
 def _encoded(index: int, kind: str, seed: int, height: int, width: int, fps: int,
              sampler_kwargs: Mapping[str, Any]) -> tuple[bytes, dict[str, Any]]:
     ex = make_example(kind, index, seed, height, width, fps, sampler_kwargs)
-    keys = ("index", "seed", "num_frames", "prompts", "start_frames", "switch_frames", "latent_switch_frames")
+    keys = ("index", "seed", "num_frames", "prompts", "start_frames", "switch_frames", "latent_switch_frames",
+            "latent_returns")
     info = {k: ex[k] for k in keys if k in ex}
     return encode_example(ex), info
 

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--p-late-memory", type=float, default=0.0,
                    help="probability that a story's returning object first enters after the first segment (so "
                         "after the frame sink; stories of 4+ segments)")
+    g.add_argument("--min-absent", type=int, default=0,
+                   help="every story re-drawn until each returning object is off screen >= this many latent frames "
+                        "(beyond a local window of that size: only a memory can show it again); 0 = any return")
     return p
 
 
@@ -60,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         kw = dict(num_frames=args.clip_frames, max_objects=args.max_objects, p_event=args.p_event)
     elif args.kind == "stories":
         kw = dict(num_latent=args.num_latent, chunk=args.chunk, t_stride=args.t_stride, max_objects=args.max_objects,
-                  p_late_memory=args.p_late_memory)
+                  p_late_memory=args.p_late_memory, min_absent=args.min_absent)
     else:
         kw = dict(num_segments=args.num_segments, num_frames=args.num_frames,
                   segment_frames=tuple(args.segment_frames), frame_multiple=args.frame_multiple,

@@ -24,6 +24,7 @@ MAX_MOVE = 0.45
 OVERLAP_GAP = 0.02  # normalised clearance kept between objects' boxes
 _MOTION_WEIGHTS = {"left": 1.0, "right": 1.0, "up": 0.6, "down": 0.6, "still": 0.5, "bounce": 0.6}
 _MAX_RETRIES = 60
+_MAX_ABSENT_TRIES = 2000  # draws of sample_aligned_script(min_absent=...) before it gives up
 
 
 def _lanes(n: int) -> list[float]:
@@ -282,12 +283,14 @@ def returns_after_the_start(script: S.Script) -> bool:
 def absent_latent_frames(script: S.Script, obj: int, t_stride: int) -> int:
     """Latent frames of the segments in which returning object ``obj`` is absent between its (first) exit and its
     return: how long it is off screen before it comes back (0 if it never leaves and returns)."""
-    frames = 0
     for k, leave, ret in returning_objects(script):
         if k == obj:
-            frames = sum(script.segments[s].duration for s in range(leave + 1, ret)) // t_stride
-            break
-    return frames
+            return _absent_between(script, leave, ret, t_stride)
+    return 0
+
+
+def _absent_between(script: S.Script, leave: int, ret: int, t_stride: int) -> int:
+    return sum(script.segments[s].duration for s in range(leave + 1, ret)) // t_stride
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,17 +323,37 @@ def video_to_latent_start(video_frame: int, t_stride: int) -> int:
 
 
 def sample_aligned_script(rng: np.random.Generator, *, num_latent: int, chunk: int, t_stride: int,
-                          max_objects: int = 3, p_late_memory: float = 0.0) -> S.Script:
+                          max_objects: int = 3, p_late_memory: float = 0.0, min_absent: int = 0) -> S.Script:
     """A 3..min(6, chunks) segment narrative (:func:`sample_script`) whose segment boundaries fall on the chunk
     boundaries of a model making ``num_latent`` latent frames in chunks of ``chunk``: segment lengths
     ``k * s * c`` video frames except the first, ``k * s * c - (s - 1)``; total ``video_frames(num_latent, s)``.
-    ``p_late_memory``: as :func:`sample_script`'s."""
+    ``p_late_memory``: as :func:`sample_script`'s. ``min_absent > 0``: re-drawn (from ``rng``) until every
+    returning object is off screen for at least that many latent frames (:func:`absent_latent_frames`), i.e. a
+    local window of that many frames no longer shows it when it comes back; 0 draws once (the same script as
+    before this option existed)."""
     if num_latent % chunk:
         raise ValueError(f"num_latent={num_latent} is not a multiple of the chunk size {chunk}")
     n_chunks = num_latent // chunk
     if n_chunks < 3:
         raise ValueError(f"{n_chunks} chunks ({num_latent} latent frames) cannot hold 3 segments (a leave and a "
                          f"later return); give >= 3 chunks")
+    if min_absent < 0:
+        raise ValueError(f"min_absent={min_absent} must be >= 0 (latent frames off screen; 0 = any return)")
+    if min_absent > num_latent - 3 * chunk:
+        raise ValueError(f"min_absent={min_absent}: a story of {num_latent} latent frames keeps >= {3 * chunk} for "
+                         f"the segments before and after the gap, so at most {num_latent - 3 * chunk} can be absent")
+    for _ in range(_MAX_ABSENT_TRIES):
+        script = _aligned_once(rng, n_chunks, chunk, t_stride, num_latent, max_objects, p_late_memory)
+        rets = returning_objects(script)
+        if not min_absent or (rets and min(absent_latent_frames(script, k, t_stride) for k, _, _ in rets)
+                              >= min_absent):
+            return script
+    raise ValueError(f"no story of {num_latent} latent frames with every return >= {min_absent} latent frames off "
+                     f"screen in {_MAX_ABSENT_TRIES} draws; lower min_absent or use more chunks")
+
+
+def _aligned_once(rng, n_chunks: int, chunk: int, t_stride: int, num_latent: int, max_objects: int,
+                  p_late_memory: float) -> S.Script:
     unit = t_stride * chunk  # video frames of a chunk after the first
     n_seg = int(rng.integers(3, min(6, n_chunks) + 1))
     script = sample_script(rng, num_segments=n_seg, max_objects=max_objects, segment_frames=(unit, unit),
@@ -338,6 +361,16 @@ def sample_aligned_script(rng: np.random.Generator, *, num_latent: int, chunk: i
     segs = list(script.segments)
     segs[0] = dataclasses.replace(segs[0], duration=segs[0].duration - (t_stride - 1))
     return S.Script(script.objects, tuple(segs))
+
+
+def latent_returns(script: S.Script, t_stride: int, chunk: int) -> tuple[tuple[int, int, int], ...]:
+    """``(object, latent frame where its return segment starts, latent frames it was off screen)`` for every
+    return of a chunk-aligned script (:func:`returning_objects`, :func:`absent_latent_frames`)."""
+    starts = (0,) + latent_switches(script, t_stride, chunk)
+    out = []
+    for k, leave, ret in returning_objects(script):
+        out.append((int(k), int(starts[ret]), _absent_between(script, leave, ret, t_stride)))
+    return tuple(out)
 
 
 def latent_switches(script: S.Script, t_stride: int, chunk: int) -> tuple[int, ...]:

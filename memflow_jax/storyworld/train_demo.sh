@@ -58,6 +58,8 @@
 # that a story's returning object first enters after its first segment, export --p-late-memory; default 0) and
 # LATE_MEMORY=1 (storycheck on the held-out stories of storyworld_eval.py --late-memory --min-absent $MIN_ABSENT, default
 # 9: configs/storyworld.yaml's memory.local_attn_size, so no memory mode's window shows the returning object).
+# STORY_MIN_ABSENT (stories stage: every story's returning objects off screen >= this many latent frames, export
+# --min-absent; default 0 = any return; the return-weighted loss, train.story_return_weight, trains on such returns).
 set -euo pipefail
 
 DATA=${DATA:-data/storyworld}
@@ -128,7 +130,8 @@ stage() {
     stories)
       # 36 latent frames = 141 video frames, prompt switches on chunk boundaries (3 latent = 12 video frames)
       $PY -m memflow_jax.storyworld.export --out "$DATA/stories" --kind stories --num "$N_STORIES" --seed 2 \
-        --num-latent 36 --chunk 3 --t-stride 4 --p-late-memory "${P_LATE_MEMORY:-0}" --workers "$WORKERS" ;;
+        --num-latent 36 --chunk 3 --t-stride 4 --p-late-memory "${P_LATE_MEMORY:-0}" \
+        --min-absent "${STORY_MIN_ABSENT:-0}" --workers "$WORKERS" ;;
     textcache)
       $PY -m memflow_jax.data.text_cache build --converted-ckpt "$ART/text" --out "$DATA/text_cache" --negative-prompt "" \
         --prompts "$DATA/clips/prompts.txt" "$DATA/scripts/prompts.txt" "$DATA/scripts/switch_prompts.txt" \

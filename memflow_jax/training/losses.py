@@ -323,12 +323,28 @@ def flow_matching_loss(
 
 
 @jax.jit
-def ode_regression_loss(pred_x0: jax.Array, target_x0: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """Causal ODE-init regression: ``mean((pred_x0 - target_x0)²)`` (over ``mask``). Scalar float32."""
+def ode_regression_loss(pred_x0: jax.Array, target_x0: jax.Array, mask: jax.Array | None = None,
+                        frame_weight: jax.Array | None = None) -> jax.Array:
+    """Causal ODE-init regression: ``mean((pred_x0 - target_x0)²)`` (over ``mask``). Scalar float32.
+
+    ``frame_weight`` ``[B, F]`` (latents ``[B, F, ...]``; not with ``mask``): the frame-weighted mean
+    ``Σ w_bf · mse_bf / Σ w_bf`` (``mse_bf`` the frame's mean squared error), equal to the plain mean for equal
+    weights."""
     if pred_x0.shape != target_x0.shape:
         raise ValueError(f"ode_regression_loss needs equal shapes, got {pred_x0.shape} vs {target_x0.shape}")
+    if frame_weight is None:
+        return masked_mean(jnp.square(pred_x0.astype(jnp.float32) - target_x0.astype(jnp.float32)), mask)
+    if mask is not None or tuple(frame_weight.shape) != tuple(pred_x0.shape[:2]):
+        raise ValueError(f"frame_weight {tuple(frame_weight.shape)} must be [B, F] = {tuple(pred_x0.shape[:2])} of "
+                         "the latents, without a mask")
+    w = frame_weight.astype(jnp.float32)
+    return jnp.sum(w * frame_mse(pred_x0, target_x0)) / jnp.sum(w)
+
+
+def frame_mse(pred_x0: jax.Array, target_x0: jax.Array) -> jax.Array:
+    """Mean squared error of each frame of latents ``[B, F, ...]``: ``[B, F]`` float32."""
     err = jnp.square(pred_x0.astype(jnp.float32) - target_x0.astype(jnp.float32))
-    return masked_mean(err, mask)
+    return jnp.mean(err.reshape(err.shape[:2] + (-1,)), axis=-1)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ Output (readable by :class:`memflow_jax.data.OdeTrajectorySource` / ``ArrayRecor
 ``--stories DIR`` (a storyworld ``stories`` export; npz only): one trajectory per story, of the story's latent
 length, each latent frame conditioned on its own segment's prompt (:func:`rollout.frame_contexts`; the teacher a
 ``teacher_story`` one) and the negative prompt on every frame; each file keeps the story's ``prompts`` and
-``latent_switch_frames`` (``ode_pairs.json``: ``"kind": "stories"``). The ``ode_story`` recipe reads them
+``latent_switch_frames`` (and ``latent_returns`` where the export has them: the return-weighted loss's)
+(``ode_pairs.json``: ``"kind": "stories"``). The ``ode_story`` recipe reads them
 (:class:`memflow_jax.training.trainer.StoryOdeSource`).
 """
 from __future__ import annotations
@@ -185,9 +186,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             ode = np.ascontiguousarray(states[:, j]).astype(args.dtype)
             if stories is not None and main_proc:
                 story = stories.records[i]
+                extra = {"latent_returns": np.asarray(story["latent_returns"], np.int32).reshape(-1, 3)} \
+                    if "latent_returns" in story else {}  # the return-weighted loss's (train.story_return_weight)
                 np.savez(os.path.join(args.out, f"ode_{i:06d}.npz"), ode_latent=ode,
                          prompts=np.asarray(list(story["prompts"])),
-                         latent_switch_frames=np.asarray(list(story["latent_switch_frames"]), np.int32))
+                         latent_switch_frames=np.asarray(list(story["latent_switch_frames"]), np.int32), **extra)
             elif args.format == "npz" and main_proc:
                 np.savez(os.path.join(args.out, f"ode_{i:06d}.npz"), ode_latent=ode, prompt=np.asarray(prompts[i]))
             elif args.format == "arrayrecord":

@@ -62,7 +62,7 @@ import math
 import os
 import time
 import zlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.struct
 import jax
@@ -327,9 +327,10 @@ class StorySource:
     story's segments repeat its last prompt, never selected), "switch_frames": int32 [P - 1] (latent frames,
     ``rollout.NO_SWITCH`` padding), "idx"}`` with ``P`` the most segments of any story in the dataset.
     ``videos=False``: the prompts alone, read from the index (no video decoded; the dmd_story recipe's data).
+    ``return_min_absent`` (not None): records add ``"return_mask"`` float32 [F] (:func:`return_mask`).
     """
 
-    def __init__(self, path: str, embedder: Any, videos: bool = True):
+    def __init__(self, path: str, embedder: Any, videos: bool = True, return_min_absent: int | None = None):
         from memflow_jax.storyworld.dataset import StoryworldSource
 
         self.source = StoryworldSource(path)
@@ -349,6 +350,9 @@ class StorySource:
         if missing:
             raise ValueError(f"{len(missing)} prompts of {path} are not in the text cache (e.g. {missing[0]!r}): "
                              f"build it over {os.path.join(path, 'segment_prompts.txt')}")
+        self.return_min_absent = return_min_absent
+        if return_min_absent is not None:
+            _require_returns(self.records, path, "re-export the stories")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -357,7 +361,28 @@ class StorySource:
         ex = self.source[int(i)] if self.videos else self.records[int(i)]
         item = story_prompt_fields(ex["prompts"], ex["latent_switch_frames"], self.num_prompts, self.embedder)
         item["idx"] = np.int64(i)
+        if self.return_min_absent is not None:
+            item["return_mask"] = return_mask(self.records[int(i)]["latent_returns"], self.num_latent, self.chunk,
+                                              self.return_min_absent)
         return {"video": ex["video"], **item} if self.videos else item
+
+
+def return_mask(latent_returns: Sequence[Sequence[int]], num_latent: int, chunk: int, min_absent: int
+                ) -> np.ndarray:
+    """float32 [num_latent]: 1 on the first chunk of every return segment whose object was off screen for at
+    least ``min_absent`` latent frames (``latent_returns``: ``[object, return latent frame, frames absent]`` rows,
+    :func:`storyworld.scripts.latent_returns`), else 0: where only a memory can show the object as it was."""
+    mask = np.zeros((num_latent,), np.float32)
+    for _, start, absent in latent_returns:
+        if absent >= min_absent and 0 <= start < num_latent:
+            mask[start:start + chunk] = 1.0
+    return mask
+
+
+def _require_returns(records: Sequence[Mapping[str, Any]], path: str, fix: str) -> None:
+    if any("latent_returns" not in r for r in records):
+        raise ValueError(f"{path}: records without latent_returns (made before the return-weighted story loss); "
+                         f"{fix} with this code, or set train.story_return_weight=0")
 
 
 def story_prompt_fields(prompts: Sequence[str], switch_frames: Sequence[int], num_prompts: int, embedder: Any
@@ -375,10 +400,11 @@ class StoryOdeSource:
 
     ``src[i]``: ``{"ode_latent": float32 [S + 1, F, C, h, w] (the teacher's states at the generator's denoising
     steps, then its clean story), "contexts": float32 [P, text_len, text_dim], "switch_frames": int32 [P - 1],
-    "idx"}``, padded as :class:`StorySource`'s.
+    "idx"}``, padded as :class:`StorySource`'s; with ``return_min_absent`` also ``"return_mask"`` (the pairs'
+    ``latent_returns``, :func:`return_mask` on chunks of ``chunk``).
     """
 
-    def __init__(self, path: str, embedder: Any):
+    def __init__(self, path: str, embedder: Any, chunk: int = 0, return_min_absent: int | None = None):
         meta_path = os.path.join(path, "ode_pairs.json")
         if not os.path.isfile(meta_path):
             raise ValueError(f"{path}: no ode_pairs.json; make story ODE pairs with `python -m "
@@ -398,8 +424,11 @@ class StoryOdeSource:
         self.records = []
         for fn in self.files:
             with np.load(fn, allow_pickle=False) as z:
-                self.records.append({"prompts": [str(p) for p in z["prompts"]],
-                                     "latent_switch_frames": [int(x) for x in z["latent_switch_frames"]]})
+                rec = {"prompts": [str(p) for p in z["prompts"]],
+                       "latent_switch_frames": [int(x) for x in z["latent_switch_frames"]]}
+                if "latent_returns" in z.files:
+                    rec["latent_returns"] = np.asarray(z["latent_returns"], np.int64).reshape(-1, 3).tolist()
+                self.records.append(rec)
         self.num_latent = int(self.shape[1])
         self.num_prompts = max(len(r["prompts"]) for r in self.records)
         self.embedder = embedder
@@ -407,6 +436,11 @@ class StoryOdeSource:
         if absent:
             raise ValueError(f"{len(absent)} prompts of {path} are not in the text cache (e.g. {absent[0]!r}): "
                              "build it over the stories' segment_prompts.txt")
+        self.chunk, self.return_min_absent = int(chunk), return_min_absent
+        if return_min_absent is not None:
+            if self.chunk < 1:
+                raise ValueError("StoryOdeSource(return_min_absent=...) needs the generator's chunk (>= 1)")
+            _require_returns(self.records, path, "regenerate the ODE pairs from stories exported")
 
     def __len__(self) -> int:
         return len(self.files)
@@ -418,6 +452,8 @@ class StoryOdeSource:
         if tuple(ode.shape) != self.shape:
             raise ValueError(f"{self.files[int(i)]}: ode_latent {tuple(ode.shape)}, the others {self.shape}")
         item = story_prompt_fields(r["prompts"], r["latent_switch_frames"], self.num_prompts, self.embedder)
+        if self.return_min_absent is not None:
+            item["return_mask"] = return_mask(r["latent_returns"], self.num_latent, self.chunk, self.return_min_absent)
         return {"ode_latent": ode, **item, "idx": np.int64(i)}
 
 
@@ -913,7 +949,7 @@ class Trainer:
         if not path:
             raise ConfigError("train.latent_data_path is empty: make story ODE pairs with `python -m "
                               "memflow_jax.training.ode_pairs --config CFG --stories STORIES --out DIR` and set it")
-        src = StoryOdeSource(path, embedder)
+        src = StoryOdeSource(path, embedder, self.chunk, self._return_min_absent())
         want = self._timesteps()
         got = np.asarray(src.meta.get("denoising_timesteps", []), np.float32)
         if got.shape != want.shape or not np.allclose(got, want, atol=1e-3):
@@ -929,6 +965,12 @@ class Trainer:
             raise ConfigError(f"{path}: stories of {src.num_latent} latent frames are not whole chunks of "
                               f"sampler.chunk_frames={self.chunk}; export the stories with --chunk {self.chunk}")
         return src
+
+    def _return_min_absent(self) -> int | None:
+        """``train.story_return_min_absent`` where the story loss is return-weighted or its return frames are
+        logged (``story_return_min_absent > 0``, weight 0: the plain loss), else None (no mask field)."""
+        t = self.train_cfg
+        return t.story_return_min_absent if t.story_return_weight > 0 or t.story_return_min_absent > 0 else None
 
     def _timesteps(self) -> np.ndarray:
         rc = ro.rollout_config(self.cfg, 1, model=self.gen_cfg)
@@ -971,7 +1013,8 @@ class Trainer:
             raise ConfigError(f"{key} is empty: export a stories dataset (`python -m "
                               "memflow_jax.storyworld.export --out DIR --kind stories --num-latent F --chunk "
                               f"{self.chunk} --t-stride {s.vae_stride[0]}`) and set {key}=DIR")
-        src = StorySource(path, embedder, videos=videos)
+        src = StorySource(path, embedder, videos=videos,
+                          return_min_absent=self._return_min_absent() if videos else None)
         ts = vae_lib.time_stride(self.cfg.vae)
         if (src.chunk, src.t_stride) != (self.chunk, ts):
             raise ConfigError(f"{path}: stories aligned to chunks of {src.chunk} latent frames at time "
@@ -1044,7 +1087,8 @@ class Trainer:
         draw = np.random.default_rng([self.train_cfg.data_seed, STORY_SALT, step])
         idx = draw.choice(len(src), n, replace=len(src) < n)
         items = [src[int(i)] for i in idx[sh.process_batch_slice(n, self.mesh)]]
-        local = {k: np.stack([it[k] for it in items]) for k in ("video", "contexts", "switch_frames")}
+        local = {k: np.stack([it[k] for it in items]) for k in ("video", "contexts", "switch_frames")
+                 + self._return_fields()}
         return sh.make_global_batch(local, self.mesh)
 
     def _next_batch(self, keys: tuple[str, ...], dtype: Any = np.float32) -> dict[str, jax.Array]:
@@ -1223,7 +1267,7 @@ class Trainer:
         base_sh = self._sh(self.gen_base)
         carry_sh = self._carry_sh() if stream else None
         batch_sh = {"n_new": self.rep, "has_prev": self.rep} if stream else self._prompt_batch_sh()
-        story_sh = {"video": self.bsh, "contexts": self.bsh, "switch_frames": self.bsh} \
+        story_sh = {k: self.bsh for k in ("video", "contexts", "switch_frames") + self._return_fields()} \
             if self.story_source is not None else None
         in_sh = (self.gen_sh, ema_sh, base_sh, self.critic_sh.params, self._sh(self.critic_base),
                  self._sh(self.teacher), carry_sh, batch_sh, self.bsh, self.rep, self.rep, story_sh)
@@ -1384,11 +1428,19 @@ class Trainer:
     def _story_loss(self, params: Params, rc: ro.RolloutConfig, latents: jnp.ndarray, batch: dict,
                     rng: jax.Array, states: jnp.ndarray | None = None) -> tuple[jnp.ndarray, dict]:
         """Teacher forcing on the stories (:func:`rollout.teacher_forced_story`; ``states``: a teacher's
-        trajectory states as the noisy inputs): mean((x0 - x0_gt)^2), aux."""
+        trajectory states as the noisy inputs): mean((x0 - x0_gt)^2), aux. With a ``return_mask`` in the batch
+        (``train.story_return_weight``) the frame-weighted mean, and aux ``return_loss``: the mean over the
+        masked frames alone (0 where a batch has none)."""
         pred, aux = ro.teacher_forced_story(params, rc, latents, batch["contexts"], batch["switch_frames"], rng,
                                             exit_choices=tuple(self.train_cfg.story_exit_steps), states=states,
                                             constrain=self._pin)
-        return losses.ode_regression_loss(pred, latents), aux
+        weight = None
+        if "return_mask" in batch:  # train.story_return_weight: returns seen only by a memory weigh more
+            mask = batch["return_mask"].astype(jnp.float32)
+            weight = 1.0 + self.train_cfg.story_return_weight * mask
+            per_frame = losses.frame_mse(pred, latents)  # [B, F]
+            aux = dict(aux, return_loss=jnp.sum(mask * per_frame) / jnp.maximum(jnp.sum(mask), 1.0))
+        return losses.ode_regression_loss(pred, latents, frame_weight=weight), aux
 
     def _story_input(self) -> str:
         """The batch field the story / ode_story step reads its clean story from (videos / trajectories)."""
@@ -1411,9 +1463,17 @@ class Trainer:
 
             (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(gen.params)
             steps = aux["exit_steps"].astype(jnp.float32)
-            return self._apply(gen, ema, grads, loop_step, {"story_loss": loss, "exit_step": jnp.mean(steps)})
+            metrics = {"story_loss": loss, "exit_step": jnp.mean(steps)}
+            if "return_loss" in aux:
+                metrics["story_return_loss"] = aux["return_loss"]
+            return self._apply(gen, ema, grads, loop_step, metrics)
 
-        return self._simple_jit(step, {self._story_input(): self.bsh, "contexts": self.bsh, "switch_frames": self.bsh})
+        return self._simple_jit(step, {self._story_input(): self.bsh, "contexts": self.bsh, "switch_frames": self.bsh,
+                                       **{k: self.bsh for k in self._return_fields()}})
+
+    def _return_fields(self) -> tuple[str, ...]:
+        """The batch field of the return-weighted story loss (:meth:`_return_min_absent` not None), else none."""
+        return ("return_mask",) if self._return_min_absent() is not None else ()
 
     def _apply(self, gen: TrainState, ema, grads, loop_step, metrics: dict,
                grad_metric: str = "generator_grad_norm"):
@@ -1515,7 +1575,7 @@ class Trainer:
                                              rng, loop)
         elif self.recipe in ("story", "ode_story"):
             fn = self._jit("story", self._story_step_fn)
-            batch = self._next_batch((self._story_input(), "contexts", "switch_frames"), None)
+            batch = self._next_batch((self._story_input(), "contexts", "switch_frames") + self._return_fields(), None)
             self.gen, self.ema, metrics = fn(self.gen, self.ema, self.gen_base, batch, rng, loop)
         elif self.recipe == "ode_init":
             fn = self._jit("ode", self._ode_step_fn)

@@ -304,6 +304,38 @@ def test_stories_export_is_on_the_chunk_grid(tmp_path):
     assert any(len(sc.segments) >= 4 for sc in scripts)
 
 
+def test_stories_with_long_absences_and_their_returns(tmp_path):
+    """min_absent: every return of every story is off screen >= that many latent frames; latent_returns
+    (recorded in the index) gives each return's object, the latent frame its segment starts (a switch frame)
+    and its absence; min_absent=0 keeps the stories drawn before the option."""
+    kw = dict(num_latent=36, chunk=3, t_stride=4)
+    same = 0
+    for seed in range(8):
+        script = SC.sample_aligned_script(np.random.default_rng(seed), min_absent=9, **kw)
+        rets = SC.latent_returns(script, 4, 3)
+        assert rets and [(k, a) for k, _, a in rets] == [(k, SC.absent_latent_frames(script, k, 4))
+                                                         for k, _, _ in SC.returning_objects(script)]
+        switches = SC.latent_switches(script, 4, 3)
+        for (k, start, absent), (_, leave, ret) in zip(rets, SC.returning_objects(script)):
+            # off screen = the segments between the exit's and the return's: from the one after the exit's start
+            assert absent >= 9 and start == switches[ret - 1] and absent == start - switches[leave]
+        first = SC.sample_aligned_script(np.random.default_rng(seed), **kw)  # the one draw of min_absent=0
+        if min(a for _, _, a in SC.latent_returns(first, 4, 3)) >= 9:
+            assert first == script  # the first draw qualified: the same story
+            same += 1
+    assert same  # (seeds 2 and 3)
+    with pytest.raises(ValueError, match="at most 27"):
+        SC.sample_aligned_script(np.random.default_rng(0), min_absent=28, **kw)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        SC.sample_aligned_script(np.random.default_rng(0), min_absent=-1, **kw)
+    path = D.write_dataset(tmp_path / "st", kind="stories", num_examples=3, seed=5, height=32, width=32,
+                           storage="files", min_absent=9, **kw)
+    for rec, i in zip(D.StoryworldSource(path).index_records(), range(3)):
+        script = S.script_from_dict(D.StoryworldSource(path)[i]["script"])
+        assert rec["latent_returns"] == [list(r) for r in SC.latent_returns(script, 4, 3)]
+        assert all(a >= 9 for _, _, a in rec["latent_returns"])
+
+
 def test_grain_map_dataset_reads_source(tmp_path):
     import grain
     path = D.write_dataset(tmp_path / "clips", kind="clips", num_examples=2, seed=0, height=32, width=32,

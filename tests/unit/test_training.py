@@ -21,6 +21,7 @@ from memflow_jax.diffusion import scheduler as sch
 from memflow_jax.memory.cache import ForwardPlan
 from memflow_jax.sampling.streaming import StreamingSampler
 from memflow_jax.training import lora as lora_lib
+from memflow_jax.training import losses
 from memflow_jax.training import rollout as ro
 from memflow_jax.training import trainer as tr
 from tests import rand
@@ -389,6 +390,14 @@ def test_story_recipe_refuses_other_datasets(tmp_path):
         _story_trainer(clips, str(tmp_path / "r2"))
     with pytest.raises(cfg_lib.ConfigError, match="re-export with --chunk"):
         _story_trainer(stories, str(tmp_path / "r3"), "sampler.chunk_frames=1")
+    t = _story_trainer(stories, str(tmp_path / "r4"), "train.story_return_weight=2")  # the return mask's rows
+    try:
+        recs = D.StoryworldSource(stories).index_records()
+        for i in range(len(recs)):
+            np.testing.assert_array_equal(t.source[i]["return_mask"], tr.return_mask(recs[i]["latent_returns"], 9, 3, 0))
+        assert any(t.source[i]["return_mask"].any() for i in range(len(recs)))
+    finally:
+        t.close()
 
 
 @pytest.mark.slow
@@ -573,16 +582,18 @@ def test_ode_pairs_then_ode_init_run(tmp_path):
     assert sorted(os.listdir(run / "checkpoints")) == ["2", "4"]
 
 
-def _fake_story_pairs(path, rc, *, count=2, frames=9, kind="stories", timesteps=None):
-    """A story ODE-pairs folder as ``ode_pairs --stories`` writes it, with random trajectories."""
+def _fake_story_pairs(path, rc, *, count=2, frames=9, kind="stories", timesteps=None, returns=None):
+    """A story ODE-pairs folder as ``ode_pairs --stories`` writes it, with random trajectories (``returns``: each
+    pair's ``latent_returns`` rows, else none stored)."""
     os.makedirs(path, exist_ok=True)
     steps = list(rc.timesteps) if timesteps is None else timesteps
     for i in range(count):
+        extra = {} if returns is None else {"latent_returns": np.asarray(returns[i], np.int32).reshape(-1, 3)}
         np.savez(os.path.join(path, f"ode_{i:06d}.npz"),
                  ode_latent=np.random.default_rng(i).standard_normal((len(steps) + 1, frames) + rc.latent_shape)
                  .astype(np.float32),
                  prompts=np.asarray([f"a circle moves left {i}", "a square enters"][: 1 + i % 2]),
-                 latent_switch_frames=np.asarray([3] if i % 2 else [], np.int32))
+                 latent_switch_frames=np.asarray([3] if i % 2 else [], np.int32), **extra)
     with open(os.path.join(path, "ode_pairs.json"), "w") as f:
         json.dump({"count": count, "kind": kind, "num_latent": frames,
                    "denoising_timesteps": [float(x) for x in steps]}, f)
@@ -617,6 +628,73 @@ def test_ode_story_data_and_its_checks(tmp_path):
         tr.Trainer(_cfg("tiny_ode_story"), str(tmp_path / "r_empty"), log=lambda m: None)
 
 
+def test_return_mask_and_the_frame_weighted_loss():
+    """return_mask: 1 on the first chunk of each return off screen >= min_absent frames; the frame-weighted
+    regression is sum(w * frame mse) / sum(w), the plain mean for equal weights."""
+    rows = [[0, 6, 3], [1, 12, 9], [2, 15, 0]]  # (object, return frame, frames absent)
+    np.testing.assert_array_equal(tr.return_mask(rows, 18, 3, 3), [0] * 6 + [1] * 3 + [0] * 3 + [1] * 3 + [0] * 3)
+    np.testing.assert_array_equal(tr.return_mask(rows, 18, 3, 9), [0] * 12 + [1] * 3 + [0] * 3)
+    np.testing.assert_array_equal(tr.return_mask(rows, 18, 3, 0)[15:], [1, 1, 1])
+    assert tr.return_mask([], 9, 3, 0).tolist() == [0.0] * 9
+    r = np.random.default_rng(0)
+    pred, target = (jnp.asarray(r.standard_normal((2, 4, 3, 2, 2)), jnp.float32) for _ in range(2))
+    w = jnp.asarray(r.uniform(0.5, 3.0, (2, 4)), jnp.float32)
+    frame_mse = np.mean(np.square(np.asarray(pred - target)).reshape(2, 4, -1), -1)
+    np.testing.assert_allclose(float(losses.ode_regression_loss(pred, target, frame_weight=w)),
+                               np.sum(np.asarray(w) * frame_mse) / np.sum(np.asarray(w)), rtol=1e-6)
+    np.testing.assert_allclose(float(losses.ode_regression_loss(pred, target, frame_weight=jnp.full((2, 4), 7.0))),
+                               float(losses.ode_regression_loss(pred, target)), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"must be \[B, F\]"):
+        losses.ode_regression_loss(pred, target, frame_weight=w[:, :3])
+    with pytest.raises(cfg_lib.ConfigError, match="has none"):
+        _cfg("tiny_dmd_story", "train.story_return_weight=2")
+    with pytest.raises(cfg_lib.ConfigError, match="must be >= 0"):
+        _cfg("tiny_ode_story", "train.story_return_min_absent=-1")
+
+
+def test_ode_story_return_weighted_loss(tmp_path):
+    """train.story_return_weight: the ode_story records carry the pairs' return mask, pairs made without
+    latent_returns are refused by name, and the step's loss is the frame-weighted mean with weights 1 + w * mask
+    of the same teacher-forced predictions."""
+    rc = ro.story_config(_cfg("tiny_ode_story"), 2)
+    plain = _fake_story_pairs(tmp_path / "plain", rc)
+    with pytest.raises(ValueError, match="regenerate the ODE pairs"):
+        tr.Trainer(_cfg("tiny_ode_story", f"train.latent_data_path={plain}", "train.story_return_weight=3"),
+                   str(tmp_path / "r0"), log=lambda m: None)
+    pairs = _fake_story_pairs(tmp_path / "ret", rc, returns=[[], [[0, 3, 6], [1, 6, 2]]])
+    t = tr.Trainer(_cfg("tiny_ode_story", f"train.latent_data_path={pairs}", "train.story_return_weight=3",
+                        "train.story_return_min_absent=4"), str(tmp_path / "run"), log=lambda m: None)
+    try:
+        assert t.source[0]["return_mask"].tolist() == [0.0] * 9
+        assert t.source[1]["return_mask"].tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 0]
+        items = [t.source[i] for i in range(2)]
+        batch = {k: jnp.asarray(np.stack([it[k] for it in items])) for k in ("contexts", "switch_frames",
+                                                                              "return_mask")}
+        traj = jnp.asarray(np.stack([it["ode_latent"] for it in items]))
+        latents, states = traj[:, -1], traj[:, :-1]
+        params, rng = t.gen.params, jax.random.key(3)
+        loss, aux = jax.jit(lambda p: t._story_loss(p, t.rc, latents, batch, rng, states=states))(params)
+        pred, _ = ro.teacher_forced_story(params, t.rc, latents, batch["contexts"], batch["switch_frames"], rng,
+                                          states=states)
+        mask = np.asarray(batch["return_mask"])
+        w = 1.0 + 3.0 * mask
+        frame_mse = np.mean(np.square(np.asarray(pred) - np.asarray(latents)).reshape(2, 9, -1), -1)
+        np.testing.assert_allclose(float(loss), np.sum(w * frame_mse) / np.sum(w), rtol=1e-5)
+        np.testing.assert_allclose(float(aux["return_loss"]), np.sum(mask * frame_mse) / np.sum(mask), rtol=1e-5)
+        assert t._return_fields() == ("return_mask",)
+    finally:
+        t.close()
+    # min_absent alone (weight 0): the plain loss, its return frames logged
+    t = tr.Trainer(_cfg("tiny_ode_story", f"train.latent_data_path={pairs}", "train.story_return_min_absent=4"),
+                   str(tmp_path / "run0"), log=lambda m: None)
+    try:
+        loss0, aux0 = jax.jit(lambda p: t._story_loss(p, t.rc, latents, batch, rng, states=states))(params)
+        np.testing.assert_allclose(float(loss0), frame_mse.mean(), rtol=1e-5)
+        np.testing.assert_allclose(float(aux0["return_loss"]), float(aux["return_loss"]), rtol=1e-6)
+    finally:
+        t.close()
+
+
 @pytest.mark.slow
 def test_story_ode_pairs_then_ode_story_run(tmp_path):
     """ode_pairs --stories: one trajectory per story (its length, its prompts and switch frames kept), then the
@@ -637,6 +715,7 @@ def test_story_ode_pairs_then_ode_story_run(tmp_path):
             assert np.all(np.isfinite(z["ode_latent"]))
             assert [str(p) for p in z["prompts"]] == list(rec["prompts"])
             assert z["latent_switch_frames"].tolist() == list(rec["latent_switch_frames"])
+            assert z["latent_returns"].tolist() == list(rec["latent_returns"])  # the return-weighted loss's
     run = tmp_path / "run"
     for end in (2, 3):
         _run(["train.py", "--config", "configs/tiny_ode_story.yaml", "--run-dir", str(run), "run.progress=false",
