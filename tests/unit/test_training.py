@@ -528,6 +528,23 @@ def test_story_weight_needs_a_dmd_recipe_and_stories():
         _cfg("tiny_dmd_long", "train.story_weight=-1")
 
 
+def test_story_term_batch_carries_the_return_mask(tmp_path):
+    """train.story_return_weight beside DMD (train.story_weight): the story term's batch carries each story's
+    return mask, which the story loss weighs (the same _story_loss as the story recipes)."""
+    stories = _stories(tmp_path)
+    t = tr.Trainer(_cfg("tiny_dmd_long", "run.progress=false", "train.story_weight=0.5",
+                        f"train.story_data_path={stories}", "train.story_return_weight=4"), str(tmp_path / "run"),
+                   log=lambda m: None)
+    try:
+        batch = t._story_batch(0)
+        assert t._return_fields() == ("return_mask",) and set(batch) == {"video", "contexts", "switch_frames",
+                                                                         "return_mask"}
+        chex.assert_shape(batch["return_mask"], (t.global_batch, t.story_source.num_latent))
+        assert set(np.unique(np.asarray(batch["return_mask"]))) <= {0.0, 1.0}
+    finally:
+        t.close()
+
+
 @pytest.mark.slow
 def test_tiny_dmd_long_with_the_story_term_resumes(tmp_path):
     """train.story_weight: generator loss = DMD + weight * story loss; the stories come by index from the step,
