@@ -148,7 +148,7 @@ def make_eval_script(index: int, *, split_seed: int, num_latent: int, chunk: int
         returning = SC.returning_objects(script)
         if not returning or (late_memory and not SC.returns_after_the_start(script)):
             continue
-        if min_absent and min(SC.absent_latent_frames(script, k, t_stride) for k, _, _ in returning) < min_absent:
+        if min_absent and not SC.returns_absent_at_least(script, t_stride, min_absent):
             continue
         video, ann = R.render_video(script, render_seed, None, height, width, fps)
         if not _gt_measurable(video, ann):

@@ -293,6 +293,13 @@ def _absent_between(script: S.Script, leave: int, ret: int, t_stride: int) -> in
     return sum(script.segments[s].duration for s in range(leave + 1, ret)) // t_stride
 
 
+def returns_absent_at_least(script: S.Script, t_stride: int, min_absent: int) -> bool:
+    """An object leaves and returns, and every returning object is off screen >= ``min_absent`` latent frames
+    (:func:`absent_latent_frames`): a local window of that many frames no longer shows it when it comes back."""
+    rets = returning_objects(script)
+    return bool(rets) and min(absent_latent_frames(script, k, t_stride) for k, _, _ in rets) >= min_absent
+
+
 # --------------------------------------------------------------------------------------------------
 # Latent <-> video frame alignment and chunk-aligned scripts
 # --------------------------------------------------------------------------------------------------
@@ -328,8 +335,8 @@ def sample_aligned_script(rng: np.random.Generator, *, num_latent: int, chunk: i
     boundaries of a model making ``num_latent`` latent frames in chunks of ``chunk``: segment lengths
     ``k * s * c`` video frames except the first, ``k * s * c - (s - 1)``; total ``video_frames(num_latent, s)``.
     ``p_late_memory``: as :func:`sample_script`'s. ``min_absent > 0``: re-drawn (from ``rng``) until every
-    returning object is off screen for at least that many latent frames (:func:`absent_latent_frames`), i.e. a
-    local window of that many frames no longer shows it when it comes back; 0 draws once (the same script as
+    returning object is off screen for at least that many latent frames (:func:`returns_absent_at_least`); 0
+    draws once (the same script as
     before this option existed)."""
     if num_latent % chunk:
         raise ValueError(f"num_latent={num_latent} is not a multiple of the chunk size {chunk}")
@@ -344,9 +351,7 @@ def sample_aligned_script(rng: np.random.Generator, *, num_latent: int, chunk: i
                          f"the segments before and after the gap, so at most {num_latent - 3 * chunk} can be absent")
     for _ in range(_MAX_ABSENT_TRIES):
         script = _aligned_once(rng, n_chunks, chunk, t_stride, num_latent, max_objects, p_late_memory)
-        rets = returning_objects(script)
-        if not min_absent or (rets and min(absent_latent_frames(script, k, t_stride) for k, _, _ in rets)
-                              >= min_absent):
+        if not min_absent or returns_absent_at_least(script, t_stride, min_absent):
             return script
     raise ValueError(f"no story of {num_latent} latent frames with every return >= {min_absent} latent frames off "
                      f"screen in {_MAX_ABSENT_TRIES} draws; lower min_absent or use more chunks")

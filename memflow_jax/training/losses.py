@@ -337,8 +337,13 @@ def ode_regression_loss(pred_x0: jax.Array, target_x0: jax.Array, mask: jax.Arra
     if mask is not None or tuple(frame_weight.shape) != tuple(pred_x0.shape[:2]):
         raise ValueError(f"frame_weight {tuple(frame_weight.shape)} must be [B, F] = {tuple(pred_x0.shape[:2])} of "
                          "the latents, without a mask")
+    return weighted_frame_mean(frame_mse(pred_x0, target_x0), frame_weight)
+
+
+def weighted_frame_mean(per_frame: jax.Array, frame_weight: jax.Array) -> jax.Array:
+    """``Σ w_bf · x_bf / Σ w_bf`` of per-frame values ``[B, F]`` (e.g. :func:`frame_mse`). Scalar float32."""
     w = frame_weight.astype(jnp.float32)
-    return jnp.sum(w * frame_mse(pred_x0, target_x0)) / jnp.sum(w)
+    return jnp.sum(w * per_frame.astype(jnp.float32)) / jnp.sum(w)
 
 
 def frame_mse(pred_x0: jax.Array, target_x0: jax.Array) -> jax.Array:

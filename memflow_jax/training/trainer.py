@@ -1434,13 +1434,13 @@ class Trainer:
         pred, aux = ro.teacher_forced_story(params, rc, latents, batch["contexts"], batch["switch_frames"], rng,
                                             exit_choices=tuple(self.train_cfg.story_exit_steps), states=states,
                                             constrain=self._pin)
-        weight = None
-        if "return_mask" in batch:  # train.story_return_weight: returns seen only by a memory weigh more
-            mask = batch["return_mask"].astype(jnp.float32)
-            weight = 1.0 + self.train_cfg.story_return_weight * mask
-            per_frame = losses.frame_mse(pred, latents)  # [B, F]
-            aux = dict(aux, return_loss=jnp.sum(mask * per_frame) / jnp.maximum(jnp.sum(mask), 1.0))
-        return losses.ode_regression_loss(pred, latents, frame_weight=weight), aux
+        if "return_mask" not in batch:
+            return losses.ode_regression_loss(pred, latents), aux
+        # train.story_return_weight: the returns that only a memory can show weigh more
+        mask = batch["return_mask"].astype(jnp.float32)  # [B, F]
+        per_frame = losses.frame_mse(pred, latents)  # [B, F]
+        aux = dict(aux, return_loss=jnp.sum(mask * per_frame) / jnp.maximum(jnp.sum(mask), 1.0))
+        return losses.weighted_frame_mean(per_frame, 1.0 + self.train_cfg.story_return_weight * mask), aux
 
     def _story_input(self) -> str:
         """The batch field the story / ode_story step reads its clean story from (videos / trajectories)."""
