@@ -38,7 +38,11 @@ frames / seconds of ``pipeline.generate`` (text encoding, streaming DiT, streami
 one untimed warm-up generation per mode that compiles every step (its time is reported separately). "returns
 measured / passed" counts the return events behind the re-appearance cells, over every script and seed: a return is
 measured when the video draws the object whole on both sides of its gap, so a pass rate over few measured returns
-says little (storyworld/TRAINING.md round 17).
+says little (storyworld/TRAINING.md round 17). A pass is memory only if the look was not going to come back
+anyway: "other seeds'" scores every measured return once more with the look before the gap taken from another
+seed's video of the same script and mode (:func:`cross_seed_returns`). A model that draws an object's hidden
+attribute from its prompt alone, the same for every seed, passes those as often as its own returns, in every
+mode; memory's share of the consistency is own minus other seeds' (storyworld/TRAINING.md round 20).
 """
 from __future__ import annotations
 
@@ -292,6 +296,11 @@ def _f(x: Any) -> float:
     return float(x) if x is not None else float("nan")
 
 
+def _look(hue: float, pattern: np.ndarray | None) -> list[float] | None:
+    """One side of a return as ``[hue, *pattern features]`` (None: that side is not measured)."""
+    return None if pattern is None else [float(hue)] + [float(x) for x in pattern]
+
+
 def score(video: np.ndarray, ann: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     """(metrics, reasons for non-finite values) of one video against its ground truth."""
     t_ann = len(ann["segment_id"])
@@ -302,7 +311,9 @@ def score(video: np.ndarray, ann: dict[str, Any]) -> tuple[dict[str, Any], dict[
     events = [{"object": int(r["object"]), "gap": [int(g) for g in r["gap"]],
                "frames_before": int(r["frames_before"]), "frames_after": int(r["frames_after"]),
                "hue_distance": _f(r["hue_distance"]), "pattern_distance": _f(r["pattern_distance"]),
-               "distance": _f(r["distance"]), "passed": bool(r["passed"])} for r in ev["consistency"]]
+               "distance": _f(r["distance"]), "passed": bool(r["passed"]),
+               "look_before": _look(r["hue_before"], r["pattern_before"]),
+               "look_after": _look(r["hue_after"], r["pattern_after"])} for r in ev["consistency"]]
     out = {"adherence": float(ev["adherence"]),
            "adherence_per_segment": [float(p["score"]) for p in ev["adherence_detail"]["per_segment"]],
            "adherence_checks": {k: float(ev["adherence_detail"][k])
@@ -310,6 +321,7 @@ def score(video: np.ndarray, ann: dict[str, Any]) -> tuple[dict[str, Any], dict[
            "consistency_pass_rate": float(ev["consistency_pass_rate"]),
            "consistency_distance": float(ev["consistency_distance"]),
            "consistency_events": events,
+           "first_looks": [None if fl is None else _look(*fl) for fl in ev["first_looks"]],
            "smoothness": float(ev["smoothness"])}
     reasons = {}
     if not events:
@@ -328,6 +340,52 @@ def returns_tally(metrics: Sequence[dict[str, Any]]) -> dict[str, int]:
     dist = np.asarray([_f(e["distance"]) for e in events], np.float64)
     return {"events": len(events), "measured": int(np.isfinite(dist).sum()),
             "passed": int(sum(bool(e["passed"]) for e in events))}
+
+
+def cross_seed_returns(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Memory's share of the re-appearance passes: the runs of one mode, each return compared with itself and
+    with every other seed's video of the same script.
+
+    ``own``: the returns measured on both sides and how many pass (as :func:`returns_tally`). ``cross``: the
+    same return with the look before the gap taken from seed a's video and the look after it from seed b's (a != b,
+    each side measured in its own video): a generator that drew the returning object from its prompt alone, with
+    no memory of the earlier frames, passes these as often as its own returns. So ``own rate - cross rate`` is
+    the consistency that comes from remembering this video's earlier frames; a look the model draws the same for
+    every seed passes both (a model that never varies the hidden attribute has nothing to remember)."""
+    by_video = {}
+    for r in runs:
+        for e in r["metrics"]["consistency_events"]:
+            by_video[(r["script"], e["object"], tuple(e["gap"]), r["seed"])] = e
+    own_n = own_pass = cross_n = cross_pass = 0
+    for (script, obj, gap, seed), e in by_video.items():
+        if e["look_before"] is not None and e["look_after"] is not None:
+            own_n += 1
+            own_pass += bool(e["passed"])
+        if e["look_before"] is None:
+            continue
+        for (s2, o2, g2, seed2), e2 in by_video.items():
+            if (s2, o2, g2) != (script, obj, gap) or seed2 == seed or e2["look_after"] is None:
+                continue
+            a, b = e["look_before"], e2["look_after"]
+            cross_n += 1
+            cross_pass += M.look_distance(a[0], a[1:], b[0], b[1:])[2] <= 1.0
+    rate = lambda k, n: k / n if n else float("nan")  # noqa: E731
+    return {"own": {"measured": own_n, "passed": own_pass, "rate": rate(own_pass, own_n)},
+            "cross": {"pairs": cross_n, "passed": int(cross_pass), "rate": rate(cross_pass, cross_n)}}
+
+
+def first_look_diversity(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """How often two seeds draw an object's first look the same (``metrics.same_look_rate`` over the runs of one
+    mode, per script and object): the world's random hidden attributes give ``world_rate`` (1 / (hue levels x
+    patterns)); a generator that draws one look per prompt gives ~1 and so has nothing for a memory to keep."""
+    looks: dict[tuple[int, int], list] = {}
+    for r in runs:
+        for k, fl in enumerate(r["metrics"]["first_looks"]):
+            if fl is not None:
+                looks.setdefault((r["script"], k), []).append((fl[0], fl[1:]))
+    pairs, rate = M.same_look_rate(looks)
+    return {"measured": sum(len(v) for v in looks.values()), "seed_pairs": pairs, "same_look_rate": rate,
+            "world_rate": 1.0 / (len(S.HUE_OFFSETS) * len(S.PATTERNS))}
 
 
 def reference_returns(gt_metrics: Sequence[tuple[dict, dict]], codec_metrics: Sequence[tuple[dict, dict]]
@@ -365,6 +423,8 @@ def aggregate(runs: list[dict[str, Any]], seeds: Sequence[int]) -> dict[str, Any
         per_seed_fps.append(sum(r["video_frames"] for r in rs) / sum(r["seconds"] for r in rs))
     out["fps"] = _summary(per_seed_fps, [])
     out["returns"] = returns_tally([r["metrics"] for r in runs])  # over every script and seed
+    out["returns_cross_seed"] = cross_seed_returns(runs)
+    out["first_looks"] = first_look_diversity(runs)
     return out
 
 
@@ -443,21 +503,38 @@ def _returns_cell(t: dict[str, int] | None) -> str:
     return "–" if t is None else f"{t['measured']} / {t['passed']} of {t['events']}"
 
 
+def _cross_cell(c: dict[str, Any] | None) -> str:
+    if c is None or not c["own"]["measured"]:
+        return "–"
+    cross = f"{c['cross']['rate']:.2f} ({c['cross']['pairs']} pairs)" if c["cross"]["pairs"] else "n/a"
+    return f"{c['own']['rate']:.2f} vs {cross}"
+
+
+def _looks_cell(f: dict[str, Any] | None) -> str:
+    if f is None or not f["seed_pairs"]:
+        return "–"
+    return f"{f['same_look_rate']:.2f} ({f['seed_pairs']} pairs)"
+
+
 def format_table(summary: dict[str, dict[str, Any]], gt: dict[str, float],
                  codec: dict[str, float] | None = None,
                  ref_returns: dict[str, dict[str, int]] | None = None) -> str:
     """Markdown table; ``ref_returns``: the tallies of "ground truth" / "codec" (:func:`returns_tally`)."""
-    heads = ["mode"] + [h for _, h, _ in METRICS] + ["returns measured / passed", "FPS"]
+    heads = ["mode"] + [h for _, h, _ in METRICS] + ["returns measured / passed", "pass of measured: own vs "
+                                                     "other seeds'", "first looks: same across seeds", "FPS"]
     rows = [heads, ["---"] * len(heads)]
     for mode, s in summary.items():
         rows.append([mode] + [_cell(s[k]) for k, _, _ in METRICS] + [_returns_cell(s.get("returns")),
+                                                                    _cross_cell(s.get("returns_cross_seed")),
+                                                                    _looks_cell(s.get("first_looks")),
                                                                     _cell(s["fps"], "{:.1f}")])
     ref_returns = ref_returns or {}
+    world = f"{1.0 / (len(S.HUE_OFFSETS) * len(S.PATTERNS)):.2f} (random hidden attributes)"
     refs = ([("ground truth through the VAE", codec, "codec")] if codec is not None else []) + \
         [("ground truth", gt, "ground truth")]
     for name, ref, key in refs:
         rows.append([name] + [f"{ref[k]:.3f}" if np.isfinite(ref[k]) else "n/a" for k, _, _ in METRICS]
-                    + [_returns_cell(ref_returns.get(key)), "–"])
+                    + [_returns_cell(ref_returns.get(key)), "–", world if key == "ground truth" else "–", "–"])
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
 
@@ -635,7 +712,11 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         f"higher is better (ground truth ~1); reappear. dist: lower is better (<= 1 passes); smoothness = mean "
         f"|frame difference| (lower = smoother; compare with the ground truth's); returns: return events whose "
         f"object the video draws whole on both sides of its gap / of those passing, of all (a mode: over scripts x "
-        f"seeds; a reference: over scripts). "
+        f"seeds; a reference: over scripts); pass of measured: own = the measured returns that pass, other "
+        f"seeds' = the same returns with the look before the gap from another seed's video (what a generator "
+        f"without memory of this video would pass; memory's share is the difference); first looks: how often two "
+        f"seeds draw an object's first appearance with the same hidden attribute (the world: 1/16; ~1 = one look "
+        f"per prompt, nothing for a memory to keep). "
         f"FPS excludes the warm-up"
         f"{' (none: FPS includes compilation)' if args.no_warmup else ''}.")
     for c in comparisons:

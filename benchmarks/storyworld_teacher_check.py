@@ -12,11 +12,14 @@ the clip-trained teacher never saw but scores during long tuning): smoothness an
 ``--stories N`` (a story teacher, ``train.recipe=teacher_story``) also solves N held-out stories whole (the scripts
 of ``storyworld_eval.py``, each with an object that leaves and comes back), every latent frame conditioned on its
 segment's prompt, and scores them as the memory benchmark does, re-appearance consistency included: can the teacher
-itself keep a returning object's hidden attribute? (``--num-clips 0`` checks stories only.)
+itself keep a returning object's hidden attribute? And does it draw that attribute diversely: each object's first
+look per seed, and how often two seeds give the same look (``storyworld_eval.first_look_diversity``; random hidden
+attributes give 1/16; one look per prompt gives ~1). ``--guidance-sigma-max`` guides only the low-noise
+steps (``scheduler.guidance_at``). (``--num-clips 0`` checks stories only.)
 
     python benchmarks/storyworld_teacher_check.py --teacher ART/teacher --text ART/text --vae DATA/latents/vae \\
         [--num-clips 8] [--seeds 0] [--steps 48] [--guidance-scale 3.0] [--json OUT.json] [--png OUT.png] \\
-        [--prompts EXTRA_PROMPTS.txt] [--stories 8 [--story-png OUT.png]]
+        [--prompts EXTRA_PROMPTS.txt] [--stories 8 [--story-png OUT.png]] [--guidance-sigma-max S]
 
 ``--teacher``: a converted DiT checkpoint (``train.py --export``), its ``model`` / ``sampler`` sections are used;
 ``--text``: a converted checkpoint with ``t5`` + ``tokenizer/`` (the ``text`` stage or a demo package);
@@ -119,7 +122,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     enc = TextEncoder(tok, load_component(args.text, "t5", t5_nn.abstract_params(cfg.text)), cfg.text)
     schedule = sch.make_schedule(s.timestep_shift, num_train_timesteps=s.num_train_timesteps,
                                  num_inference_steps=args.steps)
-    fn = jax.jit(lambda p, z, c, u: solve(p, mcfg32, z, c, u, schedule, args.guidance_scale)[-1])
+    fn = jax.jit(lambda p, z, c, u: solve(p, mcfg32, z, c, u, schedule, args.guidance_scale,
+                                          args.guidance_sigma_max)[-1])
     neg = _fit_context(enc.encode([args.negative_prompt]), cfg)  # [1, L, D]
     h, w = s.latent_hw
     clips = [held_out_clip(i, split_seed=args.split_seed, num_frames=args.num_frames, height=s.height,
@@ -158,8 +162,13 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
                 f"{rec['latent_std']:.2f}  ({prompt})")
     story_report = check_stories(args, cfg, lambda z, c, u: fn(params, z, c, u), vparams, enc, neg, log) \
         if args.stories else None
+    setup = {"teacher": args.teacher, "text": args.text, "vae": args.vae, "codec": cfg.vae.codec,
+             "num_clips": args.num_clips, "seeds": list(args.seeds), "steps": args.steps,
+             "guidance_scale": args.guidance_scale, "guidance_sigma_max": args.guidance_sigma_max,
+             "negative_prompt": args.negative_prompt, "num_frames": args.num_frames, "split_seed": args.split_seed,
+             "split": {"eval_spawn_key": E.EVAL_SPAWN_KEY}, "platform": platform.platform(), "jax": jax.__version__}
     if not runs:  # --num-clips 0: stories only
-        report = {"benchmark": "storyworld_teacher_check", "stories": story_report,
+        report = {"benchmark": "storyworld_teacher_check", "setup": setup, "stories": story_report,
                   "total_seconds": time.perf_counter() - t_start}
         if args.json:
             E.write_json(args.json, report)
@@ -187,12 +196,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         frame_strip_png(np.concatenate(strips, 0)[None], args.png, num_frames=None)  # one image, a row a clip
         log(f"wrote {args.png} (rows of 11 frames: the first {len(strips)} clips, seed {args.seeds[0]})")
     report = {"benchmark": "storyworld_teacher_check",
-              "setup": {"teacher": args.teacher, "text": args.text, "vae": args.vae, "codec": cfg.vae.codec,
-                        "num_clips": args.num_clips, "seeds": list(args.seeds), "steps": args.steps,
-                        "guidance_scale": args.guidance_scale, "negative_prompt": args.negative_prompt,
-                        "num_frames": args.num_frames, "split_seed": args.split_seed,
-                        "split": {"eval_spawn_key": E.EVAL_SPAWN_KEY}, "platform": platform.platform(),
-                        "jax": jax.__version__},
+              "setup": setup,
               "summary": summary, "per_seed": per_seed, "ground_truth": rows[2][1],
               "ground_truth_through_codec": rows[1][1], "runs": runs, "extra_prompts": extra,
               "table": table, "stories": story_report,
@@ -234,15 +238,16 @@ def check_stories(args: argparse.Namespace, cfg: Any, solve_fn: Callable, vparam
         sw = jnp.asarray(np.asarray(e.latent_switch_frames, np.int32).reshape(1, -1))
         return frame_contexts(seg, sw, n, mcfg.patch_size[0])
 
-    runs, strips = [], []
+    runs, strips, scored = [], [], []
     for seed in args.seeds:
         for i, e in enumerate(stories):
             ctx = contexts(e)
             noise = jax.random.normal(jax.random.fold_in(jax.random.key(seed), 20_000 + i), (1, n, mcfg.in_dim, h, w))
             x0 = solve_fn(noise, ctx, jnp.broadcast_to(jnp.asarray(neg)[:, None], ctx.shape))
             video = pixels_to_uint8(np.asarray(vae_nn.decode(vparams, cfg.vae, x0)[0]))
-            rec = _story_record(E.score(video, e.annotations)[0], seed=seed, story=i,
-                                latent_std=float(np.std(np.asarray(x0))))
+            metrics = E.score(video, e.annotations)[0]
+            scored.append({"script": i, "seed": seed, "metrics": metrics})  # first looks' diversity, below
+            rec = _story_record(metrics, seed=seed, story=i, latent_std=float(np.std(np.asarray(x0))))
             runs.append(rec)
             if seed == args.seeds[0] and i < 4:  # --story-png: the teacher's frames above the ground truth's
                 pick = np.linspace(0, video.shape[0] - 1, 16).astype(int)
@@ -250,6 +255,10 @@ def check_stories(args: argparse.Namespace, cfg: Any, solve_fn: Callable, vparam
             log(f"seed {seed} story {i}: adherence {rec['adherence']:.3f}, re-appearance pass "
                 f"{rec['consistency_pass_rate']:.2f} ({rec['returns_measured']} of {rec['returns']} returns "
                 f"measured), smoothness {rec['smoothness']:.4f}")
+    first_looks = E.first_look_diversity(scored)
+    log(f"first looks: {first_looks['measured']} object appearances measured; the same look under two seeds in "
+        f"{first_looks['same_look_rate']:.2f} of {first_looks['seed_pairs']} pairs (random hidden attributes: "
+        f"{first_looks['world_rate']:.3f}; ~1: one look per prompt)")
     rows = [("teacher", {k: _mean(runs, k) for k, _ in STORY_COLUMNS}),
             ("ground truth through the codec", {k: _mean([_story_record(m) for m in codec], k)
                                                 for k, _ in STORY_COLUMNS[:-1]}),
@@ -268,7 +277,7 @@ def check_stories(args: argparse.Namespace, cfg: Any, solve_fn: Callable, vparam
         frame_strip_png(np.concatenate(strips, 0)[None], args.story_png, num_frames=None)
         log(f"wrote {args.story_png} (16 frames a row: the teacher's story above its ground truth, the first "
             f"{len(strips) // 2} stories, seed {args.seeds[0]})")
-    return {"num_stories": len(stories), "num_latent": n, "late_memory": args.late_memory,
+    return {"num_stories": len(stories), "num_latent": n, "late_memory": args.late_memory, "first_looks": first_looks,
             "min_absent": args.min_absent, "runs": runs, "rows": dict(rows), "table": table}
 
 
@@ -311,6 +320,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seeds", type=E._seeds, default=[0], help="comma-separated noise seeds")
     ap.add_argument("--steps", type=int, default=48, help="Euler steps (the odepairs stage uses 48)")
     ap.add_argument("--guidance-scale", type=float, default=3.0, help="the odepairs stage uses 3.0")
+    ap.add_argument("--guidance-sigma-max", type=float, default=None, help="guide only the steps at sigma <= this "
+                    "(scheduler.guidance_at; default every step)")
     ap.add_argument("--negative-prompt", default="", help="the storyworld recipes' negative prompt is empty")
     ap.add_argument("--num-frames", type=int, default=33, help="video frames a clip (the teacher's clips: 33)")
     ap.add_argument("--split-seed", type=int, default=0)

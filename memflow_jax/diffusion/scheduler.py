@@ -182,6 +182,19 @@ def sigma_at(schedule: FlowMatchSchedule, t: jax.Array) -> jax.Array:
     return schedule.sigmas[timestep_index(schedule, t)]
 
 
+def guidance_at(sigma: jax.Array, guidance_scale: float, sigma_max: float | None, unguided: float) -> jax.Array:
+    """Classifier-free guidance scale at noise level ``sigma`` (any shape -> float32, same shape): ``guidance_scale``
+    where ``sigma <= sigma_max`` (a guidance interval, Kynkaanniemi et al. 2024), else ``unguided``, the scale that
+    means the conditional prediction alone in the caller's formula (1 for ``uncond + s·(cond - uncond)``, 0 for
+    DMD's ``cond + s·(cond - uncond)``). ``sigma_max`` None or >= 1 (sigmas are <= 1): every step guided.
+    Guidance at high noise, where an object's look is decided, gives each prompt one look (storyworld/TRAINING.md
+    round 20)."""
+    g = jnp.full(jnp.shape(sigma), guidance_scale, jnp.float32)
+    if sigma_max is None:
+        return g
+    return jnp.where(jnp.asarray(sigma) <= sigma_max, g, jnp.float32(unguided))
+
+
 def _check_latent(name: str, x: jax.Array, t: jax.Array) -> None:
     if x.ndim != t.ndim + 3 or tuple(x.shape[: t.ndim]) != tuple(t.shape):
         raise ValueError(

@@ -31,7 +31,8 @@
 #             (recipe teacher_story), from $TEACHER_STORY_INIT (default scratch)          -> $ART/teacher_story
 #   storycheck (optional) that teacher on 8 held-out stories whole, re-appearance scored  -> $RUNS/teacher_story_check.json
 #   storyodepairs (after teacherstory) that teacher's ODE trajectories on the stories (48 Euler
-#             steps, guidance 3, a prompt per latent frame; $STORY_ODE_SAMPLES of them, default every story)
+#             steps, guidance 3, a prompt per latent frame; $STORY_ODE_SAMPLES of them, default every story;
+#             $STORY_GUIDANCE_SIGMA_MAX: guidance only at sigma <= it, so hidden attributes stay diverse)
 #                                                                                         -> $DATA/story_ode_pairs
 #   odestory  (after storyodepairs) the causal generator regressed on them through its memory (recipe
 #             ode_story), from $STORY_ODE_INIT (default the story teacher) -> $ART/ode_story (round 17's DiT)
@@ -177,6 +178,7 @@ stage() {
     storyodepairs)
       $PY -m memflow_jax.training.ode_pairs --config configs/storyworld_ode_story.yaml --stories "$DATA/stories" \
         --out "$DATA/story_ode_pairs" --steps 48 --guidance-scale 3.0 ${STORY_ODE_SAMPLES:+--num-samples $STORY_ODE_SAMPLES} \
+        ${STORY_GUIDANCE_SIGMA_MAX:+--guidance-sigma-max $STORY_GUIDANCE_SIGMA_MAX} \
         ${ODE_BATCH:+--batch-size $ODE_BATCH} --dtype "$STORE_DTYPE" "$PATHS" run.teacher_ckpt="$ART/teacher_story" $ARCH ;;
     odestory)
       $PY train.py ${MINUTES:+--max-minutes $MINUTES} --config configs/storyworld_ode_story.yaml \

@@ -52,6 +52,9 @@ class TrainConfig:
     ema_weight: float = 0.99  # 0 disables EMA
     ema_start_step: int = 200
     guidance_scale: float = 3.0  # real_guidance_scale of the teacher
+    # guide the real score only where the DMD noise level sigma <= this (scheduler.guidance_at; not in the
+    # reference); 1.0 = every level (sigmas are <= 1). Lower keeps the teacher's looks diverse (storyworld round 20)
+    guidance_sigma_max: float = 1.0
     fake_guidance_scale: float = 0.0
     denoising_loss_type: str = "flow"
     num_train_timestep: int = 1000
@@ -199,6 +202,9 @@ class TrainConfig:
         if self.text_dropout > 0 and self.recipe not in ("teacher", "teacher_story"):
             raise ConfigError(f"train.text_dropout={self.text_dropout} applies to train.recipe=teacher / "
                               f"teacher_story only (it is {self.recipe!r}); set it to 0")
+        if self.guidance_sigma_max < 0:
+            raise ConfigError(f"train.guidance_sigma_max={self.guidance_sigma_max} must be >= 0 (1.0 guides every "
+                              "noise level, 0 none)")
         if self.story_weight < 0:
             raise ConfigError(f"train.story_weight={self.story_weight} must be >= 0 (0 turns the story term off)")
         if self.story_weight > 0 and self.recipe not in ("dmd", "dmd_long"):

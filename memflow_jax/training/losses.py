@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from memflow_jax.diffusion.scheduler import (
-    FlowMatchSchedule, accurate_sum, add_noise, dmd_timestep, flow_loss, flow_to_x0, masked_mean,
-    training_weight, x0_to_flow)
+    FlowMatchSchedule, accurate_sum, add_noise, dmd_timestep, flow_loss, flow_to_x0, guidance_at, masked_mean,
+    sigma_at, training_weight, x0_to_flow)
 
 __all__ = [
     "ScoreFn", "draw_timestep_and_noise", "kl_grad", "dmd_loss", "dmd_generator_loss", "critic_loss",
@@ -167,6 +167,7 @@ def dmd_generator_loss(
     noise: jax.Array | None = None,
     guidance_scale: float = 3.0,
     fake_guidance_scale: float = 0.0,
+    guidance_sigma_max: float | None = None,
     timestep_shift: float | None = None,
     min_step: float | None = None,
     max_step: float | None = None,
@@ -185,7 +186,9 @@ def dmd_generator_loss(
     3. Fake score (cond; also uncond if ``fake_guidance_scale != 0``) and real score (cond, uncond); their flows
        become x0 with their own tables (``*_score_schedule``, shift 8; ``fake_score_schedule`` defaults to
        ``real_score_schedule``).
-    4. ``grad = kl_grad(x, fake_x0, real_x0_cond, real_x0_uncond, guidance_scale)``; loss ``dmd_loss``.
+    4. ``grad = kl_grad(x, fake_x0, real_x0_cond, real_x0_uncond, guidance_scale)``; loss ``dmd_loss``. With
+       ``guidance_sigma_max`` (not in the reference) a sample whose noise level σ(t) exceeds it gets scale 0, the
+       conditional real score alone (``scheduler.guidance_at``): guidance only at low noise.
 
     Returns ``(loss, aux)``; aux has ``dmdtrain_gradient_norm``, ``timestep`` [B, F] and, with
     ``return_intermediates``, the draws, noisy latent, flows, x0s, ``kl_grad`` and its normaliser.
@@ -212,7 +215,11 @@ def dmd_generator_loss(
     real_flow_u = real_score_fn(xt, t, uncond)
     real_x0_c = flow_to_x0(real_score_schedule, real_flow_c, xt, t)
     real_x0_u = flow_to_x0(real_score_schedule, real_flow_u, xt, t)
-    grad, metrics = kl_grad(x_ng, fake_x0, real_x0_c, real_x0_u, guidance_scale)
+    scale: Any = guidance_scale
+    if guidance_sigma_max is not None:  # [B, F] -> [B, F, 1, 1, 1]: each sample's and frame's noise level
+        scale = guidance_at(sigma_at(schedule, t), guidance_scale, guidance_sigma_max, unguided=0.0)
+        scale = scale.reshape(t.shape + (1,) * (x.ndim - t.ndim))
+    grad, metrics = kl_grad(x_ng, fake_x0, real_x0_c, real_x0_u, scale)
     grad = jax.lax.stop_gradient(grad)
     loss = dmd_loss(x, grad, mask)
 

@@ -6,7 +6,8 @@
 For each prompt the bidirectional teacher (``teacher_model`` section, weights ``run.teacher_ckpt``; random with
 ``run.synthetic_data=true``) integrates the flow ODE from Gaussian noise with ``--steps`` Euler steps on the
 shifted sigma table (``x <- x + flow · (σ_next - σ)``, the last step to σ = 0) under classifier-free guidance
-``uncond + g · (cond - uncond)`` (Wan sampling convention; ``uncond`` = ``train.negative_prompt``). The states at
+``uncond + g · (cond - uncond)`` (Wan sampling convention; ``uncond`` = ``train.negative_prompt``;
+``--guidance-sigma-max`` guides only the steps at or below that sigma, ``scheduler.guidance_at``). The states at
 the grid points nearest to the generator's warped denoising timesteps, then the final clean latent, form
 ``ode_latent [S + 1, F, C, h, w]`` (``--dtype``: float32, or float16 for large latents such as the pixel codec's).
 
@@ -44,9 +45,10 @@ def record_indices(grid_timesteps: np.ndarray, targets: Sequence[float]) -> np.n
 
 
 def solve(params: Any, mcfg: Any, noise: jnp.ndarray, cond: jnp.ndarray, uncond: jnp.ndarray,
-          schedule: sch.FlowMatchSchedule, guidance_scale: float) -> jnp.ndarray:
+          schedule: sch.FlowMatchSchedule, guidance_scale: float,
+          guidance_sigma_max: float | None = None) -> jnp.ndarray:
     """Euler flow ODE from ``noise`` [B, F, C, h, w]; returns every state [N + 1, B, F, C, h, w] (state ``i`` is
-    the input of step ``i``; the last is the clean result)."""
+    the input of step ``i``; the last is the clean result). ``guidance_sigma_max``: ``scheduler.guidance_at``."""
     sig = schedule.sigmas
     ts = schedule.timesteps
     n = sig.shape[0]
@@ -59,7 +61,7 @@ def solve(params: Any, mcfg: Any, noise: jnp.ndarray, cond: jnp.ndarray, uncond:
         ctx = jnp.concatenate([cond, uncond], 0)
         flow = dit.forward(params, mcfg, xx, t, ctx).transpose(0, 2, 1, 3, 4)
         fc, fu = flow[:b], flow[b:]
-        v = fu + guidance_scale * (fc - fu)
+        v = fu + sch.guidance_at(sig[i], guidance_scale, guidance_sigma_max, unguided=1.0) * (fc - fu)
         x_new = (x.astype(jnp.float32) + v * (sig_next[i] - sig[i])).astype(x.dtype)
         return x_new, x
 
@@ -83,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "with synthetic data)")
     ap.add_argument("--steps", type=int, default=48, help="Euler steps")
     ap.add_argument("--guidance-scale", type=float, default=5.0)
+    ap.add_argument("--guidance-sigma-max", type=float, default=None, help="guide only the steps at sigma <= this "
+                    "(a guidance interval; above it the conditional flow alone); default: every step")
     ap.add_argument("--shift", type=float, default=None, help="sigma-table shift (default sampler.timestep_shift)")
     ap.add_argument("--batch-size", type=int, default=None, help="prompts per solve (default: the data-parallel "
                     "device count)")
@@ -157,7 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     shape = (frames, tcfg.in_dim, h, w)
     bsh = sh.batch_sharding(mesh, bs)
     keep = jnp.asarray(list(rec) + [-1])  # states at the denoising timesteps, then the clean latent
-    fn = jax.jit(lambda p, z, c, u: solve(p, tcfg, z, c, u, schedule, args.guidance_scale)[keep],
+    fn = jax.jit(lambda p, z, c, u: solve(p, tcfg, z, c, u, schedule, args.guidance_scale,
+                                          args.guidance_sigma_max)[keep],
                  in_shardings=(shardings, bsh, bsh, bsh))
     neg = np.asarray(embedder[t.negative_prompt], np.float32)
     main_proc = jax.process_index() == 0
@@ -202,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             write_array_record(os.path.join(args.out, "ode_pairs.array_record"), records)
         meta = {"count": n, "steps": args.steps, "shift": shift, "guidance_scale": args.guidance_scale,
+                "guidance_sigma_max": args.guidance_sigma_max,
                 "denoising_timesteps": [float(x) for x in targets],
                 "recorded_grid_timesteps": [float(np.asarray(schedule.timesteps)[i]) for i in rec],
                 "layout": "ode_latent [S+1, F, C, h, w]: states at the denoising timesteps, then the clean latent",

@@ -153,6 +153,27 @@ def test_generator_loss_explicit_draws_and_fake_cfg(scheds):
     assert "fake_x0_uncond" not in aux0
 
 
+def test_generator_loss_guidance_interval(scheds):
+    """``guidance_sigma_max``: a sample whose noise level is above it uses the conditional real score alone (DMD's
+    scale 0), one at or below it the full scale; a bound above every level is the plain loss."""
+    x = jnp.asarray(_rand(15))
+    kw = dict(raw_timestep=jnp.array([[100], [900]]), noise=jnp.asarray(_rand(16)), return_intermediates=True)
+    loss, aux = _gen_loss(x, scheds, **kw)
+    sig = np.asarray(S.sigma_at(scheds[0], aux["timestep"]))[:, 0]  # [B]: one noise level per sample
+    assert sig[0] != sig[1]
+    mid = float(sig.mean())
+    loss_i, aux_i = _gen_loss(x, scheds, guidance_sigma_max=mid, **kw)
+    lo, hi = int(np.argmin(sig)), int(np.argmax(sig))
+    scale = np.where(np.arange(B) == lo, 3.0, 0.0).reshape(B, 1, 1, 1, 1)
+    g_want, _ = L.kl_grad(x, aux["fake_x0_cond"], aux["real_x0_cond"], aux["real_x0_uncond"], scale)
+    np.testing.assert_allclose(aux_i["kl_grad"], g_want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(aux_i["kl_grad"][lo], aux["kl_grad"][lo])  # guided as before
+    assert not np.allclose(aux_i["kl_grad"][hi], aux["kl_grad"][hi])
+    loss_all, aux_all = _gen_loss(x, scheds, guidance_sigma_max=1.0, **kw)
+    np.testing.assert_array_equal(aux_all["kl_grad"], aux["kl_grad"])
+    assert float(loss_all) == float(loss) and float(loss_i) != float(loss)
+
+
 def test_generator_loss_gradients(scheds):
     """d loss/dx = kl_grad/count; the score nets get no gradient (reference no_grad block)."""
     x = jnp.asarray(_rand(11))

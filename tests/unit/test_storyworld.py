@@ -404,11 +404,36 @@ def test_metrics_detect_swapped_hidden_attribute(change):
     corrupted[start:] = swapped[start:]  # the object comes back with another hidden attribute
     rec = next(r for r in M.reappearance_consistency(corrupted, ann) if r["object"] == k)
     assert not rec["passed"] and rec["distance"] > 1.4
+    # each side's look is kept, and look_distance of the two is the record's distance
+    got = M.look_distance(rec["hue_before"], rec["pattern_before"], rec["hue_after"], rec["pattern_after"])
+    np.testing.assert_allclose(got, (rec["hue_distance"], rec["pattern_distance"], rec["distance"]))
     if change == "hue":
         assert abs(rec["hue_distance"] - 8.0) < 1.0  # HUE_OFFSETS are 8 degrees apart
     # prompt adherence is blind to it (the prompt does not state it)
     assert M.prompt_adherence(corrupted, ann)["mean"] == 1.0
 
+
+
+def test_first_appearance_reads_the_hidden_attribute_and_same_look_rate():
+    """The first look of every object of a rendered story is its hidden attribute; renders with other hidden
+    attributes give other looks, and same_look_rate counts equal looks over pairs."""
+    script, video, ann = _story(0)
+    looks = {}
+    for k in range(len(script.objects)):
+        h, p = M.first_appearance(video, ann, k)
+        want = S.OBJECT_HUES[S.OBJECT_COLOURS.index(script.objects[k].colour)] + ann["hue_offset"][k]
+        assert float(M.hue_distance(h, want)) < 1.0
+        looks[k] = [(h, p)] * 3  # one look for every seed: every pair is the same look
+    assert M.same_look_rate(looks) == (3 * len(looks), 1.0)
+    # the same script with every object's hidden hue moved to another level: no pair of the two renders matches
+    hidden = [S.HiddenAttributes(S.HUE_OFFSETS[(S.HUE_OFFSETS.index(h) + 2) % len(S.HUE_OFFSETS)], p.pattern)
+              for h, p in zip(ann["hue_offset"], S.sample_hidden(script, 0))]
+    other, _ = R.render_video(script, 0, hidden=hidden)
+    pairs = {k: [M.first_appearance(video, ann, k), M.first_appearance(other, ann, k)] for k in looks}
+    assert M.same_look_rate(pairs) == (len(looks), 0.0)
+    assert M.same_look_rate({})[0] == 0 and np.isnan(M.same_look_rate({})[1])
+    blank = np.zeros_like(video)  # an object never drawn has no first look
+    assert M.first_appearance(blank, ann, 0) is None
 
 
 def test_reappearance_needs_the_objects_shape():
@@ -425,6 +450,7 @@ def test_reappearance_needs_the_objects_shape():
     corrupted[start:] = reshaped[start:]
     rec = next(r for r in M.reappearance_consistency(corrupted, ann) if r["object"] == k)
     assert rec["frames_before"] > 0 and rec["frames_after"] == 0 and not rec["passed"]
+    assert rec["pattern_before"] is not None and rec["pattern_after"] is None and np.isnan(rec["hue_after"])
 
 def test_temporal_smoothness():
     _, video, _ = _story(1)

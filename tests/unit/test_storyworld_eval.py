@@ -121,6 +121,52 @@ def _finite_or_reasoned(block: dict, where: str) -> None:
             assert math.isfinite(v), f"{where}.{key}={v}"
 
 
+def _run(script: int, seed: int, before: float | None, after: float | None, pattern=(0.0, 0.0, 0.0)) -> dict:
+    """A run with one return event of object 0 whose sides have these hues (None: side not measured)."""
+    look = lambda h: None if h is None else [h, *pattern]  # noqa: E731
+    measured = before is not None and after is not None
+    dist = E.M.look_distance(before, pattern, after, pattern)[2] if measured else None
+    ev = {"object": 0, "gap": [10, 20], "distance": dist, "passed": bool(measured and dist <= 1.0),
+          "look_before": look(before), "look_after": look(after)}
+    return {"script": script, "seed": seed, "metrics": {"consistency_events": [ev]}}
+
+
+def test_cross_seed_returns_separate_memory_from_a_fixed_look():
+    tol = E.M.HUE_TOL
+    # every seed keeps its own look, and the looks differ between seeds by 5 tolerances: all own returns pass,
+    # no other seed's does; seed 2's return is measured only before its gap (3 + 1 cross pairs use it)
+    runs = [_run(0, 0, 10.0, 10.0), _run(0, 1, 10.0 + 5 * tol, 10.0 + 5 * tol), _run(0, 2, 10.0, None),
+            _run(1, 0, 50.0, 50.0)]  # another script: never paired with script 0
+    got = E.cross_seed_returns(runs)
+    assert got["own"] == {"measured": 3, "passed": 3, "rate": 1.0}
+    # pairs (before seed, after seed): (0, 1) fails, (1, 0) fails, (2, 0) passes, (2, 1) fails
+    assert got["cross"] == {"pairs": 4, "passed": 1, "rate": 0.25}
+    # a look that is the same for every seed passes as often across seeds as within one: nothing to remember
+    fixed = [_run(0, sd, 10.0, 10.0 + 0.5 * tol) for sd in range(3)]
+    got = E.cross_seed_returns(fixed)
+    assert got["own"]["rate"] == got["cross"]["rate"] == 1.0 and got["cross"]["pairs"] == 6
+    # a pattern change alone fails across seeds
+    got = E.cross_seed_returns([_run(0, 0, 10.0, 10.0), _run(0, 1, 10.0, 10.0, pattern=(0.5, 0.0, 0.0))])
+    assert got["cross"] == {"pairs": 2, "passed": 0, "rate": 0.0}
+    nothing = E.cross_seed_returns([_run(0, 0, None, None)])
+    assert nothing["own"]["measured"] == nothing["cross"]["pairs"] == 0 and math.isnan(nothing["cross"]["rate"])
+    assert E._cross_cell(nothing) == "–" and E._cross_cell(E.cross_seed_returns(runs)) == "1.00 vs 0.25 (4 pairs)"
+
+
+def test_first_look_diversity_counts_seed_pairs_per_object():
+    def run(script, seed, looks):
+        return {"script": script, "seed": seed, "metrics": {"first_looks": looks}}
+
+    tol = E.M.HUE_TOL
+    same = [0.0, 0.0, 0.0]
+    runs = [run(0, 0, [[10.0, *same], [50.0, *same]]), run(0, 1, [[10.0 + 0.5 * tol, *same], None]),
+            run(0, 2, [[10.0 + 3 * tol, *same], [50.0, *same]]), run(1, 0, [[10.0, *same]])]
+    got = E.first_look_diversity(runs)
+    # script 0 object 0: 3 looks, pairs (0,1) same, (0,2) and (1,2) not; object 1: 1 pair, same; script 1: none
+    assert (got["measured"], got["seed_pairs"]) == (6, 4) and got["same_look_rate"] == 0.5
+    assert got["world_rate"] == 1 / 16 and E._looks_cell(got) == "0.50 (4 pairs)"
+
+
 def test_tiny_end_to_end_json(tmp_path):
     out = tmp_path / "eval.json"
     modes, seeds, chunks = ["none", "nam"], [0, 1], 3
@@ -178,6 +224,15 @@ def test_tiny_end_to_end_json(tmp_path):
         assert want["passed"] <= want["measured"] <= want["events"] == len(seeds) * n_events
         row = next(line for line in rep["table"].splitlines() if line.startswith(f"| {mode} |"))
         assert f"| {want['measured']} / {want['passed']} of {want['events']} |" in row
+        cross = rep["summary"][mode]["returns_cross_seed"]
+        assert (cross["own"]["measured"], cross["own"]["passed"]) == (want["measured"], want["passed"])
+        assert cross["cross"]["passed"] <= cross["cross"]["pairs"] <= len(seeds) * (len(seeds) - 1) * n_events
+        fl = rep["summary"][mode]["first_looks"]
+        n_obj = sum(len(r["metrics"]["first_looks"]) for r in rep["runs"] if r["mode"] == mode)
+        assert fl["measured"] <= n_obj and fl["seed_pairs"] <= n_obj * (len(seeds) - 1) // 2
+        for e in evs:  # each side's look: [hue, 3 pattern features], or None where it is not measured
+            assert all(x is None or len(x) == 4 for x in (e["look_before"], e["look_after"]))
+            assert (e["distance"] is not None) == (e["look_before"] is not None and e["look_after"] is not None)
     truth = rep["returns"]["ground_truth"]
     assert truth == {"events": n_events, "measured": n_events, "passed": n_events}  # the ground truth passes all
     assert "returns measured / passed" in rep["table"]

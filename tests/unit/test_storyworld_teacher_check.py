@@ -64,9 +64,15 @@ def test_scores_held_out_stories_whole(stage_dirs):
     root, teacher, text, vae = stage_dirs
     out, png = root / "stories.json", root / "stories.png"
     assert T.main(["--teacher", teacher, "--text", text, "--vae", vae, "--num-clips", "0", "--stories", "1",
-                   "--steps", "2", "--json", str(out), "--story-png", str(png)]) == 0
-    rep = json.loads(out.read_text())["stories"]
-    assert rep["num_stories"] == 1 and len(rep["runs"]) == 1 and rep["num_latent"] == 12
+                   "--steps", "2", "--seeds", "0,1", "--guidance-sigma-max", "0.5", "--json", str(out),
+                   "--story-png", str(png)]) == 0
+    full = json.loads(out.read_text())
+    assert full["setup"]["guidance_sigma_max"] == 0.5
+    rep = full["stories"]
+    looks = rep["first_looks"]  # each object's first look per seed: pairs of seeds of one object
+    assert looks["world_rate"] == 1 / 16 and looks["measured"] <= 2 * 3 and looks["seed_pairs"] <= 3
+    assert looks["seed_pairs"] == 0 or 0.0 <= looks["same_look_rate"] <= 1.0
+    assert rep["num_stories"] == 1 and len(rep["runs"]) == 2 and rep["num_latent"] == 12  # 2 seeds
     gt, codec, run = rep["rows"]["ground truth"], rep["rows"]["ground truth through the codec"], rep["runs"][0]
     assert gt["returns_measured"] >= 1 and codec["adherence"] == pytest.approx(gt["adherence"], abs=2 / 255)
     assert 0.0 <= run["adherence"] <= 1.0 and 0 <= run["returns_measured"] <= run["returns"]

@@ -528,6 +528,28 @@ def test_story_weight_needs_a_dmd_recipe_and_stories():
         _cfg("tiny_dmd_long", "train.story_weight=-1")
 
 
+def test_guidance_sigma_max_config():
+    assert _cfg("tiny_dmd_long").train.guidance_sigma_max == 1.0  # every noise level: the reference
+    with pytest.raises(cfg_lib.ConfigError, match="train.guidance_sigma_max=-0.5 must be >= 0"):
+        _cfg("tiny_dmd_long", "train.guidance_sigma_max=-0.5")
+
+
+@pytest.mark.slow
+def test_tiny_dmd_real_score_guidance_interval(tmp_path):
+    """train.guidance_sigma_max reaches DMD's real score: 1.0 is the plain loss, 0 (no level guided) another."""
+    def first_generator_loss(*overrides):
+        t = tr.Trainer(_cfg("tiny_dmd_long", "run.progress=false", "train.max_iters=1", *overrides),
+                       str(tmp_path / "_".join(overrides or ("plain",))), log=lambda m: None)
+        try:
+            return next(h["generator_loss"] for h in t.train() if "generator_loss" in h)
+        finally:
+            t.close()
+
+    plain = first_generator_loss()
+    assert first_generator_loss("train.guidance_sigma_max=1.0") == plain
+    assert first_generator_loss("train.guidance_sigma_max=0.0") != plain
+
+
 def test_story_term_batch_carries_the_return_mask(tmp_path):
     """train.story_return_weight beside DMD (train.story_weight): the story term's batch carries each story's
     return mask, which the story loss weighs (the same _story_loss as the story recipes)."""
@@ -572,6 +594,34 @@ def test_tiny_dmd_long_with_the_story_term_resumes(tmp_path):
     assert [h["step"] for h in hist_b] == [3]
     assert hist_b[0]["story_loss"] == gen[-1]["story_loss"]
     chex.assert_trees_all_equal(final_b, final)
+
+
+def test_solve_guidance_interval():
+    """``guidance_sigma_max``: guided steps only at sigma <= it; above every sigma = always guided, below every
+    sigma = the conditional flow alone (guidance 1), in between = each step's own scale."""
+    from memflow_jax.training import ode_pairs as op
+
+    cfg = _cfg("tiny_ode_init")
+    mcfg = cfg.teacher_model
+    params = tr.synthetic_init(mcfg, jax.random.key(0))  # a random head: the flows are not zero
+    h, w = cfg.sampler.latent_hw
+    k1, k2, k3 = jax.random.split(jax.random.key(2), 3)
+    noise = jax.random.normal(k1, (1, 4, mcfg.in_dim, h, w))
+    cond = jax.random.normal(k2, (1, mcfg.text_len, mcfg.text_dim))
+    unc = jax.random.normal(k3, (1, mcfg.text_len, mcfg.text_dim))
+    schedule = sch.make_schedule(cfg.sampler.timestep_shift, num_train_timesteps=1000, num_inference_steps=4)
+    sig = np.asarray(schedule.sigmas)
+    run = lambda g, smax: op.solve(params, mcfg, noise, cond, unc, schedule, g, smax)  # noqa: E731
+    always = run(3.0, None)
+    np.testing.assert_array_equal(run(3.0, float(sig.max()) + 1.0), always)
+    np.testing.assert_array_equal(run(3.0, float(sig.min()) / 2), run(1.0, None))
+    mid = float(sig[1:3].mean())  # steps 0-1 unguided (sigma above mid), 2-3 guided
+    got = run(3.0, mid)
+    np.testing.assert_array_equal(got[:3], run(1.0, None)[:3])  # states before the first guided step
+    assert not np.allclose(got[-1], always[-1]) and not np.allclose(got[-1], run(1.0, None)[-1])
+    sig2 = jnp.asarray([0.2, 0.9])
+    chex.assert_trees_all_equal(sch.guidance_at(sig2, 3.0, 0.5, unguided=1.0), jnp.asarray([3.0, 1.0]))
+    chex.assert_trees_all_equal(sch.guidance_at(sig2, 3.0, None, unguided=0.0), jnp.asarray([3.0, 3.0]))
 
 
 @pytest.mark.slow
