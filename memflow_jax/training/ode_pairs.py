@@ -61,7 +61,8 @@ def solve(params: Any, mcfg: Any, noise: jnp.ndarray, cond: jnp.ndarray, uncond:
         ctx = jnp.concatenate([cond, uncond], 0)
         flow = dit.forward(params, mcfg, xx, t, ctx).transpose(0, 2, 1, 3, 4)
         fc, fu = flow[:b], flow[b:]
-        v = fu + sch.guidance_at(sig[i], guidance_scale, guidance_sigma_max, unguided=1.0) * (fc - fu)
+        g = sch.guidance_at(sig[i], guidance_scale, guidance_sigma_max, unguided=1.0).astype(fc.dtype)  # 1 or s
+        v = fu + g * (fc - fu)
         x_new = (x.astype(jnp.float32) + v * (sig_next[i] - sig[i])).astype(x.dtype)
         return x_new, x
 
