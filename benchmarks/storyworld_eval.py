@@ -352,23 +352,23 @@ def cross_seed_returns(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     no memory of the earlier frames, passes these as often as its own returns. So ``own rate - cross rate`` is
     the consistency that comes from remembering this video's earlier frames; a look the model draws the same for
     every seed passes both (a model that never varies the hidden attribute has nothing to remember)."""
-    by_video = {}
+    by_return: dict[tuple, dict[int, dict[str, Any]]] = {}  # (script, object, gap) -> {seed: event}
     for r in runs:
         for e in r["metrics"]["consistency_events"]:
-            by_video[(r["script"], e["object"], tuple(e["gap"]), r["seed"])] = e
+            by_return.setdefault((r["script"], e["object"], tuple(e["gap"])), {})[r["seed"]] = e
     own_n = own_pass = cross_n = cross_pass = 0
-    for (script, obj, gap, seed), e in by_video.items():
-        if e["look_before"] is not None and e["look_after"] is not None:
-            own_n += 1
-            own_pass += bool(e["passed"])
-        if e["look_before"] is None:
-            continue
-        for (s2, o2, g2, seed2), e2 in by_video.items():
-            if (s2, o2, g2) != (script, obj, gap) or seed2 == seed or e2["look_after"] is None:
+    for seeds in by_return.values():
+        for seed, e in seeds.items():
+            if e["look_before"] is not None and e["look_after"] is not None:
+                own_n += 1
+                own_pass += bool(e["passed"])
+            if e["look_before"] is None:
                 continue
-            a, b = e["look_before"], e2["look_after"]
-            cross_n += 1
-            cross_pass += M.look_distance(a[0], a[1:], b[0], b[1:])[2] <= 1.0
+            a = e["look_before"]
+            for b in (e2["look_after"] for seed2, e2 in seeds.items() if seed2 != seed):
+                if b is not None:
+                    cross_n += 1
+                    cross_pass += M.look_distance(a[0], a[1:], b[0], b[1:])[2] <= 1.0
     rate = lambda k, n: k / n if n else float("nan")  # noqa: E731
     return {"own": {"measured": own_n, "passed": own_pass, "rate": rate(own_pass, own_n)},
             "cross": {"pairs": cross_n, "passed": int(cross_pass), "rate": rate(cross_pass, cross_n)}}
@@ -376,8 +376,9 @@ def cross_seed_returns(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def first_look_diversity(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """How often two seeds draw an object's first look the same (``metrics.same_look_rate`` over the runs of one
-    mode, per script and object): the world's random hidden attributes give ``world_rate`` (1 / (hue levels x
-    patterns)); a generator that draws one look per prompt gives ~1 and so has nothing for a memory to keep."""
+    mode, per script and object): the world's random hidden attributes give ``world_rate``
+    (``metrics.RANDOM_SAME_LOOK_RATE``); a generator that draws one look per prompt gives ~1 and so has nothing for
+    a memory to keep."""
     looks: dict[tuple[int, int], list] = {}
     for r in runs:
         for k, fl in enumerate(r["metrics"]["first_looks"]):
@@ -385,7 +386,7 @@ def first_look_diversity(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 looks.setdefault((r["script"], k), []).append((fl[0], fl[1:]))
     pairs, rate = M.same_look_rate(looks)
     return {"measured": sum(len(v) for v in looks.values()), "seed_pairs": pairs, "same_look_rate": rate,
-            "world_rate": 1.0 / (len(S.HUE_OFFSETS) * len(S.PATTERNS))}
+            "world_rate": M.RANDOM_SAME_LOOK_RATE}
 
 
 def reference_returns(gt_metrics: Sequence[tuple[dict, dict]], codec_metrics: Sequence[tuple[dict, dict]]
@@ -529,7 +530,7 @@ def format_table(summary: dict[str, dict[str, Any]], gt: dict[str, float],
                                                                     _looks_cell(s.get("first_looks")),
                                                                     _cell(s["fps"], "{:.1f}")])
     ref_returns = ref_returns or {}
-    world = f"{1.0 / (len(S.HUE_OFFSETS) * len(S.PATTERNS)):.2f} (random hidden attributes)"
+    world = f"{M.RANDOM_SAME_LOOK_RATE:.2f} (random hidden attributes)"
     refs = ([("ground truth through the VAE", codec, "codec")] if codec is not None else []) + \
         [("ground truth", gt, "ground truth")]
     for name, ref, key in refs:

@@ -33,6 +33,8 @@ SHAPE_PROTOTYPES = np.asarray([[np.pi / 4, 0.5], [1.0, 0.5], [0.5, 2.0 / 3.0]])
 SHAPE_WEIGHTS = np.asarray([1.0, 2.0])
 HUE_TOL = (S.HUE_OFFSETS[1] - S.HUE_OFFSETS[0]) / 2  # half the spacing of the hidden hue levels (degrees)
 PATTERN_TOL = 0.25  # pattern-feature distance; prototypes are >= 0.43 apart
+# two renders with random hidden attributes share a look (same hue level and pattern: look_distance <= 1)
+RANDOM_SAME_LOOK_RATE = 1.0 / (len(S.HUE_OFFSETS) * len(S.PATTERNS))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -313,7 +315,7 @@ def first_appearance(video: np.ndarray, annotations: Mapping[str, Any], obj: int
 def same_look_rate(looks: Mapping[Any, Sequence[tuple[float, np.ndarray]]]) -> tuple[int, float]:
     """(pairs, fraction of pairs with the same look: :func:`look_distance` <= 1) over every pair of looks of one
     key (e.g. an object of a story drawn with different seeds). Rendered with random hidden attributes the world
-    gives ~1 / (hue levels x patterns); a generator that draws one look per prompt gives ~1."""
+    gives :data:`RANDOM_SAME_LOOK_RATE`; a generator that draws one look per prompt gives ~1."""
     pairs = same = 0
     for ls in looks.values():
         for i in range(len(ls)):
