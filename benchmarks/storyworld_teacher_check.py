@@ -14,7 +14,8 @@ of ``storyworld_eval.py``, each with an object that leaves and comes back), ever
 segment's prompt, and scores them as the memory benchmark does, re-appearance consistency included: can the teacher
 itself keep a returning object's hidden attribute? And does it draw that attribute diversely: each object's first
 look per seed, and how often two seeds give the same look (``storyworld_eval.first_look_diversity``; random hidden
-attributes give 1/16; one look per prompt gives ~1). ``--guidance-sigma-max`` guides only the low-noise
+attributes give 1/16; one look per prompt gives ~1). And is a return's look its own video's, or the prompt's: each
+measured return against other seeds' looks before its gap (``storyworld_eval.cross_seed_returns``). ``--guidance-sigma-max`` guides only the low-noise
 steps (``scheduler.guidance_at``). (``--num-clips 0`` checks stories only.)
 
     python benchmarks/storyworld_teacher_check.py --teacher ART/teacher --text ART/text --vae DATA/latents/vae \\
@@ -259,6 +260,9 @@ def check_stories(args: argparse.Namespace, cfg: Any, solve_fn: Callable, vparam
     log(f"first looks: {first_looks['measured']} object appearances measured; the same look under two seeds in "
         f"{first_looks['same_look_rate']:.2f} of {first_looks['seed_pairs']} pairs (random hidden attributes: "
         f"{first_looks['world_rate']:.3f}; ~1: one look per prompt)")
+    cross = E.cross_seed_returns(scored)  # the teacher's own memory: its returns against other seeds' looks
+    log(f"pass of measured returns: own {cross['own']['rate']:.2f} ({cross['own']['measured']} measured) vs other "
+        f"seeds' {cross['cross']['rate']:.2f} ({cross['cross']['pairs']} pairs)")
     rows = [("teacher", {k: _mean(runs, k) for k, _ in STORY_COLUMNS}),
             ("ground truth through the codec", {k: _mean([_story_record(m) for m in codec], k)
                                                 for k, _ in STORY_COLUMNS[:-1]}),
@@ -278,7 +282,7 @@ def check_stories(args: argparse.Namespace, cfg: Any, solve_fn: Callable, vparam
         log(f"wrote {args.story_png} (16 frames a row: the teacher's story above its ground truth, the first "
             f"{len(strips) // 2} stories, seed {args.seeds[0]})")
     return {"num_stories": len(stories), "num_latent": n, "late_memory": args.late_memory, "first_looks": first_looks,
-            "min_absent": args.min_absent, "runs": runs, "rows": dict(rows), "table": table}
+            "returns_cross_seed": cross, "min_absent": args.min_absent, "runs": runs, "rows": dict(rows), "table": table}
 
 
 def _story_record(m: dict[str, Any], **extra: Any) -> dict[str, Any]:

@@ -72,6 +72,9 @@ def test_scores_held_out_stories_whole(stage_dirs):
     looks = rep["first_looks"]  # each object's first look per seed: pairs of seeds of one object
     assert looks["world_rate"] == 1 / 16 and looks["measured"] <= 2 * 3 and looks["seed_pairs"] <= 3
     assert looks["seed_pairs"] == 0 or 0.0 <= looks["same_look_rate"] <= 1.0
+    cross = rep["returns_cross_seed"]  # each measured return against the other seed's look before its gap
+    assert cross["own"]["measured"] == sum(r["returns_measured"] for r in rep["runs"])
+    assert cross["cross"]["pairs"] <= 2 * rep["runs"][0]["returns"]
     assert rep["num_stories"] == 1 and len(rep["runs"]) == 2 and rep["num_latent"] == 12  # 2 seeds
     gt, codec, run = rep["rows"]["ground truth"], rep["rows"]["ground truth through the codec"], rep["runs"][0]
     assert gt["returns_measured"] >= 1 and codec["adherence"] == pytest.approx(gt["adherence"], abs=2 / 255)
