@@ -15,8 +15,9 @@ segment's prompt, and scores them as the memory benchmark does, re-appearance co
 itself keep a returning object's hidden attribute? And does it draw that attribute diversely: each object's first
 look per seed, and how often two seeds give the same look (``storyworld_eval.first_look_diversity``; random hidden
 attributes give 1/16; one look per prompt gives ~1). And is a return's look its own video's, or the prompt's: each
-measured return against other seeds' looks before its gap (``storyworld_eval.cross_seed_returns``). ``--guidance-sigma-max`` guides only the low-noise
-steps (``scheduler.guidance_at``). (``--num-clips 0`` checks stories only.)
+measured return is scored against other seeds' looks before its gap too (``storyworld_eval.cross_seed_returns``).
+``--guidance-sigma-max`` guides only the low-noise steps (``scheduler.guidance_at``). (``--num-clips 0`` checks
+stories only.)
 
     python benchmarks/storyworld_teacher_check.py --teacher ART/teacher --text ART/text --vae DATA/latents/vae \\
         [--num-clips 8] [--seeds 0] [--steps 48] [--guidance-scale 3.0] [--json OUT.json] [--png OUT.png] \\
@@ -282,7 +283,8 @@ def check_stories(args: argparse.Namespace, cfg: Any, solve_fn: Callable, vparam
         log(f"wrote {args.story_png} (16 frames a row: the teacher's story above its ground truth, the first "
             f"{len(strips) // 2} stories, seed {args.seeds[0]})")
     return {"num_stories": len(stories), "num_latent": n, "late_memory": args.late_memory, "first_looks": first_looks,
-            "returns_cross_seed": cross, "min_absent": args.min_absent, "runs": runs, "rows": dict(rows), "table": table}
+            "returns_cross_seed": cross, "min_absent": args.min_absent, "runs": runs, "rows": dict(rows),
+            "table": table}
 
 
 def _story_record(m: dict[str, Any], **extra: Any) -> dict[str, Any]:
