@@ -6,8 +6,8 @@ and prints one table:
 
 * adherence: mean and sample std (ddof 1) over every seed of every report;
 * returns measured / passed, and "pass of measured: own vs other seeds'" (``storyworld_eval.cross_seed_returns``):
-  own and other-seed passes added over the reports. Other seeds' looks are taken within each report, so pooling
-  needs at least two seeds a report;
+  own and other-seed passes added over the reports. Other seeds' looks are taken within each report, so every
+  report needs at least two seeds;
 * memory's share = own rate p - other seeds' rate q, with the standard error ``sqrt(p(1-p)/n + q(1-q)/n)``, n the
   measured returns: each return's cross pairs reuse its own look before the gap, so they count as n draws, not as
   pairs (the conservative choice);
@@ -15,8 +15,8 @@ and prints one table:
 
     python benchmarks/storyworld_pool.py a.json b.json [--json pooled.json] [--label NAME]
 
-Reports must share the held-out split, the scripts and the modes, and no seed may appear twice; otherwise it exits 2
-naming the mismatch. The output JSON keeps each input's per-mode summary, so the pooled numbers can be redone from it.
+Reports must share the held-out split, the scripts and the modes, have two seeds or more each, and no seed may
+appear twice; otherwise it exits 2 naming the mismatch. The output JSON keeps each input's per-mode summary, so the pooled numbers can be redone from it.
 """
 from __future__ import annotations
 
@@ -72,6 +72,9 @@ def check_poolable(reports: Sequence[dict[str, Any]], names: Sequence[str]) -> N
             if rep["setup"].get(k) != first["setup"].get(k):
                 raise PoolError(f"{name}: setup {k}={rep['setup'].get(k)!r} differs from {names[0]}'s "
                                 f"{first['setup'].get(k)!r}")
+        if len(rep["setup"]["seeds"]) < 2:
+            raise PoolError(f"{name}: one seed; other seeds' looks are taken within a report, so each report needs "
+                            f">= 2 seeds (run storyworld_eval.py --seeds with two or more)")
         for s in rep["setup"]["seeds"]:
             if s in seen:
                 raise PoolError(f"seed {s} is in both {seen[s]} and {name}: pool reports over disjoint seeds")

@@ -59,9 +59,12 @@ def test_pool_refuses_what_cannot_be_pooled():
     with pytest.raises(P.PoolError, match="seed 1 is in both"):
         P.pool([a, _report([1, 2], [0.8, 0.9], own=(10, 5), cross=(20, 4))], ["a", "b"])
     with pytest.raises(P.PoolError, match="held-out split differs from a's: late_memory=False vs True"):
-        P.pool([a, _report([2], [0.8], own=(1, 1), cross=(1, 1), split={**SPLIT, "late_memory": False})], ["a", "b"])
+        P.pool([a, _report([2, 3], [0.8, 0.8], own=(1, 1), cross=(1, 1), split={**SPLIT, "late_memory": False})],
+               ["a", "b"])
     with pytest.raises(P.PoolError, match="setup num_scripts=16 differs"):
-        P.pool([a, _report([2], [0.8], own=(1, 1), cross=(1, 1), num_scripts=16)], ["a", "b"])
+        P.pool([a, _report([2, 3], [0.8, 0.8], own=(1, 1), cross=(1, 1), num_scripts=16)], ["a", "b"])
+    with pytest.raises(P.PoolError, match="b: one seed; .* each report needs >= 2 seeds"):
+        P.pool([a, _report([2], [0.8], own=(1, 1), cross=(1, 1))], ["a", "b"])
     with pytest.raises(P.PoolError, match="no reports"):
         P.pool([])
 
