@@ -342,6 +342,11 @@ def returns_tally(metrics: Sequence[dict[str, Any]]) -> dict[str, int]:
             "passed": int(sum(bool(e["passed"]) for e in events))}
 
 
+def rate(k: float, n: float) -> float:
+    """k / n, nan when n is 0."""
+    return k / n if n else float("nan")
+
+
 def cross_seed_returns(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Memory's share of the re-appearance passes: the runs of one mode, each return compared with itself and
     with every other seed's video of the same script.
@@ -368,8 +373,7 @@ def cross_seed_returns(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
             for b in (e2["look_after"] for seed2, e2 in seeds.items() if seed2 != seed):
                 if b is not None:
                     cross_n += 1
-                    cross_pass += M.look_distance(a[0], a[1:], b[0], b[1:])[2] <= 1.0
-    rate = lambda k, n: k / n if n else float("nan")  # noqa: E731
+                    cross_pass += M.same_look(a[0], a[1:], b[0], b[1:])
     return {"own": {"measured": own_n, "passed": own_pass, "rate": rate(own_pass, own_n)},
             "cross": {"pairs": cross_n, "passed": int(cross_pass), "rate": rate(cross_pass, cross_n)}}
 
@@ -384,8 +388,8 @@ def first_look_diversity(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         for k, fl in enumerate(r["metrics"]["first_looks"]):
             if fl is not None:
                 looks.setdefault((r["script"], k), []).append((fl[0], fl[1:]))
-    pairs, rate = M.same_look_rate(looks)
-    return {"measured": sum(len(v) for v in looks.values()), "seed_pairs": pairs, "same_look_rate": rate,
+    pairs, same = M.same_look_rate(looks)
+    return {"measured": sum(len(v) for v in looks.values()), "seed_pairs": pairs, "same_look_rate": same,
             "world_rate": M.RANDOM_SAME_LOOK_RATE}
 
 

@@ -81,10 +81,6 @@ def check_poolable(reports: Sequence[dict[str, Any]], names: Sequence[str]) -> N
             seen[s] = name
 
 
-def _rate(k: float, n: float) -> float:
-    return k / n if n else float("nan")
-
-
 def pool_mode(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One mode's pooled numbers from the reports' ``summary[mode]`` dicts."""
     adh = [x for s in summaries for x in s["adherence"]["per_seed"]]
@@ -98,7 +94,7 @@ def pool_mode(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
         k = sum(s["returns_cross_seed"]["own"]["passed"] for s in summaries)
         pairs = sum(s["returns_cross_seed"]["cross"]["pairs"] for s in summaries)
         kc = sum(s["returns_cross_seed"]["cross"]["passed"] for s in summaries)
-        p, q = _rate(k, n), _rate(kc, pairs)
+        p, q = E.rate(k, n), E.rate(kc, pairs)
         se = math.sqrt((p * (1 - p) + q * (1 - q)) / n) if n and pairs else float("nan")
         out["returns_cross_seed"] = {"own": {"measured": n, "passed": k, "rate": p},
                                      "cross": {"pairs": pairs, "passed": kc, "rate": q}}
@@ -107,7 +103,7 @@ def pool_mode(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if looks:
         pairs = sum(f["seed_pairs"] for f in looks)
         same = sum(f["same_look_rate"] * f["seed_pairs"] for f in looks if f["seed_pairs"])
-        out["first_looks"] = {"seed_pairs": pairs, "same_look_rate": _rate(same, pairs), "reports": len(looks)}
+        out["first_looks"] = {"seed_pairs": pairs, "same_look_rate": E.rate(same, pairs), "reports": len(looks)}
     return out
 
 

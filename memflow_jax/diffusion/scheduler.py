@@ -190,7 +190,7 @@ def guidance_at(sigma: jax.Array, guidance_scale: float, sigma_max: float | None
     Guidance at high noise, where an object's look is decided, gives each prompt one look (storyworld/TRAINING.md
     round 20)."""
     g = jnp.full(jnp.shape(sigma), guidance_scale, jnp.float32)
-    if sigma_max is None:
+    if sigma_max is None or sigma_max >= 1.0:
         return g
     return jnp.where(jnp.asarray(sigma) <= sigma_max, g, jnp.float32(unguided))
 

@@ -250,6 +250,24 @@ def look_distance(hue_a: float, pattern_a: np.ndarray, hue_b: float, pattern_b: 
     return hd, pd, max(hd / hue_tol, pd / pattern_tol)
 
 
+def same_look(hue_a: float, pattern_a: np.ndarray, hue_b: float, pattern_b: np.ndarray) -> bool:
+    """Two measured looks show the same hidden attribute (:func:`look_distance` <= 1, the re-appearance pass)."""
+    return look_distance(hue_a, pattern_a, hue_b, pattern_b)[2] <= 1.0
+
+
+def _object_look(seg: tuple[np.ndarray, ...], annotations: Mapping[str, Any], obj: int, run: tuple[int, int],
+                 scale: float, presence: float, max_frames: int, last: bool
+                 ) -> tuple[np.ndarray, tuple[float, np.ndarray, int]]:
+    """(frames, :func:`measure_appearance` result) of object ``obj`` over the first (``last``: last)
+    ``max_frames`` frames of the visibility ``run`` [a, b) in which the ground truth shows it whole."""
+    a, b = run
+    frames = np.arange(a, b)[np.asarray(annotations["visible_fraction"])[a:b, obj] >= FULLY_VISIBLE]
+    frames = frames[-max_frames:] if last else frames[:max_frames]
+    min_pixels = presence * float(annotations["area"][obj]) * scale
+    return frames, measure_appearance(seg, frames, int(annotations["colour_id"][obj]), min_pixels,
+                                      int(annotations["shape_id"][obj]))
+
+
 def reappearance_consistency(video: np.ndarray, annotations: Mapping[str, Any], *, max_frames: int = 8,
                              hue_tol: float = HUE_TOL, pattern_tol: float = PATTERN_TOL,
                              presence: float = 0.5, segmentation: tuple[np.ndarray, ...] | None = None
@@ -267,20 +285,15 @@ def reappearance_consistency(video: np.ndarray, annotations: Mapping[str, Any], 
     scale = _check_inputs(video, annotations)
     seg = colour_classes(video) if segmentation is None else segmentation
     visible = np.asarray(annotations["visible"])
-    vis_frac = np.asarray(annotations["visible_fraction"])
     out = []
-    for k, c in enumerate(np.asarray(annotations["colour_id"])):
+    for k in range(visible.shape[1]):
         runs = _runs(visible[:, k])
-        min_pixels = presence * float(annotations["area"][k]) * scale
-        for (a0, a1), (b0, b1) in zip(runs[:-1], runs[1:]):
-            before = np.arange(a0, a1)[vis_frac[a0:a1, k] >= FULLY_VISIBLE][-max_frames:]
-            after = np.arange(b0, b1)[vis_frac[b0:b1, k] >= FULLY_VISIBLE][:max_frames]
+        for first, second in zip(runs[:-1], runs[1:]):
+            before, (h0, p0, n0) = _object_look(seg, annotations, k, first, scale, presence, max_frames, last=True)
+            after, (h1, p1, n1) = _object_look(seg, annotations, k, second, scale, presence, max_frames, last=False)
             if not before.size or not after.size:
                 continue  # the ground truth never shows it whole on one side: nothing to compare
-            shape = int(annotations["shape_id"][k])
-            h0, p0, n0 = measure_appearance(seg, before, int(c), min_pixels, shape)
-            h1, p1, n1 = measure_appearance(seg, after, int(c), min_pixels, shape)
-            rec = {"object": k, "gap": (a1, b0), "frames_before": n0, "frames_after": n1,
+            rec = {"object": k, "gap": (first[1], second[0]), "frames_before": n0, "frames_after": n1,
                    "hue_before": h0, "hue_after": h1, "pattern_before": p0, "pattern_after": p1}
             if n0 and n1:
                 hd, pd, dist = look_distance(h0, p0, h1, p1, hue_tol=hue_tol, pattern_tol=pattern_tol)
@@ -303,12 +316,8 @@ def first_appearance(video: np.ndarray, annotations: Mapping[str, Any], obj: int
     runs = _runs(np.asarray(annotations["visible"])[:, obj])
     if not runs:
         return None
-    a0, a1 = runs[0]
-    vf = np.asarray(annotations["visible_fraction"])[a0:a1, obj]
-    frames = np.arange(a0, a1)[vf >= FULLY_VISIBLE][:max_frames]
     seg = colour_classes(video) if segmentation is None else segmentation
-    h, p, n = measure_appearance(seg, frames, int(annotations["colour_id"][obj]),
-                                 presence * float(annotations["area"][obj]) * scale, int(annotations["shape_id"][obj]))
+    _, (h, p, n) = _object_look(seg, annotations, obj, runs[0], scale, presence, max_frames, last=False)
     return (h, p) if n else None
 
 
@@ -321,7 +330,7 @@ def same_look_rate(looks: Mapping[Any, Sequence[tuple[float, np.ndarray]]]) -> t
         for i in range(len(ls)):
             for j in range(i + 1, len(ls)):
                 pairs += 1
-                same += look_distance(ls[i][0], ls[i][1], ls[j][0], ls[j][1])[2] <= 1.0
+                same += same_look(ls[i][0], ls[i][1], ls[j][0], ls[j][1])
     return pairs, (same / pairs if pairs else float("nan"))
 
 

@@ -216,7 +216,8 @@ def dmd_generator_loss(
     real_x0_c = flow_to_x0(real_score_schedule, real_flow_c, xt, t)
     real_x0_u = flow_to_x0(real_score_schedule, real_flow_u, xt, t)
     scale: Any = guidance_scale
-    if guidance_sigma_max is not None:  # [B, F] -> [B, F, 1, 1, 1]: each sample's and frame's noise level
+    if guidance_sigma_max is not None and guidance_sigma_max < 1.0:  # sigmas are <= 1: else every level guided
+        # [B, F] -> [B, F, 1, 1, 1]: each sample's and frame's noise level
         scale = guidance_at(sigma_at(schedule, t), guidance_scale, guidance_sigma_max, unguided=0.0)
         scale = scale.reshape(t.shape + (1,) * (x.ndim - t.ndim))
     grad, metrics = kl_grad(x_ng, fake_x0, real_x0_c, real_x0_u, scale)

@@ -1243,7 +1243,7 @@ class Trainer:
                     cond=cond, uncond=_like_cond(uncond, cond), schedule=self.gen_schedule,
                     real_score_schedule=self.score_schedule,
                     raw_timestep=raw, noise=noise, guidance_scale=t.guidance_scale,
-                    guidance_sigma_max=t.guidance_sigma_max if t.guidance_sigma_max < 1.0 else None,
+                    guidance_sigma_max=t.guidance_sigma_max,
                     fake_guidance_scale=t.fake_guidance_scale, timestep_shift=self.rc.timestep_shift,
                     min_step=t.min_step, max_step=t.max_step, mask=mask)
                 terms = {}
