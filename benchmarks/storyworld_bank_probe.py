@@ -160,20 +160,9 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
                                                                               args.max_chunks * chunk)
     min_absent = cfg.memory.local_attn_size if args.min_absent is None else args.min_absent
     num_scripts = args.num_scripts if args.num_scripts is not None else (1 if args.tiny else 8)
-    scripts, skipped = [], []
-    for i in range(4 * num_scripts):  # held-out indices in order; one whose draws never fit the split is skipped
-        if len(scripts) == num_scripts:
-            break
-        try:
-            scripts.append(E.make_eval_script(i, split_seed=args.split_seed, num_latent=num_latent, chunk=chunk,
-                                              t_stride=t_stride, height=s.height, width=s.width, fps=s.fps,
-                                              late_memory=True, min_absent=min_absent))
-        except E.EvalError as err:
-            skipped.append(i)
-            log(f"  skipped held-out script {i}: {err}")
-    if len(scripts) < num_scripts:
-        raise E.EvalError(f"only {len(scripts)} of {num_scripts} late-memory scripts in {4 * num_scripts} held-out "
-                          f"indices (off screen >= {min_absent} latent frames): lower --min-absent or --num-scripts")
+    scripts, skipped = E.late_memory_scripts(num_scripts, split_seed=args.split_seed, num_latent=num_latent,
+                                             chunk=chunk, t_stride=t_stride, height=s.height, width=s.width,
+                                             fps=s.fps, min_absent=min_absent, log=log)
 
     from memflow_jax.pipeline import load_components
 

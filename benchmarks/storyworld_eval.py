@@ -169,6 +169,29 @@ def make_eval_script(index: int, *, split_seed: int, num_latent: int, chunk: int
                     "frames; use more chunks")
 
 
+def late_memory_scripts(num_scripts: int, *, split_seed: int, num_latent: int, chunk: int, t_stride: int,
+                        height: int, width: int, fps: int, min_absent: int,
+                        log: Callable[[str], None] = print) -> tuple[list[EvalScript], list[int]]:
+    """The first ``num_scripts`` held-out ``late_memory`` scripts with returns off screen >= ``min_absent`` latent
+    frames, in index order; an index whose draws never fit is skipped (and returned), up to 4x ``num_scripts``
+    indices (the diagnostics' split; the eval itself takes indices 0.. as they come)."""
+    scripts, skipped = [], []
+    for i in range(4 * num_scripts):
+        if len(scripts) == num_scripts:
+            break
+        try:
+            scripts.append(make_eval_script(i, split_seed=split_seed, num_latent=num_latent, chunk=chunk,
+                                            t_stride=t_stride, height=height, width=width, fps=fps,
+                                            late_memory=True, min_absent=min_absent))
+        except EvalError as err:
+            skipped.append(i)
+            log(f"  skipped held-out script {i}: {err}")
+    if len(scripts) < num_scripts:
+        raise EvalError(f"only {len(scripts)} of {num_scripts} late-memory scripts in {4 * num_scripts} held-out "
+                        f"indices (off screen >= {min_absent} latent frames): lower --min-absent or --num-scripts")
+    return scripts, skipped
+
+
 # --------------------------------------------------------------------------------------------------
 # Config, modes, components
 # --------------------------------------------------------------------------------------------------

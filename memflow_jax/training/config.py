@@ -124,11 +124,12 @@ class TrainConfig:
     text_dropout: float = 0.0  # per sample: prompt embedding -> negative_prompt's embedding with this probability
     # --- story recipe (teacher forcing on a storyworld ``stories`` dataset, encoded by run.vae_ckpt) ---
     story_exit_steps: tuple[int, ...] = ()  # steps the story loss draws from (empty: every step)
-    # return-weighted story loss (story / ode_story, and the story term beside DMD): each latent frame of the first
-    # chunk of a segment where an object comes back after >= story_return_min_absent latent frames off screen
-    # weighs 1 + story_return_weight in the loss (frame-weighted mean; needs stories exported with latent_returns
-    # and, for ode_story, ODE pairs made from them); 0 = every frame weighs 1. Either > 0 also logs
-    # story_return_loss, the loss on those frames alone
+    # return-weighted story loss (story / ode_story, the story term beside DMD, and dmd_story's DMD loss): each
+    # latent frame of the first chunk of a segment where an object comes back after >= story_return_min_absent
+    # latent frames off screen weighs 1 + story_return_weight in the loss (frame-weighted mean; needs stories
+    # exported with latent_returns and, for ode_story, ODE pairs made from them); 0 = every frame weighs 1. Either
+    # > 0 also logs story_return_loss, the loss on those frames alone (not for dmd_story: its loss value is not a
+    # distance)
     story_return_weight: float = 0.0
     story_return_min_absent: int = 0
     # --- the story loss beside DMD (recipes dmd / dmd_long): generator loss = DMD + story_weight * the story
@@ -218,10 +219,10 @@ class TrainConfig:
             raise ConfigError(f"train.story_return_weight={self.story_return_weight} and train.story_return_min_absent="
                               f"{self.story_return_min_absent} must be >= 0")
         if (self.story_return_weight > 0 or self.story_return_min_absent > 0) \
-                and self.recipe not in ("story", "ode_story") and self.story_weight == 0:
+                and self.recipe not in ("story", "ode_story", "dmd_story") and self.story_weight == 0:
             raise ConfigError(f"train.story_return_weight / story_return_min_absent weigh the story loss (recipes "
-                              f"story / ode_story, or train.story_weight > 0 beside DMD); train.recipe={self.recipe} "
-                              "has none: set them to 0")
+                              f"story / ode_story, or train.story_weight > 0 beside DMD) or dmd_story's DMD loss; "
+                              f"train.recipe={self.recipe} has none: set them to 0")
         if self.recipe == "dmd_story" and self.streaming_training:
             raise ConfigError("train.recipe=dmd_story rolls out whole stories in one step: set "
                               "train.streaming_training=false")

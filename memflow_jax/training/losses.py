@@ -137,19 +137,29 @@ def kl_grad(
 
 
 @jax.jit
-def dmd_loss(x: jax.Array, grad: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+def dmd_loss(x: jax.Array, grad: jax.Array, mask: jax.Array | None = None,
+             frame_weight: jax.Array | None = None) -> jax.Array:
     """``0.5·mean((x - stop_gradient(x - grad))²)`` over all elements or over ``mask``. Scalar float32.
 
     d loss / d x = ``grad / count`` (``count`` = elements, or True entries of the broadcast mask; zero
     outside the mask). ``x - sg(x - grad)`` is written as ``x - sg(x) + sg(grad)``: the same value and
     derivative, but exact in float32 (the reference evaluates it in float64; in float32 ``x - grad`` would
-    round at the scale of ``x``, not of ``grad``).
+    round at the scale of ``x``, not of ``grad``). ``frame_weight`` [B, F] (not in the reference; not with
+    ``mask``): the frame-weighted mean (:func:`weighted_frame_mean`) of each frame's mean, so frame ``f`` of
+    sample ``b`` gets ``w_bf · grad / (Σ w · elements per frame)``; all ones = no weight.
     """
     if x.shape != grad.shape:
         raise ValueError(f"dmd_loss needs grad shaped like x, got {grad.shape} vs {x.shape}")
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     diff = x - jax.lax.stop_gradient(x) + jax.lax.stop_gradient(grad.astype(x.dtype))
-    return 0.5 * masked_mean(jnp.square(diff), mask)
+    if frame_weight is None:
+        return 0.5 * masked_mean(jnp.square(diff), mask)
+    if mask is not None:
+        raise ValueError("dmd_loss takes a mask or a frame_weight, not both (fold the mask into the weight)")
+    if tuple(frame_weight.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"dmd_loss: frame_weight {tuple(frame_weight.shape)} must be [B, F] = {tuple(x.shape[:2])}")
+    per_frame = jnp.mean(jnp.square(diff).reshape(x.shape[:2] + (-1,)), axis=-1)  # [B, F]
+    return 0.5 * weighted_frame_mean(per_frame, frame_weight)
 
 
 def dmd_generator_loss(
@@ -174,6 +184,7 @@ def dmd_generator_loss(
     min_timestep: int = 0,
     max_timestep: int | None = None,
     mask: jax.Array | None = None,
+    frame_weight: jax.Array | None = None,
     return_intermediates: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """DMD generator loss of the generator output ``x`` [B, F, C, H, W] (reference
@@ -188,7 +199,8 @@ def dmd_generator_loss(
        ``real_score_schedule``).
     4. ``grad = kl_grad(x, fake_x0, real_x0_cond, real_x0_uncond, guidance_scale)``; loss ``dmd_loss``. With
        ``guidance_sigma_max`` (not in the reference) a sample whose noise level σ(t) exceeds it gets scale 0, the
-       conditional real score alone (``scheduler.guidance_at``): guidance only at low noise.
+       conditional real score alone (``scheduler.guidance_at``): guidance only at low noise. ``frame_weight``
+       [B, F] (not in the reference; the dmd_story recipe's return weight): :func:`dmd_loss`'s weighted mean.
 
     Returns ``(loss, aux)``; aux has ``dmdtrain_gradient_norm``, ``timestep`` [B, F] and, with
     ``return_intermediates``, the draws, noisy latent, flows, x0s, ``kl_grad`` and its normaliser.
@@ -222,7 +234,7 @@ def dmd_generator_loss(
         scale = scale.reshape(t.shape + (1,) * (x.ndim - t.ndim))
     grad, metrics = kl_grad(x_ng, fake_x0, real_x0_c, real_x0_u, scale)
     grad = jax.lax.stop_gradient(grad)
-    loss = dmd_loss(x, grad, mask)
+    loss = dmd_loss(x, grad, mask, frame_weight)
 
     aux = {"dmdtrain_gradient_norm": metrics["dmdtrain_gradient_norm"], "timestep": t}
     if return_intermediates:

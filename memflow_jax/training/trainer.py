@@ -19,6 +19,9 @@ Recipes (``train.recipe``):
   (a ``teacher_story`` teacher) and the critic see the whole story, a prompt per frame. Unlike ``dmd_long``, whose
   teacher sees one window, the real score sees an object before it leaves and after it comes back, so the
   distribution it pulls the rollout towards is one where a returning object keeps its look.
+  ``train.story_return_weight`` weighs the DMD loss's frames of the chunks where an object returns from
+  ``train.story_return_min_absent`` or more latent frames off screen (``1 + weight``; metric
+  ``return_frame_fraction``).
 * ``story``    — teacher forcing on ground-truth stories (not in the reference; Self-Forcing's "teacher forcing"
   baseline, with MemFlow's memory): a storyworld ``stories`` dataset (segment boundaries on chunk boundaries) is
   encoded by the frozen ``run.vae_ckpt`` inside the step; chunk by chunk the generator denoises the ground-truth
@@ -1013,8 +1016,7 @@ class Trainer:
             raise ConfigError(f"{key} is empty: export a stories dataset (`python -m "
                               "memflow_jax.storyworld.export --out DIR --kind stories --num-latent F --chunk "
                               f"{self.chunk} --t-stride {s.vae_stride[0]}`) and set {key}=DIR")
-        src = StorySource(path, embedder, videos=videos,
-                          return_min_absent=self._return_min_absent() if videos else None)
+        src = StorySource(path, embedder, videos=videos, return_min_absent=self._return_min_absent())
         ts = vae_lib.time_stride(self.cfg.vae)
         if (src.chunk, src.t_stride) != (self.chunk, ts):
             raise ConfigError(f"{path}: stories aligned to chunks of {src.chunk} latent frames at time "
@@ -1216,7 +1218,7 @@ class Trainer:
     def _prompt_batch_sh(self) -> dict[str, Any]:
         """Shardings of a (non-streaming) DMD step's prompt batch."""
         if self.recipe == "dmd_story":
-            return {"contexts": self.bsh, "switch_frames": self.bsh}
+            return {k: self.bsh for k in ("contexts", "switch_frames") + self._return_fields()}
         return {"prompt_embeds": self.bsh}
 
     def _gen_step_fn(self, variant: tuple) -> Callable:
@@ -1237,6 +1239,9 @@ class Trainer:
                     if gen_base is not None else trainable
                 x, mask, new_carry, aux, cond = self._window(params, carry, batch, k_roll, variant)
                 raw, noise = self._dmd_draws(k_loss, x, aux)
+                # dmd_story with train.story_return_weight: the chunks only a memory can draw right weigh more
+                weight = 1.0 + t.story_return_weight * batch["return_mask"] \
+                    if self.recipe == "dmd_story" and "return_mask" in batch else None  # [B, F]
                 loss, laux = losses.dmd_generator_loss(
                     x, real_score_fn=self._score(teacher_ng, teacher_cfg),
                     fake_score_fn=self._score(critic_eff, critic_cfg),
@@ -1245,10 +1250,10 @@ class Trainer:
                     raw_timestep=raw, noise=noise, guidance_scale=t.guidance_scale,
                     guidance_sigma_max=t.guidance_sigma_max,
                     fake_guidance_scale=t.fake_guidance_scale, timestep_shift=self.rc.timestep_shift,
-                    min_step=t.min_step, max_step=t.max_step, mask=mask)
-                terms = {}
+                    min_step=t.min_step, max_step=t.max_step, mask=mask, frame_weight=weight)
+                terms = {} if weight is None else {"return_frame_fraction": jnp.mean(batch["return_mask"])}
                 if story is not None:  # generator loss = DMD + story_weight * story (train.story_weight)
-                    terms = {"generator_dmd_loss": loss}
+                    terms["generator_dmd_loss"] = loss
                     terms["story_loss"], _ = self._story_loss(params, self.story_rc, story_latents, story,
                                                               jax.random.fold_in(rng, STORY_SALT))
                     loss = loss + t.story_weight * terms["story_loss"]
@@ -1592,7 +1597,7 @@ class Trainer:
                 metrics.update(self._stream_window(hrng, k_critic, False, loop))
             elif self.recipe == "dmd_story":  # whole stories: one variant, the dataset's length
                 variant = (self.story_frames,)
-                batch = self._next_batch(("contexts", "switch_frames"), None)
+                batch = self._next_batch(("contexts", "switch_frames") + self._return_fields(), None)
             else:
                 hrng = np.random.default_rng([t.seed, 7919, step])
                 lo, hi = t.min_num_training_frames // self.chunk, t.num_training_frames // self.chunk

@@ -714,9 +714,88 @@ def test_return_mask_and_the_frame_weighted_loss():
     with pytest.raises(ValueError, match=r"must be \[B, F\]"):
         losses.ode_regression_loss(pred, target, frame_weight=w[:, :3])
     with pytest.raises(cfg_lib.ConfigError, match="has none"):
-        _cfg("tiny_dmd_story", "train.story_return_weight=2")
+        _cfg("tiny_dmd", "train.story_return_weight=2")
     with pytest.raises(cfg_lib.ConfigError, match="must be >= 0"):
         _cfg("tiny_ode_story", "train.story_return_min_absent=-1")
+
+
+def test_dmd_loss_frame_weight():
+    """dmd_loss(frame_weight=w): sum(w * frame mean of grad^2) / (2 sum(w)); d/dx = w_bf * grad / (sum(w) * per-frame
+    elements); equal weights give the plain loss; a mask with a weight, or a weight of another shape, is refused."""
+    r = np.random.default_rng(1)
+    x, grad = (jnp.asarray(r.standard_normal((2, 4, 3, 2, 2)), jnp.float32) for _ in range(2))
+    w = jnp.asarray(r.uniform(0.5, 3.0, (2, 4)), jnp.float32)
+    g2 = np.mean(np.square(np.asarray(grad)).reshape(2, 4, -1), -1)
+    np.testing.assert_allclose(float(losses.dmd_loss(x, grad, frame_weight=w)),
+                               0.5 * np.sum(np.asarray(w) * g2) / np.sum(np.asarray(w)), rtol=1e-6)
+    dx = jax.grad(lambda y: losses.dmd_loss(y, grad, frame_weight=w))(x)
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(grad) * np.asarray(w)[:, :, None, None, None]
+                               / (float(np.sum(np.asarray(w))) * 12), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(float(losses.dmd_loss(x, grad, frame_weight=jnp.full((2, 4), 5.0))),
+                               float(losses.dmd_loss(x, grad)), rtol=1e-6)
+    with pytest.raises(ValueError, match="not both"):
+        losses.dmd_loss(x, grad, mask=jnp.ones((2, 4, 1, 1, 1), bool), frame_weight=w)
+    with pytest.raises(ValueError, match=r"must be \[B, F\]"):
+        losses.dmd_loss(x, grad, frame_weight=w[:1])
+
+
+def _dmd_story_return_trainer(tmp_path, stories, weight):
+    return tr.Trainer(_cfg("tiny_dmd_story", f"train.video_data_path={stories}", f"train.story_return_weight={weight}",
+                           "train.max_iters=1"), str(tmp_path / f"run_{weight}"), log=lambda m: None)
+
+
+def test_dmd_story_return_weight_data(tmp_path):
+    """dmd_story with train.story_return_weight: the prompt-only records carry the stories' return mask, and the
+    step's prompt batch has its field."""
+    from memflow_jax.storyworld import dataset as D
+
+    stories = _stories(tmp_path)
+    t = _dmd_story_return_trainer(tmp_path, stories, 3)
+    try:
+        recs = D.StoryworldSource(stories).index_records()
+        assert "video" not in t.source[0] and t._return_fields() == ("return_mask",)
+        for i in range(len(recs)):
+            want = tr.return_mask(recs[i]["latent_returns"], 9, 3, 0)
+            np.testing.assert_array_equal(t.source[i]["return_mask"], want)
+        assert set(t._prompt_batch_sh()) == {"contexts", "switch_frames", "return_mask"}
+    finally:
+        t.close()
+
+
+@pytest.mark.slow
+def test_dmd_story_return_weight_step(tmp_path):
+    """... and a generator step reports the batch's return-frame fraction and, on a batch with a return, updates the
+    generator differently from the unweighted step (same initial weights, rollout and draws)."""
+    stories, out = _stories(tmp_path), {}
+    src = None
+    for weight in (0, 3):
+        t = _dmd_story_return_trainer(tmp_path, stories, weight)
+        try:
+            assert t._return_fields() == (("return_mask",) if weight else ())
+            if src is None:
+                src = tr.StorySource(stories, t.embedder, videos=False, return_min_absent=0)
+                items = [src[i] for i in range(len(src))]
+                order = sorted(range(len(items)), key=lambda i: -items[i]["return_mask"].sum())[: t.global_batch]
+                mask = np.stack([items[i]["return_mask"] for i in order])
+                assert mask.any()
+            keys = ("contexts", "switch_frames") + t._return_fields()
+            batch = {k: jnp.asarray(np.stack([items[i][k] for i in order])) for k in keys}
+            out[f"init{weight}"] = jax.tree_util.tree_map(np.asarray, t.gen.params)
+            fn = t._gen_step_fn((t.story_frames,))
+            gen, _, _, m = fn(t.gen, t.ema, t.gen_base, t.critic.params, t.critic_base, t.teacher, None, batch,
+                              t.uncond, jax.random.key(5), np.int32(0), None)
+            assert np.isfinite(float(m["generator_loss"])) and float(m["generator_grad_norm"]) > 0
+            if weight:
+                np.testing.assert_allclose(float(m["return_frame_fraction"]), mask.mean(), rtol=1e-6)
+            else:
+                assert "return_frame_fraction" not in m
+            out[weight] = jax.tree_util.tree_map(np.asarray, gen.params)
+        finally:
+            t.close()
+    chex.assert_trees_all_equal(out["init0"], out["init3"])
+    diffs = [float(np.max(np.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(out[0]),
+                                                          jax.tree_util.tree_leaves(out[3]))]
+    assert max(diffs) > 0
 
 
 def test_ode_story_return_weighted_loss(tmp_path):
