@@ -4,8 +4,9 @@ The eval (``storyworld_eval.py``) asks whether sampled videos keep a returning o
 question under it, on the ground truth: teacher-forced on held-out stories (the ``story`` recipe's
 :func:`rollout.teacher_forced_story`: the memory holds the ground-truth story, the chunk is noised to one denoising
 step), how far below the memory-less mode does each memory mode bring the x0 error on the chunks where an object
-returns after ``--min-absent`` latent frames off screen, against the other chunks? Every mode sees the same
-stories, noise and steps (paired), so the differences are read per sample:
+returns after ``--min-absent`` latent frames off screen, and on the latent cells where the ground truth shows the
+returning object in them (its look), against the other chunks? Every mode sees the same stories, noise and steps
+(paired), so the differences are read story by story:
 
 * ``none`` / ``sink`` / ``nam`` / ``nam+sma``: the eval's modes (the checkpoint's memory sizes);
 * ``full``: no sink, a window as long as the story: every earlier frame in context, the most any memory of this
@@ -57,45 +58,74 @@ def paired(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
     return {**mean_se(x - y), "relative": float(np.mean((x - y) / y))}
 
 
-def split_losses(loss: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-frame x0 MSE ``[S, K, F]`` (stories, draws, frames) and ``masks`` ``[S, F]`` (1 on the return chunks)
-    -> each story's mean over its draws on the return chunks and elsewhere, ``[S]`` each."""
-    m = masks[:, None, :].astype(bool)
-    ret = np.sum(np.where(m, loss, 0.0), -1) / np.maximum(np.sum(m, -1), 1)
-    other = np.sum(np.where(m, 0.0, loss), -1) / np.maximum(np.sum(~m, -1), 1)
-    return ret.mean(1), other.mean(1)
+REGIONS = ("return", "other", "object")  # return chunks, every other chunk, the returning object's cells in them
 
 
-def summarise(losses: dict[str, np.ndarray], masks: np.ndarray) -> dict[str, Any]:
-    """Per mode: the mean loss on return chunks and elsewhere (:func:`split_losses`), both paired against ``none``
-    story by story (a story's draws share its frames, so the story is the unit of the standard errors)."""
-    base_r, base_o = split_losses(losses["none"], masks) if "none" in losses else (None, None)
+def object_cells(e: "E.EvalScript", returns: Sequence[Sequence[int]], num_latent: int, t_stride: int,
+                 cell: int) -> np.ndarray:
+    """bool ``[F, H / cell, W / cell]``: for each ``(object, first, end)`` of ``returns``, the latent cells
+    (``cell`` x ``cell`` pixels) of latent frames ``first .. end - 1`` in which the ground truth shows that object
+    in any of the video frames the latent frame decodes to."""
+    ids = e.annotations["id_map"]  # [T, H, W] uint8, k + 1 = object k
+    t, h, w = ids.shape
+    if h % cell or w % cell:
+        raise ValueError(f"{h}x{w} px frames do not divide into latent cells of {cell} px")
+    out = np.zeros((num_latent, h // cell, w // cell), bool)
+    for obj, first, last in returns:
+        for f in range(first, last):
+            a, b = SC.latent_to_video_start(f, t_stride), min(SC.latent_to_video_start(f + 1, t_stride), t)
+            shown = (ids[a:max(b, a + 1)] == obj + 1).any(axis=0)  # [H, W]
+            out[f] |= shown.reshape(h // cell, cell, w // cell, cell).any(axis=(1, 3))
+    return out
+
+
+def region_losses(loss: np.ndarray, regions: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-cell x0 MSE ``[S, K, F, h, w]`` (stories, draws, frames, latent cells) and region masks ``[S, F, h, w]``
+    -> each story's mean over its draws of the mean over the region, ``[S]`` per region."""
+    out = {}
+    for name, m in regions.items():
+        mb = np.broadcast_to(m[:, None].astype(bool), loss.shape)
+        out[name] = (np.sum(np.where(mb, loss, 0.0), axis=(2, 3, 4))
+                     / np.maximum(np.sum(mb, axis=(2, 3, 4)), 1)).mean(1)
+    return out
+
+
+def summarise(losses: dict[str, np.ndarray], regions: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Per mode and region (:data:`REGIONS`): the mean loss, and against ``none`` story by story (a story's draws
+    share its frames, so the story is the unit of the standard errors): the paired difference, and for the return
+    chunks and the object's cells the relative change beyond the mode's relative change on the other chunks."""
+    base = region_losses(losses["none"], regions) if "none" in losses else None
     out = {}
     for mode, a in losses.items():
-        r, o = split_losses(a, masks)
-        row = {"return_loss": float(r.mean()), "other_loss": float(o.mean())}
-        if base_r is not None and mode != "none":
-            row["return_vs_none"] = paired(r, base_r)
-            row["other_vs_none"] = paired(o, base_o)
-            # the return chunks' relative change beyond the mode's relative change elsewhere, per story
-            row["return_gain_beyond_other"] = mean_se(r / base_r - o / base_o)
+        got = region_losses(a, regions)
+        row: dict[str, Any] = {f"{r}_loss": float(v.mean()) for r, v in got.items()}
+        if base is not None and mode != "none":
+            for r, v in got.items():
+                row[f"{r}_vs_none"] = paired(v, base[r])
+            for r in ("return", "object"):
+                if r in got:
+                    row[f"{r}_gain_beyond_other"] = mean_se(got[r] / base[r] - got["other"] / base["other"])
         out[mode] = row
     return out
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    head = ("| mode | loss at returns | elsewhere | returns vs none | elsewhere vs none | returns' gain beyond "
-            "elsewhere |\n| --- | --- | --- | --- | --- | --- |")
-    rows = []
+    regions = [r for r in REGIONS if f"{r}_loss" in next(iter(summary.values()))]
+    names = {"return": "return chunks", "other": "other chunks", "object": "returning object's cells"}
+    head = ["mode"] + [f"{names[r]}" for r in regions] + [f"{names[r]} vs none" for r in regions] + \
+        [f"{names[r]}: gain beyond other chunks" for r in ("return", "object") if r in regions]
+    rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for mode, s in summary.items():
-        cells = [f"{s['return_loss']:.4f}", f"{s['other_loss']:.4f}"]
-        for k in ("return_vs_none", "other_vs_none"):
-            p = s.get(k)
+        cells = [mode] + [f"{s[f'{r}_loss']:.4f}" for r in regions]
+        for r in regions:
+            p = s.get(f"{r}_vs_none")
             cells.append("–" if p is None else f"{p['diff']:+.4f} ± {p['se']:.4f} ({100 * p['relative']:+.1f} %)")
-        g = s.get("return_gain_beyond_other")
-        cells.append("–" if g is None else f"{100 * g['diff']:+.1f} ± {100 * g['se']:.1f} %")
-        rows.append(f"| {mode} | " + " | ".join(cells) + " |")
-    return "\n".join([head] + rows)
+        for r in ("return", "object"):
+            if r in regions:
+                g = s.get(f"{r}_gain_beyond_other")
+                cells.append("–" if g is None else f"{100 * g['diff']:+.1f} ± {100 * g['se']:.1f} %")
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -147,9 +177,21 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
                                              chunk=chunk, t_stride=t_stride, height=s.height, width=s.width,
                                              fps=s.fps, min_absent=min_absent, log=log)
     masks = np.stack([return_mask(SC.latent_returns(e.script, t_stride, chunk), num_latent, chunk, min_absent)
-                      for e in scripts])
+                      for e in scripts])  # [S, F]
     if not masks.any(axis=1).all():
         raise AssertionError("a held-out story without a return chunk: make_eval_script's min_absent failed")
+    cell = int(s.vae_stride[1])  # pixels per latent cell (the loss is per latent position)
+
+    def counted(e: "E.EvalScript") -> list[tuple[int, int, int]]:  # (object, first, end) latent frames
+        return [(o, f, min(f + chunk, num_latent)) for o, f, absent in SC.latent_returns(e.script, t_stride, chunk)
+                if absent >= min_absent and 0 <= f < num_latent]
+    objects = np.stack([object_cells(e, counted(e), num_latent, t_stride, cell) for e in scripts])  # [S, F, h, w]
+    hw = objects.shape[2:]
+    frames = masks.astype(bool)[:, :, None, None]
+    regions = {"return": np.broadcast_to(frames, masks.shape + hw), "other": np.broadcast_to(~frames, masks.shape + hw),
+               "object": objects & frames}
+    if not regions["object"].any(axis=(1, 2, 3)).all():
+        raise AssertionError("a held-out story whose returning object shows in no latent cell of its return chunk")
     comp = load_components(cfg, ckpt, seed=s.seed)
     if comp.random_weights:
         params, _ = E.randomise_zero_head(comp.dit_params, s.seed)
@@ -167,7 +209,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         sw = list(e.latent_switch_frames) + [ro.NO_SWITCH] * (num_prompts - 1 - len(e.latent_switch_frames))
         switches.append(np.asarray(sw, np.int32))
     log(f"{num_scripts} held-out stories (late returns, off screen >= {min_absent} latent frames), {num_latent} "
-        f"latent frames, {k} noise draws each, exit step {args.exit_step}; {int(masks.sum())} return frames")
+        f"latent frames, {k} noise draws each, exit step {args.exit_step}; {int(masks.sum())} return frames, "
+        f"{int(regions['object'].sum())} of their latent cells show the returning object")
 
     losses: dict[str, np.ndarray] = {}
     for mode in modes:
@@ -182,13 +225,12 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
             pred = fn(comp.dit_params, lat, jnp.asarray(np.broadcast_to(contexts[i], (k,) + contexts[i].shape)),
                       jnp.asarray(np.broadcast_to(switches[i], (k,) + switches[i].shape)),
                       jax.random.key(1000 + i))  # the same noise and steps in every mode
-            err = np.square(np.asarray(pred, np.float32) - np.asarray(lat, np.float32))
-            per.append(err.reshape(err.shape[:2] + (-1,)).mean(-1))  # [K, F]
-        losses[mode] = np.stack(per)  # [S, K, F]
+            err = np.square(np.asarray(pred, np.float32) - np.asarray(lat, np.float32))  # [K, F, C, h, w]
+            per.append(err.mean(axis=2))  # [K, F, h, w]
+        losses[mode] = np.stack(per)  # [S, K, F, h, w]
         log(f"[{mode}] {time.perf_counter() - t0:.1f}s")
-    summary = summarise(losses, masks)
-    per_story = {m: dict(zip(("return", "other"), (x.tolist() for x in split_losses(a, masks))))
-                 for m, a in losses.items()}
+    summary = summarise(losses, regions)
+    per_story = {m: {r: v.tolist() for r, v in region_losses(a, regions).items()} for m, a in losses.items()}
     table = format_table(summary)
     log(table)
     report = {"ckpt": ckpt, "random_weights": comp.random_weights, "num_scripts": num_scripts, "draws": k,
