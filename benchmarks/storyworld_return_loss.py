@@ -153,14 +153,14 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     from memflow_jax.nn import vae as vae_nn
     from memflow_jax.pipeline import _fit_context, load_components
     from memflow_jax.training import rollout as ro
-    from memflow_jax.training.trainer import return_mask
+    from memflow_jax.training.trainer import return_chunks, return_mask
 
     t_start = time.perf_counter()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or len(set(modes)) != len(modes) or any(m not in MODES for m in modes):
         raise E.EvalError(f"--modes {args.modes!r}: give distinct modes of {', '.join(MODES)}")
     if args.draws < 2:
-        raise E.EvalError(f"--draws {args.draws}: give >= 2 (the standard errors pair samples)")
+        raise E.EvalError(f"--draws {args.draws}: give >= 2 noise draws a story")
     if any(o.split("=", 1)[0] in ("memory.mode", "memory.sma") for o in args.overrides):
         raise E.EvalError("memory.mode / memory.sma are set per mode: choose them with --modes")
     eargs = argparse.Namespace(tiny=args.tiny, ckpt=args.ckpt, config=args.config, overrides=list(args.overrides))
@@ -176,16 +176,13 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     scripts, skipped = E.late_memory_scripts(num_scripts, split_seed=args.split_seed, num_latent=num_latent,
                                              chunk=chunk, t_stride=t_stride, height=s.height, width=s.width,
                                              fps=s.fps, min_absent=min_absent, log=log)
-    masks = np.stack([return_mask(SC.latent_returns(e.script, t_stride, chunk), num_latent, chunk, min_absent)
-                      for e in scripts])  # [S, F]
+    rows = [SC.latent_returns(e.script, t_stride, chunk) for e in scripts]
+    masks = np.stack([return_mask(r, num_latent, chunk, min_absent) for r in rows])  # [S, F]
     if not masks.any(axis=1).all():
         raise AssertionError("a held-out story without a return chunk: make_eval_script's min_absent failed")
     cell = int(s.vae_stride[1])  # pixels per latent cell (the loss is per latent position)
-
-    def counted(e: "E.EvalScript") -> list[tuple[int, int, int]]:  # (object, first, end) latent frames
-        return [(o, f, min(f + chunk, num_latent)) for o, f, absent in SC.latent_returns(e.script, t_stride, chunk)
-                if absent >= min_absent and 0 <= f < num_latent]
-    objects = np.stack([object_cells(e, counted(e), num_latent, t_stride, cell) for e in scripts])  # [S, F, h, w]
+    objects = np.stack([object_cells(e, return_chunks(r, num_latent, chunk, min_absent), num_latent, t_stride, cell)
+                        for e, r in zip(scripts, rows)])  # [S, F, h, w]
     hw = objects.shape[2:]
     frames = masks.astype(bool)[:, :, None, None]
     regions = {"return": np.broadcast_to(frames, masks.shape + hw), "other": np.broadcast_to(~frames, masks.shape + hw),

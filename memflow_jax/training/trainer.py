@@ -370,15 +370,21 @@ class StorySource:
         return {"video": ex["video"], **item} if self.videos else item
 
 
+def return_chunks(latent_returns: Sequence[Sequence[int]], num_latent: int, chunk: int, min_absent: int
+                  ) -> list[tuple[int, int, int]]:
+    """``(object, first, end)`` latent frames of the first chunk of every return segment whose object was off
+    screen for at least ``min_absent`` latent frames (``latent_returns``: ``[object, return latent frame, frames
+    absent]`` rows, :func:`storyworld.scripts.latent_returns`): where only a memory can show the object as it was."""
+    return [(int(o), int(start), min(int(start) + chunk, num_latent)) for o, start, absent in latent_returns
+            if absent >= min_absent and 0 <= start < num_latent]
+
+
 def return_mask(latent_returns: Sequence[Sequence[int]], num_latent: int, chunk: int, min_absent: int
                 ) -> np.ndarray:
-    """float32 [num_latent]: 1 on the first chunk of every return segment whose object was off screen for at
-    least ``min_absent`` latent frames (``latent_returns``: ``[object, return latent frame, frames absent]`` rows,
-    :func:`storyworld.scripts.latent_returns`), else 0: where only a memory can show the object as it was."""
+    """float32 [num_latent]: 1 on the frames of :func:`return_chunks`, else 0."""
     mask = np.zeros((num_latent,), np.float32)
-    for _, start, absent in latent_returns:
-        if absent >= min_absent and 0 <= start < num_latent:
-            mask[start:start + chunk] = 1.0
+    for _, first, end in return_chunks(latent_returns, num_latent, chunk, min_absent):
+        mask[first:end] = 1.0
     return mask
 
 
@@ -1239,9 +1245,7 @@ class Trainer:
                     if gen_base is not None else trainable
                 x, mask, new_carry, aux, cond = self._window(params, carry, batch, k_roll, variant)
                 raw, noise = self._dmd_draws(k_loss, x, aux)
-                # dmd_story with train.story_return_weight: the chunks only a memory can draw right weigh more
-                weight = 1.0 + t.story_return_weight * batch["return_mask"] \
-                    if self.recipe == "dmd_story" and "return_mask" in batch else None  # [B, F]
+                weight = self._return_frame_weight(batch)  # dmd_story with train.story_return_weight
                 loss, laux = losses.dmd_generator_loss(
                     x, real_score_fn=self._score(teacher_ng, teacher_cfg),
                     fake_score_fn=self._score(critic_eff, critic_cfg),
@@ -1442,11 +1446,17 @@ class Trainer:
                                             constrain=self._pin)
         if "return_mask" not in batch:
             return losses.ode_regression_loss(pred, latents), aux
-        # train.story_return_weight: the returns that only a memory can show weigh more
         mask = batch["return_mask"].astype(jnp.float32)  # [B, F]
         per_frame = losses.frame_mse(pred, latents)  # [B, F]
         aux = dict(aux, return_loss=jnp.sum(mask * per_frame) / jnp.maximum(jnp.sum(mask), 1.0))
-        return losses.weighted_frame_mean(per_frame, 1.0 + self.train_cfg.story_return_weight * mask), aux
+        return losses.weighted_frame_mean(per_frame, self._return_frame_weight(batch)), aux
+
+    def _return_frame_weight(self, batch: Mapping[str, Any]) -> jnp.ndarray | None:
+        """``1 + train.story_return_weight * return_mask`` [B, F] (the returns that only a memory can show weigh
+        more), or None when the batch has no return mask."""
+        if batch is None or "return_mask" not in batch:
+            return None
+        return 1.0 + self.train_cfg.story_return_weight * batch["return_mask"].astype(jnp.float32)
 
     def _story_input(self) -> str:
         """The batch field the story / ode_story step reads its clean story from (videos / trajectories)."""
